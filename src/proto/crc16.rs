@@ -1,0 +1,72 @@
+//! CRC-16/MODBUS (reflected poly 0xA001, init 0xFFFF, no final xor), PROTOCOL.md §1.
+//! The reference docs call it "CRC-16/IBM"; CRC-16/ARC (init 0) would reject every real frame.
+
+/// Initial register value of CRC-16/MODBUS.
+pub const CRC16_INIT: u16 = 0xFFFF;
+
+const fn make_table() -> [u16; 256] {
+    let mut table = [0u16; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut crc = i as u16;
+        let mut bit = 0;
+        while bit < 8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xA001 } else { crc >> 1 };
+            bit += 1;
+        }
+        table[i] = crc;
+        i += 1;
+    }
+    table
+}
+
+static TABLE: [u16; 256] = make_table();
+
+/// Continue a CRC over `data` from register value `crc` (start with [`CRC16_INIT`]).
+#[inline]
+pub fn crc16_update(mut crc: u16, data: &[u8]) -> u16 {
+    for &b in data {
+        crc = (crc >> 8) ^ TABLE[((crc ^ b as u16) & 0xFF) as usize];
+    }
+    crc
+}
+
+/// CRC-16/MODBUS of `data`.
+#[inline]
+pub fn crc16(data: &[u8]) -> u16 {
+    crc16_update(CRC16_INIT, data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bitwise(data: &[u8]) -> u16 {
+        let mut crc = 0xFFFFu16;
+        for &b in data {
+            crc ^= b as u16;
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xA001 } else { crc >> 1 };
+            }
+        }
+        crc
+    }
+
+    #[test]
+    fn check_values_from_protocol_md() {
+        assert_eq!(crc16(b""), 0xFFFF);
+        assert_eq!(crc16(b"123456789"), 0x4B37);
+        assert_eq!(crc16(b"hello"), 0x34F6);
+        assert_eq!(crc16(&[0u8; 10]), 0x0770);
+    }
+
+    #[test]
+    fn table_matches_bitwise_definition_and_streams() {
+        let data: Vec<u8> = (0..600u32).map(|i| (i * 31 + 7) as u8).collect();
+        for n in [0, 1, 2, 9, 63, 492, 600] {
+            assert_eq!(crc16(&data[..n]), bitwise(&data[..n]));
+        }
+        let split = crc16_update(crc16(&data[..100]), &data[100..]);
+        assert_eq!(split, crc16(&data));
+    }
+}

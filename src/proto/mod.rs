@@ -1,0 +1,16 @@
+//! The sans-IO USMP protocol core: no sockets, threads, clocks or OS randomness. Time arrives
+//! as a `Duration` argument and randomness as bytes, so every behaviour is deterministic and
+//! testable with byte vectors (see DESIGN.md, layer 1).
+
+pub mod crc16;
+pub mod crypto;
+pub mod deframer;
+pub mod error;
+pub mod frame;
+pub mod handshake;
+pub mod reassembly;
+pub mod session;
+pub mod window;
+
+pub use error::{Error, ErrorKind, Fault, Reaction, Result, Transport};
+pub use frame::{Frame, PacketType};

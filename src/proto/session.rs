@@ -1,0 +1,366 @@
+//! An established session (PROTOCOL.md §4–§6): sealing messages into frames (fragmented),
+//! opening frames in place, sequence rules per transport, PING/PONG/BYE, REKEY both ways and
+//! the control-frame flood guard. Time is a `Duration` since any fixed origin, passed in.
+
+use core::time::Duration;
+
+use super::crypto::{
+    derive_rekey_keys, gcm_nonce, RecordKey, DEVICE_ID_LEN, GCM_NONCE_LEN, KEY_LEN, RECORD_OVERHEAD,
+    REKEY_SALT_LEN, SESSION_ID_LEN,
+};
+use super::error::{Error, ErrorKind, Result, Transport};
+use super::frame::{
+    check_header, finish_crc, write_header, PacketType, AAD_LEN, HEADER_LEN, MAX_FRAME_LEN,
+};
+use super::handshake::{Established, Role};
+use super::reassembly::{Reassembly, MAX_MESSAGE_FRAMES, MAX_MESSAGE_LEN, MAX_PLAINTEXT_LEN};
+use super::window::ReplayWindow;
+
+/// Buffer size that holds any sealed message (4 maximal frames).
+pub const MAX_SEALED_MESSAGE_LEN: usize = MAX_MESSAGE_FRAMES * MAX_FRAME_LEN;
+/// The last sequence number; a session that reaches it is spent (only BYE may use it).
+pub const SPENT_SEQ: u32 = u32::MAX;
+/// Control frames (PING + PONG) a peer may send per second before the session ends.
+pub const MAX_CONTROL_FRAMES_PER_SEC: u32 = 8;
+
+/// Frames needed for a message of `len` bytes (an empty message is one DATA frame).
+pub fn frames_for(len: usize) -> usize {
+    len.div_ceil(MAX_PLAINTEXT_LEN).max(1)
+}
+
+/// Bytes on the wire for a message of `len` bytes.
+pub fn sealed_len(len: usize) -> usize {
+    frames_for(len) * (HEADER_LEN + RECORD_OVERHEAD) + len
+}
+
+/// Counts control frames in one-second windows, as the reference does.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FloodGuard {
+    window_start: Option<Duration>,
+    count: u32,
+}
+
+impl FloodGuard {
+    /// Count one frame at `now`; `false` once more than 8 fell in the current window.
+    pub fn hit(&mut self, now: Duration) -> bool {
+        match self.window_start {
+            Some(start) if now.saturating_sub(start) <= Duration::from_secs(1) => {}
+            _ => {
+                self.window_start = Some(now);
+                self.count = 0;
+            }
+        }
+        self.count += 1;
+        self.count <= MAX_CONTROL_FRAMES_PER_SEC
+    }
+
+    /// Would one more frame at `now` stay within the budget? (Does not count it.)
+    pub fn has_room(&self, now: Duration) -> bool {
+        let mut probe = *self;
+        probe.hit(now)
+    }
+}
+
+/// What an opened frame meant.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received<'a> {
+    /// A complete message (borrowed from the frame buffer or the reassembly buffer).
+    Message(&'a [u8]),
+    /// A DATA_FRAG was buffered; nothing to deliver yet.
+    Fragment,
+    /// The peer pinged: answer with [`Session::seal_pong`].
+    Ping,
+    /// The peer answered a ping.
+    Pong,
+    /// The peer said BYE: the session is over.
+    Bye,
+    /// The peer rotated the keys (we are the REKEY responder).
+    Rekeyed,
+}
+
+/// One established session, either side, either transport.
+pub struct Session {
+    transport: Transport,
+    role: Role,
+    device_id: [u8; DEVICE_ID_LEN],
+    session_id: [u8; SESSION_ID_LEN],
+    tx_key_bytes: [u8; KEY_LEN],
+    rx_key_bytes: [u8; KEY_LEN],
+    tx: RecordKey,
+    rx: RecordKey,
+    tx_seq: u32,
+    rx_next: u32,
+    window: ReplayWindow,
+    reasm: Reassembly,
+    rx_control: FloodGuard,
+    tx_control: FloodGuard,
+    closed: bool,
+}
+
+impl core::fmt::Debug for Session {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Session")
+            .field("transport", &self.transport)
+            .field("role", &self.role)
+            .field("device_id", &self.device_id)
+            .field("tx_seq", &self.tx_seq)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// Build the session from a completed handshake. Keys are expanded here, once.
+    pub fn new(est: &Established, transport: Transport) -> Self {
+        Session {
+            transport,
+            role: est.role,
+            device_id: est.device_id,
+            session_id: est.session_id,
+            tx_key_bytes: est.tx_key,
+            rx_key_bytes: est.rx_key,
+            tx: RecordKey::new(&est.tx_key),
+            rx: RecordKey::new(&est.rx_key),
+            tx_seq: 0,
+            rx_next: 0,
+            window: ReplayWindow::new(),
+            reasm: Reassembly::default(),
+            rx_control: FloodGuard::default(),
+            tx_control: FloodGuard::default(),
+            closed: false,
+        }
+    }
+
+    /// Device id bytes.
+    pub fn device_id(&self) -> &[u8; DEVICE_ID_LEN] {
+        &self.device_id
+    }
+    /// Session id bytes.
+    pub fn session_id(&self) -> &[u8; SESSION_ID_LEN] {
+        &self.session_id
+    }
+    /// Our role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+    /// The transport this session's rules follow.
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+    /// Next sequence number we will seal with.
+    pub fn tx_seq(&self) -> u32 {
+        self.tx_seq
+    }
+    /// Current tx key (for the UDP binding's UTACK MACs of frames we receive/send).
+    pub fn tx_key_bytes(&self) -> &[u8; KEY_LEN] {
+        &self.tx_key_bytes
+    }
+    /// Current rx key.
+    pub fn rx_key_bytes(&self) -> &[u8; KEY_LEN] {
+        &self.rx_key_bytes
+    }
+    /// BYE was sent or received, or the peer's sequence space ran out.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    fn spent(&self) -> Error {
+        Error::misuse(ErrorKind::Sequence, "sequence space spent: only BYE may be sent")
+    }
+
+    /// Seal one frame whose plaintext already sits at `frame[24..24+plain_len]`.
+    fn seal_in_place(&mut self, ptype: PacketType, frame: &mut [u8], plain_len: usize) -> usize {
+        let seq = self.tx_seq;
+        // Burn the seq before the frame exists: a failed write can never reuse a GCM nonce.
+        self.tx_seq = seq.saturating_add(1);
+        let payload_len = plain_len + RECORD_OVERHEAD;
+        let total = HEADER_LEN + payload_len;
+        let frame = &mut frame[..total];
+        write_header(frame, ptype, seq, payload_len);
+        let mut aad = [0u8; AAD_LEN];
+        aad.copy_from_slice(&frame[..AAD_LEN]);
+        self.tx.seal_record(gcm_nonce(seq, &self.session_id), &aad, &mut frame[HEADER_LEN..]);
+        finish_crc(frame);
+        total
+    }
+
+    fn seal_one(&mut self, ptype: PacketType, plaintext: &[u8], out: &mut [u8]) -> usize {
+        let at = HEADER_LEN + GCM_NONCE_LEN;
+        out[at..at + plaintext.len()].copy_from_slice(plaintext);
+        self.seal_in_place(ptype, out, plaintext.len())
+    }
+
+    /// Seal a message into `out` as ⌈len/452⌉ frames on consecutive seqs (DATA_FRAG…, DATA).
+    /// Refused before anything is produced when over 1808 bytes (`PayloadError`), when `out`
+    /// is smaller than [`sealed_len`], or when the sequence space cannot hold every frame.
+    /// Returns the bytes written: the frames back to back (for UDP, split by their headers).
+    pub fn seal_message(&mut self, msg: &[u8], out: &mut [u8]) -> Result<usize> {
+        if msg.len() > MAX_MESSAGE_LEN {
+            return Err(Error::misuse(ErrorKind::Payload, "message over 1808 bytes"));
+        }
+        if self.closed {
+            return Err(Error::misuse(ErrorKind::NotConnected, "session is closed"));
+        }
+        let n = frames_for(msg.len());
+        if out.len() < sealed_len(msg.len()) {
+            return Err(Error::misuse(ErrorKind::Payload, "output buffer smaller than the sealed message"));
+        }
+        if self.tx_seq as u64 + n as u64 > SPENT_SEQ as u64 {
+            return Err(self.spent());
+        }
+        let mut written = 0;
+        for (i, chunk) in msg.chunks(MAX_PLAINTEXT_LEN).enumerate() {
+            let ptype = if i + 1 < n { PacketType::DataFrag } else { PacketType::Data };
+            written += self.seal_one(ptype, chunk, &mut out[written..]);
+        }
+        if msg.is_empty() {
+            written += self.seal_one(PacketType::Data, &[], out);
+        }
+        Ok(written)
+    }
+
+    /// Seal a PING (at most 8 of our PING+PONG frames per second, so we never trip the
+    /// peer's flood guard; over budget is refused with `SequenceError`).
+    pub fn seal_ping(&mut self, now: Duration, out: &mut [u8]) -> Result<usize> {
+        if self.closed {
+            return Err(Error::misuse(ErrorKind::NotConnected, "session is closed"));
+        }
+        if self.tx_seq == SPENT_SEQ {
+            return Err(self.spent());
+        }
+        if !self.tx_control.has_room(now) {
+            return Err(Error::misuse(ErrorKind::Sequence, "control-frame budget (8/s) used up"));
+        }
+        self.tx_control.hit(now);
+        Ok(self.seal_one(PacketType::Ping, &[], out))
+    }
+
+    /// Seal the PONG answering a PING; `None` when the budget of 8 control frames per second
+    /// is used up (a flooding peer gets fewer answers) or the sequence space is spent.
+    pub fn seal_pong(&mut self, now: Duration, out: &mut [u8]) -> Option<usize> {
+        if self.closed || self.tx_seq == SPENT_SEQ || !self.tx_control.hit(now) {
+            return None;
+        }
+        Some(self.seal_one(PacketType::Pong, &[], out))
+    }
+
+    /// Seal a BYE (allowed even on a spent sequence) and mark the session closed.
+    pub fn seal_bye(&mut self, out: &mut [u8]) -> Result<usize> {
+        if self.closed {
+            return Err(Error::misuse(ErrorKind::NotConnected, "session is closed"));
+        }
+        self.closed = true;
+        Ok(self.seal_one(PacketType::Bye, &[], out))
+    }
+
+    /// Start a REKEY (PROTOCOL.md §6) with 32 random bytes: seals REKEY under the old key at
+    /// the current seq, then switches keys at once and resets every sequence and window.
+    pub fn seal_rekey(&mut self, salt: &[u8; REKEY_SALT_LEN], out: &mut [u8]) -> Result<usize> {
+        if self.closed {
+            return Err(Error::misuse(ErrorKind::NotConnected, "session is closed"));
+        }
+        if self.tx_seq == SPENT_SEQ {
+            return Err(self.spent());
+        }
+        let n = self.seal_one(PacketType::Rekey, salt, out);
+        let (tx, rx) = derive_rekey_keys(&self.tx_key_bytes, &self.rx_key_bytes, &self.session_id, salt);
+        self.install_keys(tx, rx);
+        Ok(n)
+    }
+
+    fn install_keys(&mut self, tx: [u8; KEY_LEN], rx: [u8; KEY_LEN]) {
+        self.tx = RecordKey::new(&tx);
+        self.rx = RecordKey::new(&rx);
+        self.tx_key_bytes = tx;
+        self.rx_key_bytes = rx;
+        self.tx_seq = 0;
+        self.rx_next = 0;
+        self.window.reset();
+        self.reasm.clear();
+    }
+
+    /// The seq a frame carries, for transports that need it before opening (UTACKs).
+    /// Checks the sequence rule without changing state: strict order on TCP, the replay window
+    /// on UDP.
+    pub fn check_seq(&self, seq: u32) -> Result<()> {
+        match self.transport {
+            Transport::Tcp if seq != self.rx_next => {
+                Err(Error::misbehaved(ErrorKind::Sequence, "sequence gap or replay"))
+            }
+            Transport::Tcp => Ok(()),
+            Transport::Udp => self.window.check(seq),
+        }
+    }
+
+    /// Open one complete frame in place (from [`crate::proto::deframer::Deframer::next_frame`]
+    /// or a datagram already checked with `Frame::decode_exact`) at time `now`.
+    ///
+    /// Order: type → sequence rule → nonce prefix → AEAD → spent-sequence rule → window/seq
+    /// update → meaning. An error's [`Error::reaction`] says whether to close or drop.
+    pub fn open<'a>(&'a mut self, frame: &'a mut [u8], now: Duration) -> Result<Received<'a>> {
+        self.reasm.begin_frame();
+        if self.closed {
+            return Err(Error::misuse(ErrorKind::NotConnected, "session is closed"));
+        }
+        let len = check_header(frame)?;
+        if frame.len() != HEADER_LEN + len {
+            return Err(Error::garbage(ErrorKind::Frame, "frame length differs from header"));
+        }
+        let ptype = PacketType::from_u8(frame[3])
+            .filter(|t| t.is_encrypted())
+            .ok_or(Error::misbehaved(ErrorKind::Frame, "unexpected frame type in session"))?;
+        let seq = u32::from_le_bytes([frame[4], frame[5], frame[6], frame[7]]);
+        self.check_seq(seq)?;
+        let (header, payload) = frame.split_at_mut(HEADER_LEN);
+        let range = self.rx.open_record(gcm_nonce(seq, &self.session_id), &header[..AAD_LEN], payload)?;
+        if seq == SPENT_SEQ {
+            self.closed = true;
+            return Err(Error::left(ErrorKind::Sequence, "peer sequence space spent"));
+        }
+        match self.transport {
+            Transport::Tcp => self.rx_next = seq + 1,
+            Transport::Udp => self.window.mark(seq),
+        }
+        let plaintext = &payload[range];
+        match ptype {
+            PacketType::Bye => {
+                self.closed = true;
+                Ok(Received::Bye)
+            }
+            PacketType::Ping | PacketType::Pong => {
+                self.reasm.check_control()?;
+                if !self.rx_control.hit(now) {
+                    self.closed = true;
+                    return Err(Error::left(ErrorKind::ConnectionClosed, "more than 8 control frames in one second"));
+                }
+                Ok(if ptype == PacketType::Ping { Received::Ping } else { Received::Pong })
+            }
+            PacketType::Rekey => {
+                self.reasm.check_control()?;
+                let salt: &[u8; REKEY_SALT_LEN] = plaintext
+                    .try_into()
+                    .map_err(|_| Error::misbehaved(ErrorKind::Payload, "REKEY payload is not 32 bytes"))?;
+                // We are the responder: the initiator's (tx, rx) are our (rx, tx).
+                let (init_tx, init_rx) =
+                    derive_rekey_keys(&self.rx_key_bytes, &self.tx_key_bytes, &self.session_id, salt);
+                self.install_keys(init_rx, init_tx);
+                Ok(Received::Rekeyed)
+            }
+            PacketType::DataFrag => {
+                self.reasm.push_fragment(seq, plaintext)?;
+                Ok(Received::Fragment)
+            }
+            PacketType::Data => {
+                if self.reasm.push_final(seq, plaintext)?.is_some() {
+                    Ok(Received::Message(self.reasm.delivered_message()))
+                } else {
+                    Ok(Received::Message(plaintext))
+                }
+            }
+            _ => Err(Error::misbehaved(ErrorKind::Frame, "unexpected frame type in session")),
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;

@@ -1,0 +1,279 @@
+use super::*;
+use crate::proto::crypto::{EphemeralKey, Psk};
+use crate::proto::frame::Frame;
+use crate::proto::handshake::{decode_hello, ClientHandshake, ClientReply, ServerExpectHelloAck};
+
+pub(crate) fn pair(transport: Transport) -> (Session, Session) {
+    let mut buf = [0u8; 128];
+    let psk = Psk::new(b"0123456789abcdef").unwrap();
+    let ch = ClientHandshake::new([1; 6], psk.clone(), EphemeralKey::from_seed(&[1; 32]).unwrap());
+    let n = ch.encode_hello(&mut buf).unwrap();
+    let hello = decode_hello(&Frame::decode(&buf[..n]).unwrap()).unwrap();
+    let srv = ServerExpectHelloAck::new(&hello, &psk, EphemeralKey::from_seed(&[2; 32]).unwrap(), [3; 32]).unwrap();
+    let n = srv.encode_challenge(&mut buf).unwrap();
+    let ClientReply::Challenge(cl) = ch.handle_reply(&Frame::decode(&buf[..n]).unwrap()).unwrap() else {
+        panic!("expected challenge")
+    };
+    let (s, n) = srv.finish([4; 16], &mut buf).unwrap();
+    let c = cl.handle_session_ok(&Frame::decode(&buf[..n]).unwrap()).unwrap();
+    (Session::new(&c, transport), Session::new(&s, transport))
+}
+
+const T0: Duration = Duration::from_secs(100);
+
+fn split(bytes: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = vec![];
+    let mut at = 0;
+    while at < bytes.len() {
+        let len = check_header(&bytes[at..]).unwrap();
+        out.push(bytes[at..at + HEADER_LEN + len].to_vec());
+        at += HEADER_LEN + len;
+    }
+    out
+}
+
+fn send(s: &mut Session, msg: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = [0u8; MAX_SEALED_MESSAGE_LEN];
+    let n = s.seal_message(msg, &mut out).unwrap();
+    split(&out[..n])
+}
+
+/// Feed frames, collect delivered messages; returns the first error.
+fn deliver(r: &mut Session, frames: &mut [Vec<u8>]) -> Result<Vec<Vec<u8>>> {
+    let mut msgs = vec![];
+    for f in frames {
+        if let Received::Message(m) = r.open(f, T0)? {
+            msgs.push(m.to_vec());
+        }
+    }
+    Ok(msgs)
+}
+
+#[test]
+fn every_size_class_round_trips_both_ways() {
+    for t in [Transport::Tcp, Transport::Udp] {
+        let (mut c, mut s) = pair(t);
+        for len in [0usize, 1, 64, 451, 452, 453, 904, 905, 1807, 1808] {
+            let msg: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let mut frames = send(&mut c, &msg);
+            assert_eq!(frames.len(), frames_for(len));
+            assert_eq!(frames.iter().map(Vec::len).sum::<usize>(), sealed_len(len));
+            assert_eq!(deliver(&mut s, &mut frames).unwrap(), vec![msg.clone()]);
+            let mut back = send(&mut s, &msg);
+            assert_eq!(deliver(&mut c, &mut back).unwrap(), vec![msg]);
+        }
+    }
+}
+
+#[test]
+fn oversize_message_is_refused_before_any_seq_is_used() {
+    let (mut c, _) = pair(Transport::Tcp);
+    let mut out = vec![0u8; 4096];
+    let e = c.seal_message(&[0; 1809], &mut out).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Payload);
+    assert_eq!(e.reaction(Transport::Tcp), crate::proto::Reaction::Report);
+    assert_eq!(c.tx_seq(), 0);
+}
+
+#[test]
+fn tcp_sequence_gap_and_replay_close() {
+    let (mut c, mut s) = pair(Transport::Tcp);
+    let mut a = send(&mut c, b"a");
+    let mut b = send(&mut c, b"b");
+    let mut cc = send(&mut c, b"c");
+    let replay = a.clone();
+    deliver(&mut s, &mut a).unwrap();
+    let e = deliver(&mut s, &mut cc).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Sequence);
+    deliver(&mut s, &mut b).unwrap();
+    let e = deliver(&mut s, &mut replay.clone()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Sequence);
+    assert_eq!(e.reaction(Transport::Tcp), crate::proto::Reaction::Close);
+}
+
+#[test]
+fn udp_accepts_reordering_and_drops_duplicates() {
+    let (mut c, mut s) = pair(Transport::Udp);
+    let mut frames: Vec<Vec<u8>> = (0..5u8).flat_map(|i| send(&mut c, &[i])).collect();
+    let mut dup = frames[1].clone();
+    frames.swap(1, 3);
+    let got = deliver(&mut s, &mut frames).unwrap();
+    assert_eq!(got, vec![vec![0], vec![3], vec![2], vec![1], vec![4]]);
+    let e = s.open(&mut dup, T0).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Sequence);
+    assert_eq!(e.reaction(Transport::Udp), crate::proto::Reaction::Drop);
+}
+
+#[test]
+fn tampering_is_a_crypto_error() {
+    let (mut c, mut s) = pair(Transport::Udp);
+    let good = send(&mut c, b"hello").remove(0);
+    for (at, what) in [(good.len() - 1, "tag"), (12, "nonce prefix"), (20, "ciphertext")] {
+        let mut f = good.clone();
+        f[at] ^= 0x80;
+        assert_eq!(s.open(&mut f, T0).unwrap_err().kind(), ErrorKind::Crypto, "{what}");
+    }
+    // AAD: flip the type byte DATA -> PING: authentication covers the header.
+    let mut f = good.clone();
+    f[3] = PacketType::Ping as u8;
+    finish_crc(&mut f);
+    assert_eq!(s.open(&mut f, T0).unwrap_err().kind(), ErrorKind::Crypto);
+    // The untouched frame still opens: failures never burned its seq.
+    let mut f = good.clone();
+    assert_eq!(s.open(&mut f, T0).unwrap(), Received::Message(b"hello"));
+}
+
+#[test]
+fn control_frame_inside_a_message_is_a_violation() {
+    for t in [Transport::Tcp, Transport::Udp] {
+        let (mut c, mut s) = pair(t);
+        let mut frames = send(&mut c, &[7; 900]);
+        let mut out = [0u8; 128];
+        let n = c.seal_ping(T0, &mut out).unwrap();
+        s.open(&mut frames[0], T0).unwrap();
+        let e = s.open(&mut out[..n], T0).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Sequence);
+        if t == Transport::Udp {
+            // UDP drops the partial message and goes on: the final fragment alone is out of order
+            // for nothing, it is a lone DATA delivered as its own message.
+            let got = s.open(&mut frames[1], T0).unwrap();
+            assert_eq!(got, Received::Message(&[7u8; 448][..]));
+        }
+    }
+}
+
+#[test]
+fn fifth_frame_is_refused() {
+    let (mut c, mut s) = pair(Transport::Tcp);
+    let mut out = [0u8; MAX_FRAME_LEN];
+    for i in 0..4 {
+        let n = c.seal_one(PacketType::DataFrag, &[1; 452], &mut out);
+        let r = s.open(&mut out[..n], T0);
+        if i < 3 {
+            assert_eq!(r.unwrap(), Received::Fragment);
+        } else {
+            assert_eq!(r.unwrap_err().kind(), ErrorKind::Payload);
+        }
+    }
+}
+
+#[test]
+fn ping_pong_bye() {
+    let (mut c, mut s) = pair(Transport::Tcp);
+    let mut out = [0u8; 128];
+    let n = c.seal_ping(T0, &mut out).unwrap();
+    assert_eq!(s.open(&mut out[..n], T0).unwrap(), Received::Ping);
+    let n = s.seal_pong(T0, &mut out).unwrap();
+    assert_eq!(c.open(&mut out[..n], T0).unwrap(), Received::Pong);
+    let n = c.seal_bye(&mut out).unwrap();
+    assert_eq!(s.open(&mut out[..n], T0).unwrap(), Received::Bye);
+    assert!(s.is_closed() && c.is_closed());
+    assert_eq!(c.seal_message(b"x", &mut [0; 128]).unwrap_err().kind(), ErrorKind::NotConnected);
+}
+
+#[test]
+fn flood_guard_edges() {
+    let (mut c, mut s) = pair(Transport::Tcp);
+    let mut out = [0u8; 128];
+    // Bypass our own tx budget to play a flooding peer.
+    let mut ping = |c: &mut Session| c.seal_one(PacketType::Ping, &[], &mut out).to_owned();
+    let _ = &mut ping;
+    for i in 0..8 {
+        let mut f = [0u8; 128];
+        let n = c.seal_one(PacketType::Ping, &[], &mut f);
+        let now = T0 + Duration::from_millis(i * 100);
+        assert_eq!(s.open(&mut f[..n], now).unwrap(), Received::Ping);
+    }
+    // Ninth inside the same second (t0 + 1 s exactly is still inside): the session ends.
+    let mut f = [0u8; 128];
+    let n = c.seal_one(PacketType::Ping, &[], &mut f);
+    let e = s.open(&mut f[..n], T0 + Duration::from_secs(1)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ConnectionClosed);
+    assert_eq!(e.reaction(Transport::Udp), crate::proto::Reaction::Close);
+}
+
+#[test]
+fn flood_guard_window_restarts_after_a_second() {
+    let mut g = FloodGuard::default();
+    for _ in 0..8 {
+        assert!(g.hit(T0));
+    }
+    assert!(!g.has_room(T0 + Duration::from_secs(1)));
+    assert!(g.has_room(T0 + Duration::from_secs(1) + Duration::from_nanos(1)));
+    assert!(g.hit(T0 + Duration::from_secs(1) + Duration::from_nanos(1)));
+}
+
+#[test]
+fn our_own_pings_respect_the_peer_budget() {
+    let (mut c, _) = pair(Transport::Tcp);
+    let mut out = [0u8; 128];
+    for _ in 0..8 {
+        c.seal_ping(T0, &mut out).unwrap();
+    }
+    assert_eq!(c.seal_ping(T0, &mut out).unwrap_err().kind(), ErrorKind::Sequence);
+    assert!(c.seal_pong(T0, &mut out).is_none());
+    assert!(c.seal_ping(T0 + Duration::from_millis(1001), &mut out).is_ok());
+}
+
+#[test]
+fn rekey_both_directions_and_traffic_continues() {
+    for t in [Transport::Tcp, Transport::Udp] {
+        let (mut c, mut s) = pair(t);
+        for i in 0..70u8 {
+            deliver(&mut s, &mut send(&mut c, &[i])).unwrap();
+            deliver(&mut c, &mut send(&mut s, &[i])).unwrap();
+        }
+        let mut out = [0u8; 128];
+        let n = c.seal_rekey(&[9; 32], &mut out).unwrap();
+        assert_eq!(c.tx_seq(), 0);
+        assert_eq!(s.open(&mut out[..n], T0).unwrap(), Received::Rekeyed);
+        assert_eq!(c.tx_key_bytes(), s.rx_key_bytes());
+        assert_eq!(c.rx_key_bytes(), s.tx_key_bytes());
+        for i in 0..5u8 {
+            assert_eq!(deliver(&mut s, &mut send(&mut c, &[i])).unwrap(), vec![vec![i]]);
+            assert_eq!(deliver(&mut c, &mut send(&mut s, &[i])).unwrap(), vec![vec![i]]);
+        }
+        // And the server may start one too.
+        let n = s.seal_rekey(&[8; 32], &mut out).unwrap();
+        assert_eq!(c.open(&mut out[..n], T0).unwrap(), Received::Rekeyed);
+        assert_eq!(deliver(&mut c, &mut send(&mut s, b"after")).unwrap(), vec![b"after".to_vec()]);
+        assert_eq!(deliver(&mut s, &mut send(&mut c, b"after")).unwrap(), vec![b"after".to_vec()]);
+    }
+}
+
+#[test]
+fn rekey_payload_of_wrong_length_is_a_payload_error() {
+    let (mut c, mut s) = pair(Transport::Tcp);
+    let mut out = [0u8; 128];
+    let n = c.seal_one(PacketType::Rekey, &[1; 31], &mut out);
+    assert_eq!(s.open(&mut out[..n], T0).unwrap_err().kind(), ErrorKind::Payload);
+}
+
+#[test]
+fn spent_sequence_rules() {
+    let (mut c, mut s) = pair(Transport::Udp);
+    let mut out = [0u8; MAX_SEALED_MESSAGE_LEN];
+    c.tx_seq = SPENT_SEQ - 2;
+    assert_eq!(c.seal_message(&[0; 905], &mut out).unwrap_err().kind(), ErrorKind::Sequence);
+    assert_eq!(c.tx_seq(), SPENT_SEQ - 2, "refused before burning anything");
+    let n = c.seal_message(&[0; 10], &mut out).unwrap();
+    assert_eq!(s.open(&mut out[..n], T0).unwrap(), Received::Message(&[0u8; 10][..]));
+    let n = c.seal_message(&[0; 10], &mut out).unwrap();
+    s.open(&mut out[..n], T0).unwrap();
+    assert_eq!(c.tx_seq(), SPENT_SEQ);
+    assert_eq!(c.seal_message(b"", &mut out).unwrap_err().kind(), ErrorKind::Sequence);
+    assert_eq!(c.seal_ping(T0, &mut out).unwrap_err().kind(), ErrorKind::Sequence);
+    // BYE still goes out on the last seq, and the receiver treats seq 0xFFFFFFFF as the end.
+    let n = c.seal_bye(&mut out).unwrap();
+    let e = s.open(&mut out[..n], T0).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Sequence);
+    assert_eq!(e.reaction(Transport::Udp), crate::proto::Reaction::Close);
+}
+
+#[test]
+fn handshake_frames_inside_a_session_are_refused() {
+    let (_, mut s) = pair(Transport::Tcp);
+    let mut out = [0u8; 128];
+    let n = crate::proto::frame::encode_frame(PacketType::Hello, 0, &[0; 38], &mut out).unwrap();
+    assert_eq!(s.open(&mut out[..n], T0).unwrap_err().kind(), ErrorKind::Frame);
+}
