@@ -1,1 +1,4 @@
-fn main() { eprintln!("loadgen: coming with its own issue"); std::process::exit(2); }
+fn main() {
+    eprintln!("loadgen: coming with its own issue");
+    std::process::exit(2);
+}

@@ -94,9 +94,7 @@ fn hkdf64(ikm: &[u8], salt: &[u8], info: &[&[u8]]) -> ([u8; 32], [u8; 32]) {
     let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(ikm);
     let mut okm = [0u8; 64];
     // 64 bytes is far below HKDF-SHA256's 8160-byte limit, so expand cannot fail.
-    prk.expand(info, OkmLen(64))
-        .and_then(|o| o.fill(&mut okm))
-        .expect("HKDF output length is valid");
+    prk.expand(info, OkmLen(64)).and_then(|o| o.fill(&mut okm)).expect("HKDF output length is valid");
     let mut a = [0u8; 32];
     let mut b = [0u8; 32];
     a.copy_from_slice(&okm[..32]);
@@ -150,7 +148,6 @@ impl Psk {
         }
         Ok(Psk { key: hmac::Key::new(hmac::HMAC_SHA256, bytes) })
     }
-
 }
 
 const PROOF_PREFIX_LEN: usize = 4;

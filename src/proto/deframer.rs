@@ -124,8 +124,7 @@ mod tests {
 
     #[test]
     fn splits_stream_fed_byte_by_byte_and_in_bulk() {
-        let stream: Vec<u8> =
-            (0..20).flat_map(|i| frame(i, (i as usize * 37) % 481)).collect();
+        let stream: Vec<u8> = (0..20).flat_map(|i| frame(i, (i as usize * 37) % 481)).collect();
         for chunk in [1usize, 7, 100, 492, 4096] {
             let mut d = Deframer::new();
             let mut seqs = vec![];

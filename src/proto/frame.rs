@@ -132,8 +132,8 @@ impl<'a> Frame<'a> {
         if le16(bytes, 10) != want {
             return Err(Error::garbage(ErrorKind::Crc, "CRC mismatch"));
         }
-        let ptype = PacketType::from_u8(bytes[3])
-            .ok_or(Error::garbage(ErrorKind::Frame, "unknown packet type"))?;
+        let ptype =
+            PacketType::from_u8(bytes[3]).ok_or(Error::garbage(ErrorKind::Frame, "unknown packet type"))?;
         Ok(Frame { bytes, ptype })
     }
 

@@ -2,15 +2,15 @@
 //! consumes a decoded frame and writes its answer into a caller buffer; randomness (ephemeral
 //! key seed, nonce, session id) is passed in, so every step is deterministic under test.
 //!
-//! Server: [`decode_hello`] → PSK lookup (caller, may be async) → [`ServerExpectHelloAck::new`]
-//! + `encode_challenge` → `verify_hello_ack` → limits (caller) → `finish` (SESSION_OK).
-//! Client: [`ClientHandshake::new`] + `encode_hello` → `handle_reply` (CHALLENGE or
-//! HELLO_RETRY) → `encode_hello_ack` → `handle_session_ok`.
+//! Server: [`decode_hello`], PSK lookup (caller, may be async), [`ServerExpectHelloAck::new`]
+//! and `encode_challenge`, `verify_hello_ack`, limits (caller), `finish` (SESSION_OK).
+//!
+//! Client: [`ClientHandshake::new`] and `encode_hello`, `handle_reply` (CHALLENGE or
+//! HELLO_RETRY), `encode_hello_ack`, `handle_session_ok`.
 
 use super::crypto::{
-    derive_session_keys, hmac_client, hmac_server, verify_client_proof, verify_server_proof,
-    EphemeralKey, Psk, Transcript, DEVICE_ID_LEN, HMAC_LEN, KEY_LEN, NONCE_LEN, PUB_KEY_LEN,
-    SESSION_ID_LEN,
+    derive_session_keys, hmac_client, hmac_server, verify_client_proof, verify_server_proof, EphemeralKey,
+    Psk, Transcript, DEVICE_ID_LEN, HMAC_LEN, KEY_LEN, NONCE_LEN, PUB_KEY_LEN, SESSION_ID_LEN,
 };
 use super::error::{Error, ErrorKind, Result};
 use super::frame::{encode_frame, Frame, PacketType, HEADER_LEN};
@@ -391,9 +391,15 @@ mod tests {
     fn malformed_handshake_frames_are_refused() {
         let mut buf = [0u8; 128];
         let n = encode_frame(PacketType::Hello, 0, &[0; 37], &mut buf).unwrap();
-        assert_eq!(decode_hello(&Frame::decode(&buf[..n]).unwrap()).unwrap_err().kind(), ErrorKind::Handshake);
+        assert_eq!(
+            decode_hello(&Frame::decode(&buf[..n]).unwrap()).unwrap_err().kind(),
+            ErrorKind::Handshake
+        );
         let n = encode_frame(PacketType::Data, 0, &[0; 38], &mut buf).unwrap();
-        assert_eq!(decode_hello(&Frame::decode(&buf[..n]).unwrap()).unwrap_err().kind(), ErrorKind::Handshake);
+        assert_eq!(
+            decode_hello(&Frame::decode(&buf[..n]).unwrap()).unwrap_err().kind(),
+            ErrorKind::Handshake
+        );
         // A low-order client key yields an all-zero secret: refused before CHALLENGE.
         let hello = Hello { seq: 0, device_id: [0; 6], pub_c: [0; 32], cookie: None };
         let e = ServerExpectHelloAck::new(&hello, &Psk::new(&[1; 16]).unwrap(), key(3), [0; 32]).unwrap_err();

@@ -9,9 +9,7 @@ use super::crypto::{
     REKEY_SALT_LEN, SESSION_ID_LEN,
 };
 use super::error::{Error, ErrorKind, Result, Transport};
-use super::frame::{
-    check_header, finish_crc, write_header, PacketType, AAD_LEN, HEADER_LEN, MAX_FRAME_LEN,
-};
+use super::frame::{check_header, finish_crc, write_header, PacketType, AAD_LEN, HEADER_LEN, MAX_FRAME_LEN};
 use super::handshake::{Established, Role};
 use super::reassembly::{Reassembly, MAX_MESSAGE_FRAMES, MAX_MESSAGE_LEN, MAX_PLAINTEXT_LEN};
 use super::window::ReplayWindow;
@@ -330,7 +328,10 @@ impl Session {
                 self.reasm.check_control()?;
                 if !self.rx_control.hit(now) {
                     self.closed = true;
-                    return Err(Error::left(ErrorKind::ConnectionClosed, "more than 8 control frames in one second"));
+                    return Err(Error::left(
+                        ErrorKind::ConnectionClosed,
+                        "more than 8 control frames in one second",
+                    ));
                 }
                 Ok(if ptype == PacketType::Ping { Received::Ping } else { Received::Pong })
             }

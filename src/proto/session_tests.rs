@@ -9,7 +9,8 @@ pub(crate) fn pair(transport: Transport) -> (Session, Session) {
     let ch = ClientHandshake::new([1; 6], psk.clone(), EphemeralKey::from_seed(&[1; 32]).unwrap());
     let n = ch.encode_hello(&mut buf).unwrap();
     let hello = decode_hello(&Frame::decode(&buf[..n]).unwrap()).unwrap();
-    let srv = ServerExpectHelloAck::new(&hello, &psk, EphemeralKey::from_seed(&[2; 32]).unwrap(), [3; 32]).unwrap();
+    let srv =
+        ServerExpectHelloAck::new(&hello, &psk, EphemeralKey::from_seed(&[2; 32]).unwrap(), [3; 32]).unwrap();
     let n = srv.encode_challenge(&mut buf).unwrap();
     let ClientReply::Challenge(cl) = ch.handle_reply(&Frame::decode(&buf[..n]).unwrap()).unwrap() else {
         panic!("expected challenge")
