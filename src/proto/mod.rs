@@ -8,6 +8,7 @@ pub mod deframer;
 pub mod error;
 pub mod frame;
 pub mod handshake;
+pub mod lockout;
 pub mod reassembly;
 pub mod session;
 pub mod window;
