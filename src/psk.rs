@@ -1,0 +1,289 @@
+//! Where device keys come from: one key for all, a registry file (device_id → key with an
+//! optional `*` wildcard), or an application resolver (database, key vault). Every key is
+//! validated (≥ 16 bytes) when it is configured, not when a device first shows up.
+//!
+//! Registry format, one entry per line (`#` starts a comment):
+//!
+//! ```text
+//! # device_id        key
+//! 001122334455       a-text-key-of-16-bytes-or-more
+//! 00:11:22:33:44:66  hex:000102030405060708090a0b0c0d0e0f
+//! *                  fallback-key-for-every-other-device
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+use crate::proto::crypto::{Psk, DEVICE_ID_LEN, MIN_PSK_LEN};
+
+/// A device id as 6 raw bytes.
+pub type DeviceIdBytes = [u8; DEVICE_ID_LEN];
+
+/// A configuration problem, naming the field or line at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The field, flag or `file:line` that is wrong.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// Build an error about `field`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError { field: field.into(), message: message.into() }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Parse `001122334455` or `00:11:22:33:44:55` (also `-` separated).
+pub fn parse_device_id(s: &str) -> Option<DeviceIdBytes> {
+    let hex: String = s.chars().filter(|c| *c != ':' && *c != '-').collect();
+    let v = parse_hex(&hex)?;
+    v.try_into().ok()
+}
+
+/// Parse an even-length hex string.
+pub fn parse_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 || !s.is_ascii() {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()
+}
+
+/// Format a device id as colon hex (`00:11:22:33:44:55`), as the reference does.
+pub fn format_device_id(id: &DeviceIdBytes) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// Lowercase hex of any bytes (session ids: 32 characters).
+pub fn to_hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Validate a raw key, naming `field` when it is too short.
+pub fn validate_key(field: &str, key: &[u8]) -> Result<Psk, ConfigError> {
+    Psk::new(key).map_err(|_| {
+        ConfigError::new(field, format!("key is {} bytes, at least {MIN_PSK_LEN} are required", key.len()))
+    })
+}
+
+/// Parsed registry: keys per device plus an optional wildcard.
+#[derive(Clone, Default)]
+pub struct Registry {
+    keys: HashMap<DeviceIdBytes, Psk>,
+    wildcard: Option<Psk>,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry")
+            .field("devices", &self.keys.len())
+            .field("wildcard", &self.wildcard.is_some())
+            .finish()
+    }
+}
+
+impl Registry {
+    /// An empty registry (every device refused until keys are added).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add or replace a device's key (validated).
+    pub fn insert(&mut self, device_id: DeviceIdBytes, key: &[u8]) -> Result<(), ConfigError> {
+        let psk = validate_key(&format_device_id(&device_id), key)?;
+        self.keys.insert(device_id, psk);
+        Ok(())
+    }
+
+    /// Set the key used for devices not listed (the reference's `b""` entry).
+    pub fn set_wildcard(&mut self, key: &[u8]) -> Result<(), ConfigError> {
+        self.wildcard = Some(validate_key("*", key)?);
+        Ok(())
+    }
+
+    /// The key for `device_id`: its own, else the wildcard.
+    pub fn lookup(&self, device_id: &DeviceIdBytes) -> Option<&Psk> {
+        self.keys.get(device_id).or(self.wildcard.as_ref())
+    }
+
+    /// Whether `device_id` would be accepted.
+    pub fn contains(&self, device_id: &DeviceIdBytes) -> bool {
+        self.lookup(device_id).is_some()
+    }
+
+    /// Devices listed explicitly.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// No explicit devices and no wildcard.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.wildcard.is_none()
+    }
+
+    /// Parse the registry text format; `origin` names the source in errors (`file:line`).
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let mut reg = Registry::new();
+        for (no, raw) in text.lines().enumerate() {
+            let line = raw.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let at = format!("{origin}:{}", no + 1);
+            let mut parts = line.split_whitespace();
+            let id = parts.next().unwrap_or("");
+            let key_text = parts
+                .next()
+                .ok_or_else(|| ConfigError::new(&at, "expected `device_id key`, found no key"))?;
+            if parts.next().is_some() {
+                return Err(ConfigError::new(&at, "expected `device_id key`, found extra fields"));
+            }
+            let key = match key_text.strip_prefix("hex:") {
+                Some(h) => parse_hex(h).ok_or_else(|| ConfigError::new(&at, "key after `hex:` is not hex"))?,
+                None => key_text.as_bytes().to_vec(),
+            };
+            let psk = validate_key(&at, &key)?;
+            if id == "*" {
+                reg.wildcard = Some(psk);
+            } else {
+                let dev = parse_device_id(id).ok_or_else(|| {
+                    ConfigError::new(&at, format!("`{id}` is not a device id (12 hex digits or colon hex)"))
+                })?;
+                reg.keys.insert(dev, psk);
+            }
+        }
+        Ok(reg)
+    }
+
+    /// Read and parse a registry file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(path.display().to_string(), format!("cannot read: {e}")))?;
+        Self::parse(&text, &path.display().to_string())
+    }
+}
+
+/// A future resolving a device's key (`None` refuses the device). Runs on the shard's thread.
+pub type PskFuture = Pin<Box<dyn Future<Output = Option<Vec<u8>>>>>;
+
+/// Application-supplied key lookup (database, vault). Keys shorter than 16 bytes are refused
+/// at handshake time and counted as failures.
+pub trait PskResolver: Send + Sync + 'static {
+    /// Look up the key for `device_id`.
+    fn resolve(&self, device_id: DeviceIdBytes) -> PskFuture;
+}
+
+/// Where the gateway gets device keys.
+#[derive(Clone)]
+pub enum PskSource {
+    /// One key for every device.
+    Single(Psk),
+    /// A registry, swappable at run time (key rotation); `path` is where reloads read from.
+    Registry {
+        /// The live registry.
+        current: Arc<RwLock<Arc<Registry>>>,
+        /// The file it came from, if any.
+        path: Option<PathBuf>,
+    },
+    /// An application resolver.
+    Resolver(Arc<dyn PskResolver>),
+}
+
+impl fmt::Debug for PskSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PskSource::Single(_) => f.write_str("PskSource::Single"),
+            PskSource::Registry { current, path } => {
+                write!(f, "PskSource::Registry({:?}, {:?})", current.read(), path)
+            }
+            PskSource::Resolver(_) => f.write_str("PskSource::Resolver"),
+        }
+    }
+}
+
+impl PskSource {
+    /// One key for all devices (validated).
+    pub fn single(key: &[u8]) -> Result<Self, ConfigError> {
+        Ok(PskSource::Single(validate_key("psk", key)?))
+    }
+
+    /// A fixed registry.
+    pub fn registry(reg: Registry) -> Self {
+        PskSource::Registry { current: Arc::new(RwLock::new(Arc::new(reg))), path: None }
+    }
+
+    /// A registry loaded from (and reloadable from) a file.
+    pub fn registry_file(path: impl Into<PathBuf>) -> Result<Self, ConfigError> {
+        let path = path.into();
+        let reg = Registry::load(&path)?;
+        Ok(PskSource::Registry { current: Arc::new(RwLock::new(Arc::new(reg))), path: Some(path) })
+    }
+
+    /// An application resolver.
+    pub fn resolver(r: impl PskResolver) -> Self {
+        PskSource::Resolver(Arc::new(r))
+    }
+
+    /// Resolve the key for `device_id` (awaits only for resolvers).
+    pub async fn lookup(&self, device_id: DeviceIdBytes) -> Option<Psk> {
+        match self {
+            PskSource::Single(p) => Some(p.clone()),
+            PskSource::Registry { current, .. } => current.read().lookup(&device_id).cloned(),
+            PskSource::Resolver(r) => {
+                let key = r.resolve(device_id).await?;
+                Psk::new(&key).ok()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_format() {
+        let text = "# fleet\n001122334455 sixteen-byte-key\n\n00:11:22:33:44:66 hex:000102030405060708090a0b0c0d0e0f # lab\n* wildcard-key-0123\n";
+        let r = Registry::parse(text, "reg").unwrap();
+        assert_eq!(r.len(), 2);
+        assert!(r.contains(&[0, 0x11, 0x22, 0x33, 0x44, 0x55]));
+        assert!(r.contains(&[9; 6]), "wildcard");
+        let no_wild = Registry::parse("001122334455 sixteen-byte-key", "reg").unwrap();
+        assert!(!no_wild.contains(&[9; 6]));
+    }
+
+    #[test]
+    fn registry_errors_name_the_line() {
+        let e = Registry::parse("\n001122334455 short", "keys.txt").unwrap_err();
+        assert_eq!(e.field, "keys.txt:2");
+        assert!(e.message.contains("at least 16"), "{e}");
+        let e = Registry::parse("0011223344 sixteen-byte-key", "k").unwrap_err();
+        assert!(e.message.contains("not a device id"));
+        let e = Registry::parse("001122334455", "k").unwrap_err();
+        assert!(e.message.contains("no key"));
+        let e = Registry::parse("001122334455 hex:zz00", "k").unwrap_err();
+        assert!(e.message.contains("not hex"));
+    }
+
+    #[test]
+    fn formats() {
+        assert_eq!(format_device_id(&[0, 0x11, 0x22, 0x33, 0x44, 0x55]), "00:11:22:33:44:55");
+        assert_eq!(to_hex(&[0xab; 16]).len(), 32);
+        assert_eq!(parse_device_id("00-11-22-33-44-55"), Some([0, 0x11, 0x22, 0x33, 0x44, 0x55]));
+    }
+}
