@@ -5,3 +5,6 @@
 
 pub mod proto;
 pub mod psk;
+pub mod rt;
+pub mod client;
+pub mod gateway;

@@ -70,7 +70,13 @@ impl Deframer {
     }
 
     /// Return the buffer taken by [`Deframer::take_buffer`] after `n` bytes were read into its range.
-    pub fn restore_buffer(&mut self, buf: Vec<u8>, n: usize) {
+    /// Owned-buffer runtimes may set the vector's length to the end of the data they wrote
+    /// (monoio does); the full storage is restored here.
+    pub fn restore_buffer(&mut self, mut buf: Vec<u8>, n: usize) {
+        let cap = buf.capacity();
+        if buf.len() < cap {
+            buf.resize(cap, 0);
+        }
         self.buf = buf;
         self.commit(n);
     }
@@ -175,10 +181,15 @@ mod tests {
     fn owned_buffer_round_trip() {
         let f = frame(3, 50);
         let mut d = Deframer::new();
-        let (mut buf, range) = d.take_buffer();
-        buf[range.start..range.start + f.len()].copy_from_slice(&f);
-        d.restore_buffer(buf, f.len());
-        let got = d.next_frame().unwrap().unwrap();
-        assert_eq!(got, &f[..]);
+        for _ in 0..3 {
+            let (mut buf, range) = d.take_buffer();
+            assert!(range.len() >= MAX_FRAME_LEN);
+            buf[range.start..range.start + f.len()].copy_from_slice(&f);
+            // Like monoio: the runtime sets the length to the end of what it wrote.
+            buf.truncate(range.start + f.len());
+            d.restore_buffer(buf, f.len());
+            let got = d.next_frame().unwrap().unwrap();
+            assert_eq!(got, &f[..]);
+        }
     }
 }

@@ -1,0 +1,213 @@
+//! The device side: [`Client`] mirrors the reference `USMPClient` (connect, send, recv, ping,
+//! disconnect, session id) on a monoio runtime, plus opt-in keepalive PINGs and a
+//! reconnecting wrapper ([`ReconnectingClient`]) with exponential backoff.
+
+mod reconnect;
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use monoio::net::TcpStream;
+use ring::rand::SystemRandom;
+
+pub use reconnect::{Backoff, ReconnectingClient};
+
+use crate::proto::crypto::{EphemeralKey, Psk, DEVICE_ID_LEN};
+use crate::proto::deframer::Deframer;
+use crate::proto::frame::Frame;
+use crate::proto::handshake::{ClientHandshake, ClientReply, MAX_HANDSHAKE_FRAME_LEN};
+use crate::proto::session::Session;
+use crate::proto::{ErrorKind, Transport};
+use crate::psk::{format_device_id, to_hex};
+use crate::rt::conn::{self, CloseReason, Conn};
+use crate::rt::{wire, Error};
+
+/// How to reach and authenticate to a gateway.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Gateway address.
+    pub addr: SocketAddr,
+    /// Pre-shared key (≥ 16 bytes).
+    pub psk: Vec<u8>,
+    /// Device id; random when `None` (as the reference client does).
+    pub device_id: Option<[u8; DEVICE_ID_LEN]>,
+    /// Deadline for TCP connect plus the whole handshake.
+    pub connect_timeout: Duration,
+    /// Send a PING after this much idle time (off by default).
+    pub keepalive: Option<Duration>,
+    /// Local address to bind before connecting (many source IPs in load tests).
+    pub bind: Option<SocketAddr>,
+    /// Transport (TCP today).
+    pub transport: Transport,
+}
+
+impl ClientConfig {
+    /// Defaults: random device id, 10 s connect timeout, no keepalive, TCP.
+    pub fn new(addr: SocketAddr, psk: impl Into<Vec<u8>>) -> Self {
+        ClientConfig {
+            addr,
+            psk: psk.into(),
+            device_id: None,
+            connect_timeout: Duration::from_secs(10),
+            keepalive: None,
+            bind: None,
+            transport: Transport::Tcp,
+        }
+    }
+}
+
+/// A connected device session. Must be used inside a monoio runtime (see [`crate::rt::block_on`]).
+pub struct Client {
+    conn: Rc<Conn>,
+    driver: Option<monoio::task::JoinHandle<()>>,
+}
+
+async fn tcp_connect(cfg: &ClientConfig) -> Result<TcpStream, Error> {
+    match cfg.bind {
+        None => Ok(TcpStream::connect_addr(cfg.addr).await?),
+        Some(local) => {
+            let domain = socket2::Domain::for_address(cfg.addr);
+            let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+            s.set_reuse_address(true)?;
+            s.bind(&local.into())?;
+            s.connect(&cfg.addr.into())?;
+            s.set_nonblocking(true)?;
+            Ok(TcpStream::from_std(s.into())?)
+        }
+    }
+}
+
+async fn handshake(
+    cfg: &ClientConfig,
+    psk: Psk,
+    device_id: [u8; DEVICE_ID_LEN],
+) -> Result<(TcpStream, Deframer, Session), Error> {
+    let rng = SystemRandom::new();
+    let mut stream = tcp_connect(cfg).await?;
+    let _ = stream.set_nodelay(true);
+    let mut deframer = Deframer::new();
+    let key = EphemeralKey::from_seed(&wire::random::<32>(&rng)?)?;
+    let mut hs = ClientHandshake::new(device_id, psk, key);
+    let mut buf = vec![0u8; MAX_HANDSHAKE_FRAME_LEN];
+    // Step 1: HELLO.
+    let n = hs.encode_hello(&mut buf)?;
+    wire::write_all(&mut stream, buf[..n].to_vec()).await?;
+    // Step 2: CHALLENGE (or a HELLO_RETRY, then HELLO with the cookie).
+    let expect = loop {
+        let f = wire::read_frame(&mut stream, &mut deframer).await?;
+        match hs.handle_reply(&Frame::decode(&f)?)? {
+            ClientReply::Retry(next) => {
+                hs = next;
+                let n = hs.encode_hello(&mut buf)?;
+                wire::write_all(&mut stream, buf[..n].to_vec()).await?;
+            }
+            ClientReply::Challenge(c) => break c,
+        }
+    };
+    // Step 3: HELLO_ACK.
+    let n = expect.encode_hello_ack(&mut buf)?;
+    wire::write_all(&mut stream, buf[..n].to_vec()).await?;
+    // Step 4: SESSION_OK (a rogue gateway fails here).
+    let f = wire::read_frame(&mut stream, &mut deframer).await?;
+    let est = expect.handle_session_ok(&Frame::decode(&f)?)?;
+    Ok((stream, deframer, Session::new(&est, Transport::Tcp)))
+}
+
+impl Client {
+    /// Connect and complete the handshake within `cfg.connect_timeout`.
+    pub async fn connect(cfg: &ClientConfig) -> Result<Client, Error> {
+        if cfg.transport != Transport::Tcp {
+            return Err(Error::misuse(ErrorKind::NotConnected, "this client speaks TCP"));
+        }
+        let psk = Psk::new(&cfg.psk)?;
+        let device_id = match cfg.device_id {
+            Some(d) => d,
+            None => wire::random::<DEVICE_ID_LEN>(&SystemRandom::new())?,
+        };
+        let (stream, deframer, session) =
+            match monoio::time::timeout(cfg.connect_timeout, handshake(cfg, psk, device_id)).await {
+                Ok(r) => r?,
+                Err(_) => return Err(Error::timeout("handshake timed out")),
+            };
+        let conn = Conn::new(session, cfg.addr);
+        let driver = monoio::spawn(conn::drive(conn.clone(), stream, deframer));
+        if let Some(every) = cfg.keepalive {
+            monoio::spawn(keepalive(Rc::downgrade(&conn), every));
+        }
+        Ok(Client { conn, driver: Some(driver) })
+    }
+
+    /// Device id, colon hex.
+    pub fn device_id(&self) -> String {
+        format_device_id(&self.conn.device_id())
+    }
+
+    /// Session id, 32 lowercase hex characters.
+    pub fn session_id(&self) -> String {
+        to_hex(&self.conn.session_id())
+    }
+
+    /// Send one message (0..=1808 bytes; larger is a `PayloadError` and nothing is sent).
+    pub async fn send(&self, msg: &[u8]) -> Result<(), Error> {
+        self.conn.send(msg).await
+    }
+
+    /// Next message from the gateway (PINGs are answered in the background).
+    pub async fn recv(&self) -> Result<Vec<u8>, Error> {
+        self.conn.recv().await
+    }
+
+    /// [`Client::recv`] with a deadline.
+    pub async fn recv_timeout(&self, d: Duration) -> Result<Vec<u8>, Error> {
+        self.conn.recv_timeout(d).await
+    }
+
+    /// Send a PING (the gateway answers with a PONG).
+    pub fn ping(&self) -> Result<(), Error> {
+        self.conn.ping()
+    }
+
+    /// Rotate the session keys in band.
+    pub fn rekey(&self) -> Result<(), Error> {
+        self.conn.rekey()
+    }
+
+    /// The session ended (BYE received, connection lost, …)?
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.conn.close_reason()
+    }
+
+    /// Say BYE and close; returns once the socket is closed.
+    pub async fn disconnect(mut self) {
+        self.conn.close(CloseReason::LocalBye, true);
+        if let Some(d) = self.driver.take() {
+            d.await;
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        // Dropping without disconnect still ends the session politely.
+        self.conn.close(CloseReason::LocalBye, true);
+    }
+}
+
+async fn keepalive(conn: std::rc::Weak<Conn>, every: Duration) {
+    loop {
+        let Some(c) = conn.upgrade() else { return };
+        if c.close_reason().is_some() {
+            return;
+        }
+        let idle = crate::rt::now().saturating_sub(c.last_rx());
+        let wait = if idle >= every {
+            let _ = c.ping();
+            every
+        } else {
+            every - idle
+        };
+        drop(c);
+        monoio::time::sleep(wait.max(Duration::from_millis(200))).await;
+    }
+}

@@ -1,0 +1,90 @@
+//! A client that re-handshakes (fresh keys every time) after losing its session, backing off
+//! 2 s, 4 s, … up to 60 s between attempts, as device firmware does.
+
+use std::time::Duration;
+
+use super::{Client, ClientConfig};
+use crate::rt::Error;
+
+/// Exponential backoff schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// First delay.
+    pub initial: Duration,
+    /// Largest delay.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { initial: Duration::from_secs(2), max: Duration::from_secs(60) }
+    }
+}
+
+impl Backoff {
+    /// Delay before attempt `n` (0-based) after a failure.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        self.initial.saturating_mul(1u32 << attempt.min(16)).min(self.max)
+    }
+}
+
+/// Keeps one session alive across gateway restarts and network loss.
+pub struct ReconnectingClient {
+    cfg: ClientConfig,
+    backoff: Backoff,
+    client: Option<Client>,
+    /// Successful handshakes so far.
+    pub connects: u64,
+}
+
+impl ReconnectingClient {
+    /// A wrapper that connects lazily with `cfg` (the device id is fixed at creation).
+    pub fn new(mut cfg: ClientConfig, backoff: Backoff) -> Self {
+        if cfg.device_id.is_none() {
+            cfg.device_id = crate::rt::wire::random::<6>(&ring::rand::SystemRandom::new()).ok();
+        }
+        ReconnectingClient { cfg, backoff, client: None, connects: 0 }
+    }
+
+    /// The live client, reconnecting (with backoff, until `give_up_after` attempts) if needed.
+    pub async fn client(&mut self, give_up_after: u32) -> Result<&Client, Error> {
+        if self.client.as_ref().is_some_and(|c| c.close_reason().is_some()) {
+            self.client = None;
+        }
+        if self.client.is_none() {
+            let mut attempt = 0;
+            loop {
+                match Client::connect(&self.cfg).await {
+                    Ok(c) => {
+                        self.connects += 1;
+                        self.client = Some(c);
+                        break;
+                    }
+                    Err(e) if attempt + 1 >= give_up_after => return Err(e),
+                    Err(_) => {
+                        monoio::time::sleep(self.backoff.delay(attempt)).await;
+                        attempt += 1;
+                    }
+                }
+            }
+        }
+        Ok(self.client.as_ref().expect("connected above"))
+    }
+
+    /// Send, reconnecting first if the session was lost.
+    pub async fn send(&mut self, msg: &[u8]) -> Result<(), Error> {
+        self.client(u32::MAX).await?.send(msg).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_2s_to_60s() {
+        let b = Backoff::default();
+        let got: Vec<u64> = (0..7).map(|i| b.delay(i).as_secs()).collect();
+        assert_eq!(got, vec![2, 4, 8, 16, 32, 60, 60]);
+    }
+}

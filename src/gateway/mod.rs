@@ -1,0 +1,404 @@
+//! The thread-per-core gateway: N shards, each a thread pinned to a core running its own
+//! monoio runtime (io_uring, epoll fallback) with its own SO_REUSEPORT listener, its own slab
+//! of sessions and its own lockout cache. Cross-shard work (send to a device on another
+//! shard, broadcast, kick, lockout events, shutdown) travels through per-shard inboxes.
+//!
+//! ```no_run
+//! use usmp::gateway::Gateway;
+//! use usmp::psk::PskSource;
+//!
+//! let gw = Gateway::builder()
+//!     .listen("0.0.0.0:9000".parse().unwrap())
+//!     .psk(PskSource::single(b"a-key-of-16-bytes-or-more").unwrap())
+//!     .serve(|session| async move {
+//!         while let Ok(msg) = session.recv().await {
+//!             if session.send(&msg).await.is_err() {
+//!                 break;
+//!             }
+//!         }
+//!     })
+//!     .unwrap();
+//! gw.wait();
+//! ```
+
+mod directory;
+mod session;
+mod shard;
+mod stats;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+pub use directory::SessionInfo;
+pub use session::Session;
+pub use stats::{ShardStats, StatsSnapshot};
+
+use crate::proto::lockout::{LockoutKey, LockoutPolicy};
+use crate::psk::{parse_device_id, ConfigError, PskSource};
+use crate::rt::Error;
+use directory::Directory;
+
+/// Called when the watchdog ends a session: `(device_id, session_id)` as colon hex / hex.
+pub type TimeoutHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
+
+/// Everything a gateway is configured with.
+#[derive(Clone)]
+pub struct Config {
+    /// Address every shard listens on (TCP).
+    pub listen: SocketAddr,
+    /// Shard threads (default: one per core).
+    pub shards: usize,
+    /// Cores to pin shard i to (`cpus[i % len]`); default: core i.
+    pub cpus: Option<Vec<usize>>,
+    /// Device keys.
+    pub psk: Option<PskSource>,
+    /// Bound on the whole handshake.
+    pub handshake_timeout: Duration,
+    /// Inactivity watchdog on received traffic.
+    pub session_timeout: Duration,
+    /// Sessions plus handshakes in progress, gateway-wide (0 = unlimited).
+    pub max_sessions: usize,
+    /// Sessions plus handshakes from one IP (0 = unlimited; fleets share NAT addresses).
+    pub max_per_ip: usize,
+    /// Handshakes in progress per shard; more are refused at once (never queued).
+    pub max_handshakes_per_shard: usize,
+    /// Lockout rule.
+    pub lockout: LockoutPolicy,
+    /// Watchdog hook.
+    pub on_timeout: Option<TimeoutHook>,
+    /// How long shutdown waits for BYEs to flush.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "0.0.0.0:9000".parse().expect("valid default address"),
+            shards: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            cpus: None,
+            psk: None,
+            handshake_timeout: Duration::from_secs(10),
+            session_timeout: Duration::from_secs(60),
+            max_sessions: 0,
+            max_per_ip: 0,
+            max_handshakes_per_shard: 4096,
+            lockout: LockoutPolicy::default(),
+            on_timeout: None,
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Builder for a [`Gateway`]; call [`GatewayBuilder::serve`] last.
+#[derive(Clone, Default)]
+pub struct GatewayBuilder {
+    cfg: Config,
+}
+
+impl Gateway {
+    /// Start configuring a gateway.
+    pub fn builder() -> GatewayBuilder {
+        GatewayBuilder::default()
+    }
+}
+
+impl GatewayBuilder {
+    /// Replace the whole configuration.
+    pub fn config(mut self, cfg: Config) -> Self {
+        self.cfg = cfg;
+        self
+    }
+    /// Listen address (port 0 picks a free port, see [`Gateway::local_addr`]).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.cfg.listen = addr;
+        self
+    }
+    /// Number of shards.
+    pub fn shards(mut self, n: usize) -> Self {
+        self.cfg.shards = n;
+        self
+    }
+    /// Cores to pin shards to.
+    pub fn cpus(mut self, cpus: Vec<usize>) -> Self {
+        self.cfg.cpus = Some(cpus);
+        self
+    }
+    /// Where device keys come from.
+    pub fn psk(mut self, psk: PskSource) -> Self {
+        self.cfg.psk = Some(psk);
+        self
+    }
+    /// Handshake timeout.
+    pub fn handshake_timeout(mut self, d: Duration) -> Self {
+        self.cfg.handshake_timeout = d;
+        self
+    }
+    /// Session inactivity timeout.
+    pub fn session_timeout(mut self, d: Duration) -> Self {
+        self.cfg.session_timeout = d;
+        self
+    }
+    /// Gateway-wide session limit (0 = unlimited).
+    pub fn max_sessions(mut self, n: usize) -> Self {
+        self.cfg.max_sessions = n;
+        self
+    }
+    /// Per-IP session limit (0 = unlimited).
+    pub fn max_per_ip(mut self, n: usize) -> Self {
+        self.cfg.max_per_ip = n;
+        self
+    }
+    /// Concurrent handshakes per shard.
+    pub fn max_handshakes_per_shard(mut self, n: usize) -> Self {
+        self.cfg.max_handshakes_per_shard = n;
+        self
+    }
+    /// Lockout policy.
+    pub fn lockout(mut self, p: LockoutPolicy) -> Self {
+        self.cfg.lockout = p;
+        self
+    }
+    /// Hook run when the watchdog ends a session.
+    pub fn on_timeout(mut self, f: impl Fn(&str, &str) + Send + Sync + 'static) -> Self {
+        self.cfg.on_timeout = Some(Arc::new(f));
+        self
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let c = &self.cfg;
+        if c.psk.is_none() {
+            return Err(ConfigError::new("psk", "no PSK source configured"));
+        }
+        if c.shards == 0 {
+            return Err(ConfigError::new("shards", "must be at least 1"));
+        }
+        if c.handshake_timeout.is_zero() {
+            return Err(ConfigError::new("handshake_timeout", "must be positive"));
+        }
+        if c.session_timeout.is_zero() {
+            return Err(ConfigError::new("session_timeout", "must be positive"));
+        }
+        if c.max_handshakes_per_shard == 0 {
+            return Err(ConfigError::new("max_handshakes_per_shard", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// Bind every shard's socket, start the shard threads and run `handler` for each session
+    /// on the shard that owns it (the reference's `@server.on_session`).
+    pub fn serve<H, F>(self, handler: H) -> Result<Gateway, Error>
+    where
+        H: Fn(Session) -> F + Send + Sync + 'static,
+        F: Future<Output = ()> + 'static,
+    {
+        self.validate().map_err(|e| Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+        let cfg = self.cfg;
+        let listeners = shard::bind_listeners(cfg.listen, cfg.shards)?;
+        let local_addr = listeners[0].local_addr()?;
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..cfg.shards).map(|_| flume::unbounded()).unzip();
+        let shared = Arc::new(Shared {
+            stats: (0..cfg.shards).map(|_| ShardStats::default()).collect(),
+            cfg,
+            inboxes: txs,
+            directory: Directory::default(),
+            reserved_total: AtomicUsize::new(0),
+            reserved_per_ip: Mutex::new(HashMap::new()),
+            shutting_down: AtomicBool::new(false),
+            next_conn_id: std::sync::atomic::AtomicU64::new(1),
+        });
+        let handler = Arc::new(handler);
+        let mut threads = Vec::new();
+        for (i, (listener, rx)) in listeners.into_iter().zip(rxs).enumerate() {
+            let shared = shared.clone();
+            let handler = handler.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("usmp-shard-{i}"))
+                .spawn(move || shard::run(i, shared, listener, rx, handler))?;
+            threads.push(t);
+        }
+        Ok(Gateway { handle: GatewayHandle { shared }, threads, local_addr })
+    }
+}
+
+/// Commands a shard receives in its inbox.
+pub(crate) enum Command {
+    SendTo { device_id: [u8; 6], msg: Arc<[u8]> },
+    Broadcast(Arc<[u8]>),
+    Kick([u8; 6]),
+    Lockout { key: LockoutKey, failed: bool, at: Duration },
+    Shutdown,
+}
+
+pub(crate) struct Shared {
+    pub cfg: Config,
+    pub inboxes: Vec<flume::Sender<Command>>,
+    pub directory: Directory,
+    pub stats: Vec<ShardStats>,
+    pub reserved_total: AtomicUsize,
+    pub reserved_per_ip: Mutex<HashMap<IpAddr, usize>>,
+    pub shutting_down: AtomicBool,
+    pub next_conn_id: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    /// Reserve a session slot for `ip` (released by [`Shared::release`]); false when a limit
+    /// is reached. Checked at accept time, before any crypto and long before SESSION_OK.
+    pub fn reserve(&self, ip: IpAddr) -> bool {
+        let max = self.cfg.max_sessions;
+        let total = self.reserved_total.fetch_add(1, Ordering::AcqRel) + 1;
+        if max != 0 && total > max {
+            self.reserved_total.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        if self.cfg.max_per_ip != 0 {
+            let mut m = self.reserved_per_ip.lock();
+            let n = m.entry(ip).or_insert(0);
+            if *n >= self.cfg.max_per_ip {
+                drop(m);
+                self.reserved_total.fetch_sub(1, Ordering::AcqRel);
+                return false;
+            }
+            *n += 1;
+        }
+        true
+    }
+
+    /// Give back a slot taken by [`Shared::reserve`].
+    pub fn release(&self, ip: IpAddr) {
+        self.reserved_total.fetch_sub(1, Ordering::AcqRel);
+        if self.cfg.max_per_ip != 0 {
+            let mut m = self.reserved_per_ip.lock();
+            if let Some(n) = m.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&ip);
+                }
+            }
+        }
+    }
+
+    fn post(&self, shard: usize, cmd: Command) {
+        let _ = self.inboxes[shard].send(cmd);
+    }
+}
+
+/// A thread-safe handle to a running gateway (Send + Sync + Clone).
+#[derive(Clone)]
+pub struct GatewayHandle {
+    shared: Arc<Shared>,
+}
+
+fn device_arg(device_id: &str) -> Result<[u8; 6], Error> {
+    parse_device_id(device_id)
+        .ok_or_else(|| Error::misuse(crate::proto::ErrorKind::NotConnected, "not a device id"))
+}
+
+impl GatewayHandle {
+    /// Queue one message for `device_id` (colon hex or 12 hex digits) on whatever shard holds
+    /// it. `NotConnectedError` when the device has no session; `PayloadError` above 1808 bytes.
+    pub fn send_to(&self, device_id: &str, msg: &[u8]) -> Result<(), Error> {
+        if msg.len() > crate::proto::reassembly::MAX_MESSAGE_LEN {
+            return Err(Error::misuse(crate::proto::ErrorKind::Payload, "message over 1808 bytes"));
+        }
+        let id = device_arg(device_id)?;
+        let info = self
+            .shared
+            .directory
+            .get(&id)
+            .ok_or_else(|| Error::misuse(crate::proto::ErrorKind::NotConnected, "device not connected"))?;
+        self.shared.post(info.shard, Command::SendTo { device_id: id, msg: msg.into() });
+        Ok(())
+    }
+
+    /// Queue one message for every session on every shard; returns the sessions addressed.
+    pub fn broadcast(&self, msg: &[u8]) -> Result<usize, Error> {
+        if msg.len() > crate::proto::reassembly::MAX_MESSAGE_LEN {
+            return Err(Error::misuse(crate::proto::ErrorKind::Payload, "message over 1808 bytes"));
+        }
+        let msg: Arc<[u8]> = msg.into();
+        for i in 0..self.shared.inboxes.len() {
+            self.shared.post(i, Command::Broadcast(msg.clone()));
+        }
+        Ok(self.shared.directory.len())
+    }
+
+    /// Close a device's session with BYE; false when it has none.
+    pub fn kick(&self, device_id: &str) -> Result<bool, Error> {
+        let id = device_arg(device_id)?;
+        match self.shared.directory.get(&id) {
+            Some(info) => {
+                self.shared.post(info.shard, Command::Kick(id));
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Live sessions (newest per device).
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        self.shared.directory.snapshot()
+    }
+
+    /// Number of devices with a live session.
+    pub fn session_count(&self) -> usize {
+        self.shared.directory.len()
+    }
+
+    /// Counters summed over shards.
+    pub fn stats(&self) -> StatsSnapshot {
+        StatsSnapshot::sum(&self.shared.stats)
+    }
+
+    /// Stop accepting, say BYE to every session, and let the shard threads exit.
+    pub fn shutdown(&self) {
+        if !self.shared.shutting_down.swap(true, Ordering::AcqRel) {
+            for i in 0..self.shared.inboxes.len() {
+                self.shared.post(i, Command::Shutdown);
+            }
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.shared.cfg
+    }
+}
+
+/// A running gateway.
+pub struct Gateway {
+    handle: GatewayHandle,
+    threads: Vec<JoinHandle<()>>,
+    local_addr: SocketAddr,
+}
+
+impl Gateway {
+    /// The bound address (with the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// A handle for other threads.
+    pub fn handle(&self) -> GatewayHandle {
+        self.handle.clone()
+    }
+
+    /// Block until every shard has exited (after [`GatewayHandle::shutdown`]).
+    pub fn wait(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+
+    /// Shut down and wait.
+    pub fn shutdown(self) {
+        self.handle.shutdown();
+        self.wait();
+    }
+}

@@ -1,0 +1,75 @@
+//! The application's view of one session (the reference's `USMPSession`), handed to the
+//! handler on the shard that owns it.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use crate::proto::Transport;
+use crate::psk::{format_device_id, to_hex};
+use crate::rt::conn::{CloseReason, Conn};
+use crate::rt::Error;
+
+/// One established session. Not `Send`: it lives on its shard's thread.
+#[derive(Clone)]
+pub struct Session {
+    pub(crate) conn: Rc<Conn>,
+    pub(crate) shard: usize,
+    pub(crate) transport: Transport,
+}
+
+impl Session {
+    /// Device id, colon hex (`00:11:22:33:44:55`).
+    pub fn device_id(&self) -> String {
+        format_device_id(&self.conn.device_id())
+    }
+    /// Device id bytes.
+    pub fn device_id_bytes(&self) -> [u8; 6] {
+        self.conn.device_id()
+    }
+    /// Session id, 32 lowercase hex characters.
+    pub fn session_id(&self) -> String {
+        to_hex(&self.conn.session_id())
+    }
+    /// The device's address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.conn.peer()
+    }
+    /// TCP or UDP (the only way the application can tell them apart).
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+    /// The shard (thread) running this session.
+    pub fn shard(&self) -> usize {
+        self.shard
+    }
+    /// Send one message (0..=1808 bytes).
+    pub async fn send(&self, msg: &[u8]) -> Result<(), Error> {
+        self.conn.send(msg).await
+    }
+    /// Next message from the device; `ConnectionClosedError` once the session ended.
+    pub async fn recv(&self) -> Result<Vec<u8>, Error> {
+        self.conn.recv().await
+    }
+    /// [`Session::recv`] with a deadline (`TimeoutError`; the session goes on).
+    pub async fn recv_timeout(&self, d: Duration) -> Result<Vec<u8>, Error> {
+        self.conn.recv_timeout(d).await
+    }
+    /// Send a PING.
+    pub fn ping(&self) -> Result<(), Error> {
+        self.conn.ping()
+    }
+    /// Rotate the session keys in band (REKEY as initiator).
+    pub fn rekey(&self) -> Result<(), Error> {
+        self.conn.rekey()
+    }
+    /// Say BYE and close; returns once the socket is closed.
+    pub async fn bye(&self) {
+        self.conn.close(CloseReason::LocalBye, true);
+        self.conn.closed().await;
+    }
+    /// Why the session ended, once it has.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.conn.close_reason()
+    }
+}

@@ -1,0 +1,447 @@
+//! One shard: a thread pinned to a core, its own monoio runtime and SO_REUSEPORT listener,
+//! its slab of live sessions, its lockout cache, its inbox, and one sweeper task that runs
+//! the watchdog for every session (no timer per connection).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use monoio::net::{TcpListener, TcpStream};
+use ring::rand::SystemRandom;
+use slab::Slab;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::directory::SessionInfo;
+use super::session::Session;
+use super::stats::ShardStats;
+use super::{Command, Shared};
+use crate::proto::crypto::EphemeralKey;
+use crate::proto::deframer::Deframer;
+use crate::proto::frame::Frame;
+use crate::proto::handshake::{decode_hello, ServerExpectHelloAck, MAX_HANDSHAKE_FRAME_LEN};
+use crate::proto::lockout::{LockoutKey, LockoutTable};
+use crate::proto::session::Session as ProtoSession;
+use crate::proto::{ErrorKind, Transport};
+use crate::psk::{format_device_id, to_hex};
+use crate::rt::conn::{self, CloseReason, Conn};
+use crate::rt::{now, wire, Error};
+
+const LISTEN_BACKLOG: i32 = 4096;
+const UNREGISTERED: &str = "device not registered";
+
+/// Bind one SO_REUSEPORT listener per shard on `addr` (port 0: the first picks, the rest follow).
+pub(super) fn bind_listeners(addr: SocketAddr, n: usize) -> std::io::Result<Vec<StdListener>> {
+    let mut out = Vec::with_capacity(n);
+    let mut addr = addr;
+    for _ in 0..n {
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        s.set_reuse_address(true)?;
+        // Must be set before bind so every shard can bind the same port.
+        s.set_reuse_port(true)?;
+        s.set_nodelay(true)?;
+        s.bind(&addr.into())?;
+        s.listen(LISTEN_BACKLOG)?;
+        s.set_nonblocking(true)?;
+        let l: StdListener = s.into();
+        addr = l.local_addr()?;
+        out.push(l);
+    }
+    Ok(out)
+}
+
+struct Live {
+    conn: Rc<Conn>,
+}
+
+pub(super) struct Shard {
+    idx: usize,
+    shared: Arc<Shared>,
+    sessions: RefCell<Slab<Live>>,
+    by_device: RefCell<HashMap<[u8; 6], usize>>,
+    lockout: RefCell<LockoutTable>,
+    handshakes: Cell<usize>,
+    rng: SystemRandom,
+    stopping: crate::rt::event::LocalEvent,
+}
+
+impl Shard {
+    fn stats(&self) -> &ShardStats {
+        &self.shared.stats[self.idx]
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.shared.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Apply a lockout event here and tell every other shard.
+    fn lockout_event(&self, key: LockoutKey, failed: bool) {
+        let at = now();
+        self.apply_lockout(key, failed, at);
+        for i in 0..self.shared.inboxes.len() {
+            if i != self.idx {
+                self.shared.post(i, Command::Lockout { key, failed, at });
+            }
+        }
+    }
+
+    fn apply_lockout(&self, key: LockoutKey, failed: bool, at: Duration) {
+        let mut t = self.lockout.borrow_mut();
+        if failed {
+            if let Some(len) = t.record_failure(key, at) {
+                ShardStats::inc(&self.stats().lockouts_started);
+                tracing::warn!(ip = %key.ip(), ?key, seconds = len.as_secs_f64(), "lockout started");
+            }
+        } else {
+            t.record_success(&key);
+            t.record_success(&LockoutKey::Ip(key.ip()));
+        }
+    }
+
+    fn locked(&self, key: &LockoutKey) -> bool {
+        self.lockout.borrow().check(key, now()).is_some()
+    }
+}
+
+/// Thread body of shard `idx`.
+pub(super) fn run<H, F>(
+    idx: usize,
+    shared: Arc<Shared>,
+    listener: StdListener,
+    inbox: flume::Receiver<Command>,
+    handler: Arc<H>,
+) where
+    H: Fn(Session) -> F + Send + Sync + 'static,
+    F: Future<Output = ()> + 'static,
+{
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let pick = match &shared.cfg.cpus {
+        Some(list) if !list.is_empty() => Some(list[idx % list.len()]),
+        _ if !cores.is_empty() => Some(cores[idx % cores.len()].id),
+        _ => None,
+    };
+    if let Some(id) = pick {
+        core_affinity::set_for_current(core_affinity::CoreId { id });
+    }
+    let shard = Rc::new(Shard {
+        idx,
+        lockout: RefCell::new(LockoutTable::new(shared.cfg.lockout)),
+        shared,
+        sessions: RefCell::new(Slab::new()),
+        by_device: RefCell::new(HashMap::new()),
+        handshakes: Cell::new(0),
+        rng: SystemRandom::new(),
+        stopping: Default::default(),
+    });
+    let (_, driver) = crate::rt::run(shard_main(shard, listener, inbox, handler));
+    tracing::debug!(shard = idx, ?driver, "shard exited");
+}
+
+async fn shard_main<H, F>(
+    shard: Rc<Shard>,
+    listener: StdListener,
+    inbox: flume::Receiver<Command>,
+    handler: Arc<H>,
+) where
+    H: Fn(Session) -> F + Send + Sync + 'static,
+    F: Future<Output = ()> + 'static,
+{
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(shard = shard.idx, error = %e, "cannot register listener");
+            return;
+        }
+    };
+    monoio::spawn(inbox_loop(shard.clone(), inbox));
+    monoio::spawn(sweeper(shard.clone()));
+    loop {
+        let stop = shard.stopping.wait();
+        if shard.is_stopping() {
+            break;
+        }
+        let accepted = monoio::select! {
+            r = listener.accept() => r,
+            _ = stop => break,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                ShardStats::inc(&shard.stats().accepted);
+                monoio::spawn(serve_conn(shard.clone(), stream, peer, handler.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(shard = shard.idx, error = %e, "accept failed");
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    drop(listener);
+    // Graceful shutdown: BYE to every session, wait for them (bounded), then exit.
+    let conns: Vec<Rc<Conn>> = shard.sessions.borrow().iter().map(|(_, l)| l.conn.clone()).collect();
+    for c in &conns {
+        c.close(CloseReason::Shutdown, true);
+    }
+    let deadline = now() + shard.shared.cfg.shutdown_grace;
+    while (!shard.sessions.borrow().is_empty() || shard.handshakes.get() > 0) && now() < deadline {
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn inbox_loop(shard: Rc<Shard>, inbox: flume::Receiver<Command>) {
+    while let Ok(cmd) = inbox.recv_async().await {
+        match cmd {
+            Command::SendTo { device_id, msg } => {
+                if let Some(conn) = live_conn(&shard, &device_id) {
+                    let _ = conn.send(&msg).await;
+                }
+            }
+            Command::Broadcast(msg) => {
+                let conns: Vec<Rc<Conn>> =
+                    shard.sessions.borrow().iter().map(|(_, l)| l.conn.clone()).collect();
+                for c in conns {
+                    let _ = c.send(&msg).await;
+                }
+            }
+            Command::Kick(device_id) => {
+                if let Some(conn) = live_conn(&shard, &device_id) {
+                    tracing::info!(device = %format_device_id(&device_id), "session kicked");
+                    conn.close(CloseReason::Kicked, true);
+                }
+            }
+            Command::Lockout { key, failed, at } => shard.apply_lockout(key, failed, at),
+            Command::Shutdown => {
+                shard.stopping.notify();
+                return;
+            }
+        }
+    }
+}
+
+fn live_conn(shard: &Shard, device_id: &[u8; 6]) -> Option<Rc<Conn>> {
+    let key = *shard.by_device.borrow().get(device_id)?;
+    shard.sessions.borrow().get(key).map(|l| l.conn.clone())
+}
+
+/// The watchdog for every session of the shard, plus lockout pruning.
+async fn sweeper(shard: Rc<Shard>) {
+    let timeout = shard.shared.cfg.session_timeout;
+    let tick = (timeout / 20).clamp(Duration::from_millis(20), Duration::from_secs(1));
+    let mut last_prune = now();
+    loop {
+        monoio::time::sleep(tick).await;
+        let t = now();
+        let expired: Vec<Rc<Conn>> = shard
+            .sessions
+            .borrow()
+            .iter()
+            .filter(|(_, l)| l.conn.close_reason().is_none() && t.saturating_sub(l.conn.last_rx()) > timeout)
+            .map(|(_, l)| l.conn.clone())
+            .collect();
+        for c in expired {
+            let (dev, sid) = (format_device_id(&c.device_id()), to_hex(&c.session_id()));
+            tracing::info!(device = %dev, session = %sid, "session timed out (watchdog)");
+            ShardStats::inc(&shard.stats().closed_watchdog);
+            if let Some(hook) = &shard.shared.cfg.on_timeout {
+                hook(&dev, &sid);
+            }
+            c.close(CloseReason::Watchdog, true);
+        }
+        if t.saturating_sub(last_prune) > Duration::from_secs(10) {
+            shard.lockout.borrow_mut().prune(t);
+            last_prune = t;
+        }
+        if shard.is_stopping() && shard.sessions.borrow().is_empty() {
+            return;
+        }
+    }
+}
+
+/// Why a handshake failed, and which lockout key it counts against.
+struct Failure {
+    error: Error,
+    device: Option<[u8; 6]>,
+}
+
+async fn serve_conn<H, F>(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr, handler: Arc<H>)
+where
+    H: Fn(Session) -> F + Send + Sync + 'static,
+    F: Future<Output = ()> + 'static,
+{
+    let ip = peer.ip();
+    // Cheapest checks first, before any crypto: lockout, handshake budget, session limits.
+    if shard.locked(&LockoutKey::Ip(ip)) {
+        ShardStats::inc(&shard.stats().refused_locked_out);
+        tracing::debug!(%peer, "connection refused: locked out");
+        return;
+    }
+    if shard.handshakes.get() >= shard.shared.cfg.max_handshakes_per_shard || shard.is_stopping() {
+        ShardStats::inc(&shard.stats().refused_over_limit);
+        tracing::debug!(%peer, "connection refused: handshake limit");
+        return;
+    }
+    if !shard.shared.reserve(ip) {
+        ShardStats::inc(&shard.stats().refused_over_limit);
+        tracing::debug!(%peer, "connection refused: session limit");
+        return;
+    }
+    let _ = stream.set_nodelay(true);
+    shard.handshakes.set(shard.handshakes.get() + 1);
+    let device = Cell::new(None);
+    let mut deframer = Deframer::new();
+    let hs = monoio::time::timeout(
+        shard.shared.cfg.handshake_timeout,
+        server_handshake(&shard, &mut stream, peer, &mut deframer, &device),
+    )
+    .await;
+    shard.handshakes.set(shard.handshakes.get() - 1);
+    let outcome = match hs {
+        Ok(r) => r,
+        Err(_) => Err(Failure { error: Error::timeout("handshake timed out"), device: device.get() }),
+    };
+    let session = match outcome {
+        Ok(s) => s,
+        Err(f) => {
+            record_failure(&shard, peer, f);
+            shard.shared.release(ip);
+            return;
+        }
+    };
+    run_session(&shard, stream, deframer, session, peer, handler).await;
+    shard.shared.release(ip);
+}
+
+fn record_failure(shard: &Shard, peer: SocketAddr, f: Failure) {
+    let kind = f.error.kind();
+    let s = shard.stats();
+    let counted = match kind {
+        ErrorKind::Auth => Some(&s.handshakes_bad_key),
+        ErrorKind::Timeout => Some(&s.handshakes_timeout),
+        // A refused device (locked out) is not a new failure.
+        ErrorKind::NotConnected => None,
+        ErrorKind::Handshake if matches!(&f.error, Error::Protocol(e) if e.detail() == UNREGISTERED) => {
+            Some(&s.handshakes_unknown_device)
+        }
+        _ => Some(&s.handshakes_malformed),
+    };
+    // A peer that connected and left without a byte is not an attack on a key.
+    let silent_close = matches!(&f.error, Error::Protocol(e) if e.kind() == ErrorKind::ConnectionClosed)
+        && f.device.is_none();
+    let Some(counter) = counted else {
+        ShardStats::inc(&s.refused_locked_out);
+        return;
+    };
+    ShardStats::inc(counter);
+    tracing::info!(%peer, device = ?f.device.map(|d| format_device_id(&d)), reason = %f.error, "handshake failed");
+    if silent_close {
+        return;
+    }
+    let key = match f.device {
+        Some(d) => LockoutKey::Device(peer.ip(), d),
+        None => LockoutKey::Ip(peer.ip()),
+    };
+    shard.lockout_event(key, true);
+}
+
+/// Steps 1–4 of PROTOCOL.md §3, server side.
+async fn server_handshake(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    deframer: &mut Deframer,
+    device: &Cell<Option<[u8; 6]>>,
+) -> Result<ProtoSession, Failure> {
+    let fail = |error: Error| Failure { error, device: device.get() };
+    // Step 1: HELLO.
+    let f = wire::read_frame(stream, deframer).await.map_err(fail)?;
+    let hello = Frame::decode(&f).and_then(|f| decode_hello(&f)).map_err(|e| fail(e.into()))?;
+    device.set(Some(hello.device_id));
+    if shard.locked(&LockoutKey::Device(peer.ip(), hello.device_id)) {
+        return Err(fail(Error::misuse(ErrorKind::NotConnected, "device locked out")));
+    }
+    let psk = match shard.shared.cfg.psk.as_ref() {
+        Some(src) => src.lookup(hello.device_id).await,
+        None => None,
+    };
+    let psk = psk.ok_or_else(|| {
+        fail(Error::Protocol(crate::proto::Error::misbehaved(ErrorKind::Handshake, UNREGISTERED)))
+    })?;
+    // Step 2: CHALLENGE with a fresh key pair and nonce.
+    let seed = wire::random::<32>(&shard.rng).map_err(fail)?;
+    let nonce = wire::random::<32>(&shard.rng).map_err(fail)?;
+    let key = EphemeralKey::from_seed(&seed).map_err(|e| fail(e.into()))?;
+    let expect = ServerExpectHelloAck::new(&hello, &psk, key, nonce).map_err(|e| fail(e.into()))?;
+    let mut buf = vec![0u8; MAX_HANDSHAKE_FRAME_LEN];
+    let n = expect.encode_challenge(&mut buf).map_err(|e| fail(e.into()))?;
+    wire::write_all(stream, buf[..n].to_vec()).await.map_err(fail)?;
+    // Step 3: HELLO_ACK, verified in constant time.
+    let f = wire::read_frame(stream, deframer).await.map_err(fail)?;
+    Frame::decode(&f).and_then(|f| expect.verify_hello_ack(&f)).map_err(|e| fail(e.into()))?;
+    // Step 4: SESSION_OK (limits were reserved at accept, so they hold before this point).
+    let session_id = wire::random::<16>(&shard.rng).map_err(fail)?;
+    let (est, n) = expect.finish(session_id, &mut buf).map_err(|e| fail(e.into()))?;
+    wire::write_all(stream, buf[..n].to_vec()).await.map_err(fail)?;
+    Ok(ProtoSession::new(&est, Transport::Tcp))
+}
+
+async fn run_session<H, F>(
+    shard: &Rc<Shard>,
+    stream: TcpStream,
+    deframer: Deframer,
+    session: ProtoSession,
+    peer: SocketAddr,
+    handler: Arc<H>,
+) where
+    H: Fn(Session) -> F + Send + Sync + 'static,
+    F: Future<Output = ()> + 'static,
+{
+    let device_id = *session.device_id();
+    let session_id = *session.session_id();
+    let conn = Conn::new(session, peer);
+    let conn_id = shard.shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    ShardStats::inc(&shard.stats().handshakes_ok);
+    shard.lockout_event(LockoutKey::Device(peer.ip(), device_id), false);
+    let key = shard.sessions.borrow_mut().insert(Live { conn: conn.clone() });
+    shard.by_device.borrow_mut().insert(device_id, key);
+    shard.shared.directory.insert(SessionInfo {
+        device_id,
+        session_id,
+        transport: Transport::Tcp,
+        peer,
+        shard: shard.idx,
+        since: SystemTime::now(),
+        conn_id,
+    });
+    let dev = format_device_id(&device_id);
+    tracing::info!(device = %dev, session = %to_hex(&session_id), %peer, shard = shard.idx, "session up");
+    let app = Session { conn: conn.clone(), shard: shard.idx, transport: Transport::Tcp };
+    let fut = handler(app);
+    let c2 = conn.clone();
+    monoio::spawn(async move {
+        fut.await;
+        c2.close(CloseReason::HandlerDone, true);
+    });
+    conn::drive(conn.clone(), stream, deframer).await;
+    let reason = conn.close_reason().unwrap_or(CloseReason::PeerClosed);
+    let st = conn.stats();
+    let s = shard.stats();
+    ShardStats::inc(&s.sessions_closed);
+    if matches!(reason, CloseReason::Protocol(_)) {
+        ShardStats::inc(&s.closed_protocol_error);
+    }
+    s.frames_in.fetch_add(st.frames_in, Ordering::Relaxed);
+    s.frames_out.fetch_add(st.frames_out, Ordering::Relaxed);
+    s.bytes_in.fetch_add(st.bytes_in, Ordering::Relaxed);
+    s.bytes_out.fetch_add(st.bytes_out, Ordering::Relaxed);
+    tracing::info!(device = %dev, %peer, reason = reason.as_str(), detail = ?reason, "session down");
+    shard.sessions.borrow_mut().remove(key);
+    let mut by = shard.by_device.borrow_mut();
+    if by.get(&device_id) == Some(&key) {
+        by.remove(&device_id);
+    }
+    drop(by);
+    shard.shared.directory.remove(&device_id, conn_id);
+}

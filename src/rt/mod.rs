@@ -1,0 +1,63 @@
+//! Runtime glue shared by the gateway and the client: per-thread monoio runtimes (io_uring,
+//! with a clean fallback to epoll), the monotonic clock the sans-IO core is fed from, the
+//! connection driver, and small single-thread primitives.
+
+pub mod conn;
+pub mod error;
+pub mod event;
+pub mod wire;
+
+use std::future::Future;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub use error::Error;
+
+/// Entries of each shard's io_uring submission queue.
+pub const URING_ENTRIES: u32 = 4096;
+
+/// Monotonic time since the process's first call, the `now` the protocol core expects.
+/// One origin for every thread, so shards can exchange times (lockout events).
+pub fn now() -> Duration {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    ORIGIN.get_or_init(Instant::now).elapsed()
+}
+
+/// Which I/O driver a runtime ended up with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    /// io_uring.
+    IoUring,
+    /// epoll (kernels without io_uring, or io_uring disabled).
+    Legacy,
+}
+
+/// Run `fut` to completion on a new single-thread monoio runtime on this thread: io_uring
+/// where the kernel offers it, epoll otherwise (`USMP_FORCE_EPOLL=1` forces the fallback).
+pub fn block_on<F: Future>(fut: F) -> F::Output {
+    run(fut).0
+}
+
+/// Like [`block_on`], also reporting the driver used.
+pub fn run<F: Future>(fut: F) -> (F::Output, Driver) {
+    let force_legacy = std::env::var_os("USMP_FORCE_EPOLL").is_some_and(|v| v == "1");
+    if !force_legacy {
+        if let Ok(mut rt) = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .with_entries(URING_ENTRIES)
+            .enable_timer()
+            .build()
+        {
+            return (rt.block_on(fut), Driver::IoUring);
+        }
+    }
+    let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .enable_timer()
+        .build()
+        .expect("cannot build an epoll runtime");
+    (rt.block_on(fut), Driver::Legacy)
+}
+
+/// Sleep on the current monoio runtime.
+pub async fn sleep(d: Duration) {
+    monoio::time::sleep(d).await
+}
