@@ -128,6 +128,18 @@ impl Session {
         }
     }
 
+    /// A session whose counters start at `tx_seq` / `rx_seq` instead of 0: for known-answer
+    /// tests against frames recorded mid-session, and for fuzzing. Not for production use.
+    pub fn with_sequences(est: &Established, transport: Transport, tx_seq: u32, rx_seq: u32) -> Self {
+        let mut s = Self::new(est, transport);
+        s.tx_seq = tx_seq;
+        s.rx_next = rx_seq;
+        if rx_seq > 0 {
+            s.window.mark(rx_seq - 1);
+        }
+        s
+    }
+
     /// Device id bytes.
     pub fn device_id(&self) -> &[u8; DEVICE_ID_LEN] {
         &self.device_id

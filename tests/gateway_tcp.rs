@@ -1,0 +1,330 @@
+//! The TCP gateway live: interop with the reference SDK in both directions, fail-fast rules
+//! over real sockets, lockout, watchdog, cross-shard delivery and graceful shutdown.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use usmp::client::{Client, ClientConfig};
+use usmp::gateway::{Gateway, GatewayHandle, Session};
+use usmp::proto::frame::{encode_frame, PacketType};
+use usmp::proto::ErrorKind;
+use usmp::psk::{PskSource, Registry};
+
+const PSK: &[u8] = b"integration-test-key-0123";
+
+fn hexs(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+async fn echo(s: Session) {
+    while let Ok(m) = s.recv().await {
+        if m == b"BYE-ME" {
+            s.bye().await;
+            return;
+        }
+        if s.send(&m).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn gateway(shards: usize) -> Gateway {
+    Gateway::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .shards(shards)
+        .psk(PskSource::single(PSK).unwrap())
+        .serve(echo)
+        .unwrap()
+}
+
+fn py_client(addr: SocketAddr, script: &str, psk: &[u8], extra: &[&str]) -> Value {
+    let out = Command::new(common::pyref::python())
+        .arg(common::pyref::script("ref_client.py"))
+        .args(["--host", "127.0.0.1", "--port", &addr.port().to_string(), "--protocol", "tcp"])
+        .args(["--psk-hex", &hexs(psk), "--script", script, "--timeout", "30"])
+        .args(extra)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or_else(|| {
+        panic!("no JSON from ref_client {script}: {stdout} {}", String::from_utf8_lossy(&out.stderr))
+    });
+    serde_json::from_str(line).unwrap()
+}
+
+#[test]
+fn python_client_against_our_gateway() {
+    let gw = gateway(2);
+    let addr = gw.local_addr();
+    let r = py_client(addr, "echo-sizes", PSK, &[]);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["oversize_error"], "PayloadError");
+    assert_eq!(r["session_id"].as_str().unwrap().len(), 32);
+    let r = py_client(addr, "rekey", PSK, &[]);
+    assert_eq!(r["ok"], true, "{r}");
+    let r = py_client(addr, "wrong-psk", b"a-different-key-0123456", &[]);
+    assert!(r["error_kind"].is_string(), "{r}");
+    let stats = gw.handle().stats();
+    assert_eq!(stats.handshakes_bad_key, 1, "{stats:?}");
+    assert!(stats.handshakes_ok >= 2);
+    gw.shutdown();
+}
+
+#[test]
+fn gateway_bye_reaches_the_python_client() {
+    let gw = gateway(1);
+    let h = gw.handle();
+    let addr = gw.local_addr();
+    let t = std::thread::spawn(move || py_client(addr, "hold", PSK, &[]));
+    // Wait for the session, then kick it: the device sees BYE (ConnectionClosedError).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while h.session_count() == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let dev = usmp::psk::format_device_id(&h.sessions()[0].device_id);
+    h.send_to(&dev, b"downlink").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(h.kick(&dev).unwrap());
+    let r = t.join().unwrap();
+    assert_eq!(r["ended_by"], "ConnectionClosedError", "{r}");
+    gw.shutdown();
+}
+
+struct PyServer {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl PyServer {
+    fn start(mode: &str) -> PyServer {
+        let mut child = Command::new(common::pyref::python())
+            .arg(common::pyref::script("ref_server.py"))
+            .args(["--host", "127.0.0.1", "--port", "0", "--protocol", "tcp", "--psk-hex", &hexs(PSK)])
+            .args(["--mode", mode])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while out.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
+            line.push(b[0]);
+        }
+        let line = String::from_utf8(line).unwrap();
+        let port: u16 = line.strip_prefix("READY ").expect("READY line").trim().parse().unwrap();
+        PyServer { child, addr: SocketAddr::from(([127, 0, 0, 1], port)) }
+    }
+}
+
+impl Drop for PyServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn our_client_against_the_python_server() {
+    let srv = PyServer::start("rekey-echo");
+    usmp::rt::block_on(async {
+        let c = Client::connect(&ClientConfig::new(srv.addr, PSK)).await.unwrap();
+        assert_eq!(c.session_id().len(), 32);
+        for n in [0usize, 1, 452, 453, 1808] {
+            let m: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+            c.send(&m).await.unwrap();
+            assert_eq!(c.recv_timeout(Duration::from_secs(10)).await.unwrap(), m, "size {n}");
+        }
+        let e = c.send(&[0; 1809]).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Payload);
+        c.ping().unwrap();
+        for i in 0..75u32 {
+            c.send(&i.to_le_bytes()).await.unwrap();
+            assert_eq!(c.recv_timeout(Duration::from_secs(10)).await.unwrap(), i.to_le_bytes());
+        }
+        c.rekey().unwrap();
+        c.send(b"after our rekey").await.unwrap();
+        assert_eq!(c.recv_timeout(Duration::from_secs(10)).await.unwrap(), b"after our rekey");
+        c.send(b"REKEY-NOW").await.unwrap();
+        assert_eq!(c.recv_timeout(Duration::from_secs(10)).await.unwrap(), b"REKEYED");
+        c.send(b"after their rekey").await.unwrap();
+        assert_eq!(c.recv_timeout(Duration::from_secs(10)).await.unwrap(), b"after their rekey");
+        c.disconnect().await;
+        // A wrong key fails the handshake.
+        let e = Client::connect(&ClientConfig::new(srv.addr, &b"not-the-right-key-000"[..])).await.err().unwrap();
+        assert!(matches!(e.kind(), ErrorKind::ConnectionClosed | ErrorKind::Handshake), "{e}");
+    });
+    let srv = PyServer::start("bye-after-echo");
+    usmp::rt::block_on(async {
+        let c = Client::connect(&ClientConfig::new(srv.addr, PSK)).await.unwrap();
+        c.send(b"one").await.unwrap();
+        assert_eq!(c.recv_timeout(Duration::from_secs(10)).await.unwrap(), b"one");
+        let e = c.recv_timeout(Duration::from_secs(10)).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ConnectionClosed);
+        assert_eq!(c.close_reason(), Some(usmp::rt::conn::CloseReason::PeerBye));
+    });
+}
+
+/// Write raw bytes; report whether the gateway closed the connection without sending a byte.
+fn closed_silently(addr: SocketAddr, bytes: &[u8]) -> bool {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let _ = s.write_all(bytes);
+    let mut buf = [0u8; 64];
+    matches!(s.read(&mut buf), Ok(0)) || matches!(s.read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+}
+
+fn frame(t: PacketType, seq: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = [0u8; 492];
+    let n = encode_frame(t, seq, payload, &mut out).unwrap();
+    out[..n].to_vec()
+}
+
+#[test]
+fn garbage_is_refused_fast_and_other_sessions_live_on() {
+    let gw = Gateway::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .shards(2)
+        .handshake_timeout(Duration::from_millis(500))
+        .psk(PskSource::single(PSK).unwrap())
+        .serve(echo)
+        .unwrap();
+    let addr = gw.local_addr();
+    let h: GatewayHandle = gw.handle();
+    usmp::rt::block_on(async {
+        let live = Client::connect(&ClientConfig::new(addr, PSK)).await.unwrap();
+        let mut hello = frame(PacketType::Hello, 0, &[1; 38]);
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("bad magic", { let mut f = hello.clone(); f[0] = 0; f }),
+            ("bad version", { let mut f = hello.clone(); f[2] = 3; f }),
+            ("bad crc", { let mut f = hello.clone(); f[20] ^= 1; f }),
+            ("oversize length", { let mut f = hello.clone(); f[8..10].copy_from_slice(&900u16.to_le_bytes()); f }),
+            ("garbage", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
+            ("data before hello", frame(PacketType::Data, 0, &[0; 40])),
+            ("short hello", frame(PacketType::Hello, 0, &[1; 37])),
+            ("silence", vec![]),
+        ];
+        for (name, bytes) in &cases {
+            // Blocking std I/O on this thread is fine: the gateway runs on its own threads.
+            assert!(closed_silently(addr, bytes), "{name}: not closed silently");
+            live.send(name.as_bytes()).await.unwrap();
+            assert_eq!(live.recv_timeout(Duration::from_secs(5)).await.unwrap(), name.as_bytes(), "{name}");
+        }
+        hello.clear();
+        live.disconnect().await;
+    });
+    let s = h.stats();
+    assert_eq!(s.handshakes_malformed + s.handshakes_timeout, 8, "{s:?}");
+    assert!(s.handshakes_timeout >= 1, "silence counted as a timeout: {s:?}");
+    gw.shutdown();
+}
+
+#[test]
+fn lockout_after_five_failures_spans_shards_and_spares_other_devices() {
+    let mut reg = Registry::new();
+    reg.insert([1, 1, 1, 1, 1, 1], PSK).unwrap();
+    reg.insert([2, 2, 2, 2, 2, 2], PSK).unwrap();
+    let gw = Gateway::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .shards(2)
+        .psk(PskSource::registry(reg))
+        .serve(echo)
+        .unwrap();
+    let addr = gw.local_addr();
+    let h = gw.handle();
+    usmp::rt::block_on(async {
+        let bad = ClientConfig { device_id: Some([1; 6]), ..ClientConfig::new(addr, &b"wrong-key-for-device-1"[..]) };
+        for _ in 0..5 {
+            assert!(Client::connect(&bad).await.is_err());
+        }
+        // Failures landed on both shards (SO_REUSEPORT spreads accepts), yet the device is locked.
+        let good = ClientConfig { device_id: Some([1; 6]), ..ClientConfig::new(addr, PSK) };
+        for _ in 0..4 {
+            assert!(Client::connect(&good).await.is_err(), "locked device must be refused");
+        }
+        // Another device behind the same address still gets in.
+        let other = ClientConfig { device_id: Some([2; 6]), ..ClientConfig::new(addr, PSK) };
+        Client::connect(&other).await.unwrap().disconnect().await;
+        // After the 1 s lockout the right key works and clears the record.
+        monoio::time::sleep(Duration::from_millis(1100)).await;
+        Client::connect(&good).await.unwrap().disconnect().await;
+    });
+    let s = h.stats();
+    assert_eq!(s.handshakes_bad_key, 5, "{s:?}");
+    assert!(s.lockouts_started >= 1 && s.refused_locked_out >= 4, "{s:?}");
+    gw.shutdown();
+}
+
+#[test]
+fn watchdog_fires_for_a_silent_device_but_pings_keep_a_session_alive() {
+    let timeouts = Arc::new(AtomicUsize::new(0));
+    let t2 = timeouts.clone();
+    let gw = Gateway::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .session_timeout(Duration::from_millis(1500))
+        .psk(PskSource::single(PSK).unwrap())
+        .on_timeout(move |dev, sid| {
+            assert_eq!(dev.len(), 17);
+            assert_eq!(sid.len(), 32);
+            t2.fetch_add(1, Ordering::SeqCst);
+        })
+        // The handler never reads: PINGs must still be answered and refresh the watchdog.
+        .serve(|s: Session| async move {
+            monoio::time::sleep(Duration::from_secs(3600)).await;
+            drop(s);
+        })
+        .unwrap();
+    let addr = gw.local_addr();
+    let r = py_client(addr, "ping-only", PSK, &["--seconds", "4"]);
+    assert_eq!(r["usable"], true, "pinging device must survive 4 s > 1.5 s timeout: {r}");
+    assert_eq!(timeouts.load(Ordering::SeqCst), 0);
+    usmp::rt::block_on(async {
+        let c = Client::connect(&ClientConfig::new(addr, PSK)).await.unwrap();
+        let e = c.recv_timeout(Duration::from_secs(10)).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ConnectionClosed);
+        assert_eq!(c.close_reason(), Some(usmp::rt::conn::CloseReason::PeerBye), "watchdog says BYE");
+    });
+    assert_eq!(timeouts.load(Ordering::SeqCst), 1);
+    gw.shutdown();
+}
+
+#[test]
+fn send_to_and_broadcast_cross_shards_and_shutdown_says_bye() {
+    let gw = gateway(2);
+    let addr = gw.local_addr();
+    let h = gw.handle();
+    let h2 = h.clone();
+    usmp::rt::block_on(async move {
+        let mut clients = vec![];
+        for i in 0..8u8 {
+            let cfg = ClientConfig { device_id: Some([0xA0, 0, 0, 0, 0, i]), ..ClientConfig::new(addr, PSK) };
+            clients.push(Client::connect(&cfg).await.unwrap());
+        }
+        let shards: std::collections::HashSet<usize> = h2.sessions().iter().map(|s| s.shard).collect();
+        assert_eq!(shards.len(), 2, "8 connections should spread over both shards");
+        for (i, c) in clients.iter().enumerate() {
+            h2.send_to(&format!("a0:00:00:00:00:{i:02x}"), format!("to {i}").as_bytes()).unwrap();
+            assert_eq!(c.recv_timeout(Duration::from_secs(5)).await.unwrap(), format!("to {i}").as_bytes());
+        }
+        assert_eq!(h2.send_to("a0:00:00:00:00:ff", b"x").unwrap_err().kind(), ErrorKind::NotConnected);
+        assert_eq!(h2.broadcast(b"all").unwrap(), 8);
+        for c in &clients {
+            assert_eq!(c.recv_timeout(Duration::from_secs(5)).await.unwrap(), b"all");
+        }
+        h2.shutdown();
+        for c in &clients {
+            assert!(c.recv_timeout(Duration::from_secs(10)).await.is_err());
+            assert_eq!(c.close_reason(), Some(usmp::rt::conn::CloseReason::PeerBye));
+        }
+    });
+    gw.wait();
+    assert_eq!(h.session_count(), 0);
+}
