@@ -3,8 +3,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod client;
+pub mod gateway;
 pub mod proto;
 pub mod psk;
 pub mod rt;
-pub mod client;
-pub mod gateway;

@@ -154,7 +154,9 @@ impl Registry {
                 return Err(ConfigError::new(&at, "expected `device_id key`, found extra fields"));
             }
             let key = match key_text.strip_prefix("hex:") {
-                Some(h) => parse_hex(h).ok_or_else(|| ConfigError::new(&at, "key after `hex:` is not hex"))?,
+                Some(h) => {
+                    parse_hex(h).ok_or_else(|| ConfigError::new(&at, "key after `hex:` is not hex"))?
+                }
                 None => key_text.as_bytes().to_vec(),
             };
             let psk = validate_key(&at, &key)?;

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use serde_json::Value;
 use usmp::proto::crc16::crc16;
-use usmp::proto::crypto::{
-    derive_rekey_keys, derive_session_keys, gcm_nonce, EphemeralKey, Psk, RecordKey,
-};
+use usmp::proto::crypto::{derive_rekey_keys, derive_session_keys, gcm_nonce, EphemeralKey, Psk, RecordKey};
 use usmp::proto::frame::{encode_frame, finish_crc, write_header, Frame, PacketType};
-use usmp::proto::handshake::{decode_hello, ClientHandshake, ClientReply, Established, Role, ServerExpectHelloAck};
+use usmp::proto::handshake::{
+    decode_hello, ClientHandshake, ClientReply, Established, Role, ServerExpectHelloAck,
+};
 use usmp::proto::session::{Received, Session};
 use usmp::proto::Transport;
 
@@ -123,16 +123,23 @@ fn full_handshakes_match_byte_for_byte() {
     for v in list {
         let psk = Psk::new(&hex(&v["psk"])).unwrap();
         let device_id: [u8; 6] = arr(&v["device_id"]);
-        let client = ClientHandshake::new(device_id, psk.clone(), EphemeralKey::from_seed(&arr(&v["client_priv"])).unwrap());
+        let client = ClientHandshake::new(
+            device_id,
+            psk.clone(),
+            EphemeralKey::from_seed(&arr(&v["client_priv"])).unwrap(),
+        );
         let mut buf = [0u8; 128];
         let n = client.encode_hello(&mut buf).unwrap();
         assert_eq!(&buf[..n], &hex(&v["hello"])[..], "HELLO");
         // The UDP cookie variant: after HELLO_RETRY the client sends the 54-byte HELLO, seq 1.
         let retry = hex(&v["hello_retry"]);
-        let ClientReply::Retry(with_cookie) = ClientHandshake::new(device_id, psk.clone(), EphemeralKey::from_seed(&arr(&v["client_priv"])).unwrap())
-            .handle_reply(&Frame::decode(&retry).unwrap())
-            .unwrap()
-        else {
+        let ClientReply::Retry(with_cookie) = ClientHandshake::new(
+            device_id,
+            psk.clone(),
+            EphemeralKey::from_seed(&arr(&v["client_priv"])).unwrap(),
+        )
+        .handle_reply(&Frame::decode(&retry).unwrap())
+        .unwrap() else {
             panic!("HELLO_RETRY not understood")
         };
         let n2 = with_cookie.encode_hello(&mut buf).unwrap();
@@ -148,7 +155,8 @@ fn full_handshakes_match_byte_for_byte() {
         .unwrap();
         let n = server.encode_challenge(&mut buf).unwrap();
         assert_eq!(&buf[..n], &hex(&v["challenge"])[..], "CHALLENGE");
-        let ClientReply::Challenge(expect) = client.handle_reply(&Frame::decode(&hex(&v["challenge"])).unwrap()).unwrap()
+        let ClientReply::Challenge(expect) =
+            client.handle_reply(&Frame::decode(&hex(&v["challenge"])).unwrap()).unwrap()
         else {
             panic!("expected CHALLENGE")
         };
@@ -168,7 +176,12 @@ fn full_handshakes_match_byte_for_byte() {
 #[test]
 fn rekey_derivation_matches() {
     for v in vectors()["rekey"].as_array().unwrap() {
-        let (tx, rx) = derive_rekey_keys(&arr(&v["tx_key"]), &arr(&v["rx_key"]), &arr(&v["session_id"]), &arr(&v["salt"]));
+        let (tx, rx) = derive_rekey_keys(
+            &arr(&v["tx_key"]),
+            &arr(&v["rx_key"]),
+            &arr(&v["session_id"]),
+            &arr(&v["salt"]),
+        );
         assert_eq!(tx.to_vec(), hex(&v["initiator_tx"]));
         assert_eq!(rx.to_vec(), hex(&v["initiator_rx"]));
         assert_eq!(hex(&v["responder_tx"]), hex(&v["initiator_rx"]));
@@ -177,7 +190,13 @@ fn rekey_derivation_matches() {
 }
 
 fn receiver(key: [u8; 32], sid: [u8; 16], rx_seq: u32) -> Session {
-    let est = Established { role: Role::Server, device_id: [0; 6], session_id: sid, tx_key: [0x55; 32], rx_key: key };
+    let est = Established {
+        role: Role::Server,
+        device_id: [0; 6],
+        session_id: sid,
+        tx_key: [0x55; 32],
+        rx_key: key,
+    };
     Session::with_sequences(&est, Transport::Tcp, 0, rx_seq)
 }
 
@@ -186,7 +205,13 @@ fn python_rekey_flow_opens_and_switches_keys() {
     let v = &vectors()["rekey_flow"];
     let sid = arr(&v["session_id"]);
     // We receive what the Python initiator sends with its tx key.
-    let est = Established { role: Role::Server, device_id: [0; 6], session_id: sid, tx_key: arr(&v["rx_key"]), rx_key: arr(&v["tx_key"]) };
+    let est = Established {
+        role: Role::Server,
+        device_id: [0; 6],
+        session_id: sid,
+        tx_key: arr(&v["rx_key"]),
+        rx_key: arr(&v["tx_key"]),
+    };
     let start = v["start_seq"].as_u64().unwrap() as u32;
     let mut s = Session::with_sequences(&est, Transport::Tcp, start, start);
     let mut got = vec![];
@@ -211,9 +236,17 @@ fn fragment_sequences_match_and_reassemble() {
     for v in list {
         if v.get("oversize").is_some() {
             assert_eq!(v["error"], "PayloadError");
-            let est = Established { role: Role::Client, device_id: [0; 6], session_id: [0; 16], tx_key: [1; 32], rx_key: [2; 32] };
+            let est = Established {
+                role: Role::Client,
+                device_id: [0; 6],
+                session_id: [0; 16],
+                tx_key: [1; 32],
+                rx_key: [2; 32],
+            };
             let mut s = Session::new(&est, Transport::Tcp);
-            let e = s.seal_message(&vec![0; v["oversize"].as_u64().unwrap() as usize], &mut [0u8; 4096]).unwrap_err();
+            let e = s
+                .seal_message(&vec![0; v["oversize"].as_u64().unwrap() as usize], &mut [0u8; 4096])
+                .unwrap_err();
             assert_eq!(e.kind().class_name(), "PayloadError");
             continue;
         }
@@ -223,7 +256,13 @@ fn fragment_sequences_match_and_reassemble() {
         let msg = hex(&v["message"]);
         sizes.push(msg.len());
         let expected: Vec<u8> = v["frames"].as_array().unwrap().iter().flat_map(hex).collect();
-        let est = Established { role: Role::Client, device_id: [0; 6], session_id: sid, tx_key: key, rx_key: [2; 32] };
+        let est = Established {
+            role: Role::Client,
+            device_id: [0; 6],
+            session_id: sid,
+            tx_key: key,
+            rx_key: [2; 32],
+        };
         let mut tx = Session::with_sequences(&est, Transport::Tcp, start, 0);
         let mut out = vec![0u8; 4096];
         let n = tx.seal_message(&msg, &mut out).unwrap();

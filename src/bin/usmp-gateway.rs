@@ -99,7 +99,8 @@ fn build_config(a: &Args) -> Result<(Config, Option<String>), ConfigError> {
         validate_key("--psk", p.as_bytes())?;
         PskSource::single(p.as_bytes())?
     } else if let Some(h) = &a.psk_hex {
-        let key = parse_hex(h).ok_or_else(|| ConfigError::new("--psk-hex", "not an even-length hex string"))?;
+        let key =
+            parse_hex(h).ok_or_else(|| ConfigError::new("--psk-hex", "not an even-length hex string"))?;
         validate_key("--psk-hex", &key)?;
         PskSource::single(&key)?
     } else if let Some(path) = &a.psk_file {

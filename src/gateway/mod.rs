@@ -308,11 +308,10 @@ impl GatewayHandle {
             return Err(Error::misuse(crate::proto::ErrorKind::Payload, "message over 1808 bytes"));
         }
         let id = device_arg(device_id)?;
-        let info = self
-            .shared
-            .directory
-            .get(&id)
-            .ok_or_else(|| Error::misuse(crate::proto::ErrorKind::NotConnected, "device not connected"))?;
+        let info =
+            self.shared.directory.get(&id).ok_or_else(|| {
+                Error::misuse(crate::proto::ErrorKind::NotConnected, "device not connected")
+            })?;
         self.shared.post(info.shard, Command::SendTo { device_id: id, msg: msg.into() });
         Ok(())
     }

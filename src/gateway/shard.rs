@@ -81,7 +81,7 @@ impl Shard {
     /// Apply a lockout event here and tell every other shard.
     fn lockout_event(&self, key: LockoutKey, failed: bool) {
         let at = now();
-        self.apply_lockout(key, failed, at);
+        self.apply_lockout(key, failed, at, true);
         for i in 0..self.shared.inboxes.len() {
             if i != self.idx {
                 self.shared.post(i, Command::Lockout { key, failed, at });
@@ -89,10 +89,11 @@ impl Shard {
         }
     }
 
-    fn apply_lockout(&self, key: LockoutKey, failed: bool, at: Duration) {
+    /// `local`: the failure happened on this shard (count and log it once, here).
+    fn apply_lockout(&self, key: LockoutKey, failed: bool, at: Duration, local: bool) {
         let mut t = self.lockout.borrow_mut();
         if failed {
-            if let Some(len) = t.record_failure(key, at) {
+            if let (Some(len), true) = (t.record_failure(key, at), local) {
                 ShardStats::inc(&self.stats().lockouts_started);
                 tracing::warn!(ip = %key.ip(), ?key, seconds = len.as_secs_f64(), "lockout started");
             }
@@ -212,7 +213,7 @@ async fn inbox_loop(shard: Rc<Shard>, inbox: flume::Receiver<Command>) {
                     conn.close(CloseReason::Kicked, true);
                 }
             }
-            Command::Lockout { key, failed, at } => shard.apply_lockout(key, failed, at),
+            Command::Lockout { key, failed, at } => shard.apply_lockout(key, failed, at, false),
             Command::Shutdown => {
                 shard.stopping.notify();
                 return;

@@ -113,7 +113,8 @@ impl LockoutTable {
             }
         }
         let p = self.policy;
-        let e = self.entries.entry(key).or_insert(Entry { failures: 0, locked_until: Duration::ZERO, last: now });
+        let e =
+            self.entries.entry(key).or_insert(Entry { failures: 0, locked_until: Duration::ZERO, last: now });
         e.failures = e.failures.saturating_add(1);
         e.last = now;
         if e.failures < p.threshold {

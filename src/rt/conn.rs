@@ -168,7 +168,11 @@ impl Conn {
     }
 
     /// Seal with `f` into the tail of the outgoing buffer (room for `max` bytes).
-    fn queue<R>(&self, max: usize, f: impl FnOnce(&mut Session, &mut [u8]) -> Result<usize, R>) -> Result<usize, R> {
+    fn queue<R>(
+        &self,
+        max: usize,
+        f: impl FnOnce(&mut Session, &mut [u8]) -> Result<usize, R>,
+    ) -> Result<usize, R> {
         let mut out = self.out.borrow_mut();
         let at = out.len();
         out.resize(at + max, 0);

@@ -43,7 +43,14 @@ pub fn python() -> PathBuf {
             let python3 = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
             run(Command::new(&python3).args(["-m", "venv"]).arg(&venv), "python3 -m venv");
             run(
-                Command::new(&py).args(["-m", "pip", "install", "--disable-pip-version-check", "-q", PACKAGE]),
+                Command::new(&py).args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--disable-pip-version-check",
+                    "-q",
+                    PACKAGE,
+                ]),
                 "pip install usmp==1.2.2",
             );
             fs::write(&marker, PACKAGE).unwrap();
