@@ -25,6 +25,9 @@ fn hexs(b: &[u8]) -> String {
 
 async fn echo(s: Session) {
     while let Ok(m) = s.recv().await {
+        if m == b"PANIC" {
+            panic!("handler panics on purpose");
+        }
         if m == b"BYE-ME" {
             s.bye().await;
             return;
@@ -242,6 +245,12 @@ fn garbage_is_refused_fast_and_other_sessions_live_on() {
             assert_eq!(live.recv_timeout(Duration::from_secs(5)).await.unwrap(), name.as_bytes(), "{name}");
         }
         hello.clear();
+        // A handler that panics ends only its own session.
+        let doomed = Client::connect(&ClientConfig::new(addr, PSK)).await.unwrap();
+        doomed.send(b"PANIC").await.unwrap();
+        assert!(doomed.recv_timeout(Duration::from_secs(5)).await.is_err());
+        live.send(b"still here").await.unwrap();
+        assert_eq!(live.recv_timeout(Duration::from_secs(5)).await.unwrap(), b"still here");
         live.disconnect().await;
     });
     let s = h.stats();

@@ -422,7 +422,9 @@ async fn run_session<H, F>(
     let fut = handler(app);
     let c2 = conn.clone();
     monoio::spawn(async move {
-        fut.await;
+        if crate::rt::CatchUnwind::new(fut).await.is_err() {
+            tracing::error!(device = %format_device_id(&c2.device_id()), "session handler panicked");
+        }
         c2.close(CloseReason::HandlerDone, true);
     });
     conn::drive(conn.clone(), stream, deframer).await;

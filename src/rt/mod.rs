@@ -61,3 +61,29 @@ pub fn run<F: Future>(fut: F) -> (F::Output, Driver) {
 pub async fn sleep(d: Duration) {
     monoio::time::sleep(d).await
 }
+
+/// Runs a future and turns a panic inside it into `Err(())`, so a panicking session handler
+/// ends its own session instead of the shard's runtime (and every other session on it).
+pub struct CatchUnwind<F: Future>(std::pin::Pin<Box<F>>);
+
+impl<F: Future> CatchUnwind<F> {
+    /// Wrap `fut`.
+    pub fn new(fut: F) -> Self {
+        CatchUnwind(Box::pin(fut))
+    }
+}
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, ()>;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(_) => std::task::Poll::Ready(Err(())),
+        }
+    }
+}

@@ -3,13 +3,18 @@
 
     ref_server.py --host 127.0.0.1 --port 0 --protocol tcp|udp \
         (--psk-hex HEX | --registry-json '{"001122334455": "hexkey", "": "hexkey"}') \
-        [--mode echo|rekey-echo|bye-after-echo] [--max-connections N] [--max-per-ip N] \
+        [--mode echo|rekey-echo|bye-after-echo|push-bye] [--max-connections N] [--max-per-ip N] \
         [--session-timeout S] [--handshake-timeout S] [--disable-lockout] [--no-udp-rekey-fix]
 
 Prints exactly one line ``READY <port>`` on stdout once the listener is bound (with
 ``--port 0`` the real, kernel-chosen port is printed), then nothing else on stdout.
 Diagnostics (``recv <len>`` per received message, session start/end, SDK logs) go to
 stderr.  SIGTERM / SIGINT stop the server cleanly (exit code 0).
+
+Modes: echo (send every received message back), rekey-echo (like echo, but on
+b"REKEY-NOW" call session.rekey() and reply b"REKEYED"), bye-after-echo (echo one
+message, then session.bye()), push-bye (no reading: send b"push-0", b"push-1",
+b"push-2", then session.bye()).  Any session error just ends that session.
 
 Registry JSON: device_id hex (12 hex digits) -> PSK hex.  The device_id key ""
 is the reference's wildcard entry b"" (used for any unregistered device).
@@ -68,7 +73,7 @@ def parse_args(argv=None):
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--psk-hex")
     g.add_argument("--registry-json")
-    p.add_argument("--mode", choices=("echo", "rekey-echo", "bye-after-echo"), default="echo")
+    p.add_argument("--mode", choices=("echo", "rekey-echo", "bye-after-echo", "push-bye"), default="echo")
     p.add_argument("--max-connections", type=int, default=100000)
     p.add_argument("--max-per-ip", type=int, default=100000)
     p.add_argument("--session-timeout", type=float, default=60.0)
@@ -97,6 +102,14 @@ def make_handler(mode: str):
         log(f"session start device={session.device_id} session={session.session_id}")
         ended = "returned"
         try:
+            if mode == "push-bye":
+                # Server-initiated downlink: three messages, then BYE (for `hold`).
+                for i in range(3):
+                    await session.send(f"push-{i}".encode())
+                await session.bye()
+                log("sent bye")
+                ended = "bye"
+                return
             while True:
                 data = await session.recv()
                 log(f"recv {len(data)}")
