@@ -1,0 +1,77 @@
+//! The `usmp-gateway` binary as README's run command uses it: no key → a generated key that a
+//! client can use; bad configuration → exit code 2 naming the flag; SIGTERM → BYE and exit 0.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use usmp::client::{Client, ClientConfig};
+
+const BIN: &str = env!("CARGO_BIN_EXE_usmp-gateway");
+
+#[test]
+fn bad_configuration_exits_2_naming_the_flag() {
+    for (args, needle) in [
+        (vec!["--psk", "short"], "--psk"),
+        (vec!["--psk-hex", "zz"], "--psk-hex"),
+        (vec!["--psk", "0123456789abcdef", "--cpus", "x"], "--cpus"),
+        (vec!["--psk", "0123456789abcdef", "--session-timeout", "0"], "--session-timeout"),
+        (vec!["--no-such-flag"], "--no-such-flag"),
+    ] {
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn generated_key_works_and_sigterm_says_bye() {
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--shards", "2"])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut key = None;
+    let mut addr = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(k) = line.split("USMP PSK (text, 32 bytes): ").nth(1) {
+            key = Some(k.trim().to_string());
+        }
+        if line.contains("usmp-gateway listening") {
+            let plain: String = line.chars().filter(|c| !c.is_control()).collect();
+            let at = plain.find("address").unwrap();
+            let rest = &plain[at..];
+            let start = rest.find("127.0.0.1").unwrap();
+            let end = rest[start..]
+                .find(|c: char| c == ' ' || c == '\u{1b}')
+                .map(|e| start + e)
+                .unwrap_or(rest.len());
+            let a: String = rest[start..end]
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                .collect();
+            addr = Some(a);
+            break;
+        }
+    }
+    let key = key.expect("the generated key is printed");
+    let addr: std::net::SocketAddr = addr.expect("the listening line").parse().unwrap();
+    std::thread::spawn(move || for _ in lines {});
+    let pid = child.id().to_string();
+    usmp::rt::block_on(async move {
+        let c = Client::connect(&ClientConfig::new(addr, key.into_bytes())).await.unwrap();
+        c.send(b"echo me").await.unwrap();
+        assert_eq!(c.recv_timeout(Duration::from_secs(5)).await.unwrap(), b"echo me");
+        // Only our own child, by PID.
+        let st = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(st.success());
+        assert!(c.recv_timeout(Duration::from_secs(10)).await.is_err());
+        assert_eq!(c.close_reason(), Some(usmp::rt::conn::CloseReason::PeerBye));
+    });
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
