@@ -46,10 +46,7 @@ fn generated_key_works_and_sigterm_says_bye() {
             let at = plain.find("address").unwrap();
             let rest = &plain[at..];
             let start = rest.find("127.0.0.1").unwrap();
-            let end = rest[start..]
-                .find(|c: char| c == ' ' || c == '\u{1b}')
-                .map(|e| start + e)
-                .unwrap_or(rest.len());
+            let end = rest[start..].find([' ', '\u{1b}']).map(|e| start + e).unwrap_or(rest.len());
             let a: String = rest[start..end]
                 .chars()
                 .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
