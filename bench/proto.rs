@@ -13,22 +13,7 @@ use usmp::proto::handshake::{decode_hello, ClientHandshake, ClientReply, ServerE
 use usmp::proto::session::{Session, MAX_SEALED_MESSAGE_LEN};
 use usmp::proto::Transport;
 
-fn pair() -> (Session, Session) {
-    let mut buf = [0u8; 128];
-    let psk = Psk::new(&[7; 16]).unwrap();
-    let ch = ClientHandshake::new([1; 6], psk.clone(), EphemeralKey::from_seed(&[1; 32]).unwrap());
-    let n = ch.encode_hello(&mut buf).unwrap();
-    let hello = decode_hello(&Frame::decode(&buf[..n]).unwrap()).unwrap();
-    let srv =
-        ServerExpectHelloAck::new(&hello, &psk, EphemeralKey::from_seed(&[2; 32]).unwrap(), [3; 32]).unwrap();
-    let n = srv.encode_challenge(&mut buf).unwrap();
-    let ClientReply::Challenge(cl) = ch.handle_reply(&Frame::decode(&buf[..n]).unwrap()).unwrap() else {
-        panic!()
-    };
-    let (s, n) = srv.finish([4; 16], &mut buf).unwrap();
-    let c = cl.handle_session_ok(&Frame::decode(&buf[..n]).unwrap()).unwrap();
-    (Session::new(&c, Transport::Tcp), Session::new(&s, Transport::Tcp))
-}
+use usmp::proto::testing::session_pair as pair;
 
 fn frame_decode(c: &mut Criterion) {
     let mut g = c.benchmark_group("frame_decode");
@@ -51,7 +36,7 @@ fn seal_open(c: &mut Criterion) {
     let mut g = c.benchmark_group("record");
     for len in [0usize, 64, 452] {
         g.throughput(Throughput::Bytes(len as u64));
-        let (mut tx, _) = pair();
+        let (mut tx, _) = pair(Transport::Tcp);
         let msg = vec![0x42u8; len];
         let mut out = vec![0u8; MAX_SEALED_MESSAGE_LEN];
         g.bench_function(BenchmarkId::new("usmp_seal", len), |b| {
@@ -67,7 +52,7 @@ fn seal_open(c: &mut Criterion) {
         // Open needs a fresh seq each time (TCP strict order): seal batches outside the timing.
         g.bench_function(BenchmarkId::new("usmp_open", len), |b| {
             b.iter_custom(|iters| {
-                let (mut t, mut r) = pair();
+                let (mut t, mut r) = pair(Transport::Tcp);
                 let mut total = Duration::ZERO;
                 let mut left = iters;
                 while left > 0 {

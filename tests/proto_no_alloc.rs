@@ -5,11 +5,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use usmp::proto::crypto::{EphemeralKey, Psk};
 use usmp::proto::deframer::Deframer;
-use usmp::proto::frame::Frame;
-use usmp::proto::handshake::{decode_hello, ClientHandshake, ClientReply, ServerExpectHelloAck};
-use usmp::proto::session::{Received, Session, MAX_SEALED_MESSAGE_LEN};
+use usmp::proto::session::{Received, MAX_SEALED_MESSAGE_LEN};
 use usmp::proto::Transport;
 
 struct Counting;
@@ -33,22 +30,7 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-fn pair(t: Transport) -> (Session, Session) {
-    let mut buf = [0u8; 128];
-    let psk = Psk::new(&[7; 16]).unwrap();
-    let ch = ClientHandshake::new([1; 6], psk.clone(), EphemeralKey::from_seed(&[1; 32]).unwrap());
-    let n = ch.encode_hello(&mut buf).unwrap();
-    let hello = decode_hello(&Frame::decode(&buf[..n]).unwrap()).unwrap();
-    let srv =
-        ServerExpectHelloAck::new(&hello, &psk, EphemeralKey::from_seed(&[2; 32]).unwrap(), [3; 32]).unwrap();
-    let n = srv.encode_challenge(&mut buf).unwrap();
-    let ClientReply::Challenge(cl) = ch.handle_reply(&Frame::decode(&buf[..n]).unwrap()).unwrap() else {
-        panic!()
-    };
-    let (s, n) = srv.finish([4; 16], &mut buf).unwrap();
-    let c = cl.handle_session_ok(&Frame::decode(&buf[..n]).unwrap()).unwrap();
-    (Session::new(&c, t), Session::new(&s, t))
-}
+use usmp::proto::testing::session_pair as pair;
 
 // One test function so no other test thread allocates while we count.
 #[test]

@@ -11,6 +11,7 @@ pub mod handshake;
 pub mod lockout;
 pub mod reassembly;
 pub mod session;
+pub mod testing;
 pub mod window;
 
 pub use error::{Error, ErrorKind, Fault, Reaction, Result, Transport};

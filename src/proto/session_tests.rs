@@ -1,24 +1,6 @@
 use super::*;
-use crate::proto::crypto::{EphemeralKey, Psk};
-use crate::proto::frame::Frame;
-use crate::proto::handshake::{decode_hello, ClientHandshake, ClientReply, ServerExpectHelloAck};
 
-pub(crate) fn pair(transport: Transport) -> (Session, Session) {
-    let mut buf = [0u8; 128];
-    let psk = Psk::new(b"0123456789abcdef").unwrap();
-    let ch = ClientHandshake::new([1; 6], psk.clone(), EphemeralKey::from_seed(&[1; 32]).unwrap());
-    let n = ch.encode_hello(&mut buf).unwrap();
-    let hello = decode_hello(&Frame::decode(&buf[..n]).unwrap()).unwrap();
-    let srv =
-        ServerExpectHelloAck::new(&hello, &psk, EphemeralKey::from_seed(&[2; 32]).unwrap(), [3; 32]).unwrap();
-    let n = srv.encode_challenge(&mut buf).unwrap();
-    let ClientReply::Challenge(cl) = ch.handle_reply(&Frame::decode(&buf[..n]).unwrap()).unwrap() else {
-        panic!("expected challenge")
-    };
-    let (s, n) = srv.finish([4; 16], &mut buf).unwrap();
-    let c = cl.handle_session_ok(&Frame::decode(&buf[..n]).unwrap()).unwrap();
-    (Session::new(&c, transport), Session::new(&s, transport))
-}
+pub(crate) use crate::proto::testing::session_pair as pair;
 
 const T0: Duration = Duration::from_secs(100);
 
