@@ -71,7 +71,7 @@ impl Deframer {
 
     /// Return the buffer taken by [`Deframer::take_buffer`] after `n` bytes were read into its range.
     /// Owned-buffer runtimes may set the vector's length to the end of the data they wrote
-    /// (monoio does); the full storage is restored here.
+    /// (io_uring runtimes do); the full storage is restored here.
     pub fn restore_buffer(&mut self, mut buf: Vec<u8>, n: usize) {
         let cap = buf.capacity();
         if buf.len() < cap {
@@ -185,7 +185,7 @@ mod tests {
             let (mut buf, range) = d.take_buffer();
             assert!(range.len() >= MAX_FRAME_LEN);
             buf[range.start..range.start + f.len()].copy_from_slice(&f);
-            // Like monoio: the runtime sets the length to the end of what it wrote.
+            // Like an io_uring runtime: the length is set to the end of what it wrote.
             buf.truncate(range.start + f.len());
             d.restore_buffer(buf, f.len());
             let got = d.next_frame().unwrap().unwrap();
