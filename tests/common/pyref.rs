@@ -1,78 +1,232 @@
-//! Provisions the reference SDK (`usmp==1.2.2`) in a venv under the target directory, once,
-//! safely across concurrent test binaries (an exclusive `flock` plus a marker file).
+//! Provisioning of the reference implementation (`usmp==1.2.2` from PyPI) for
+//! interop and known-answer tests.
+//!
+//! * [`python()`] returns the interpreter of a private venv with the reference
+//!   package installed, creating `<target dir>/pyref-venv` on first use
+//!   (`python3 -m venv` + `pip install usmp==1.2.2`).  Safe to call from many
+//!   threads and many test binaries at once: an exclusive `flock` on
+//!   `<target dir>/pyref-venv.lock` serialises provisioning and a marker file,
+//!   written only after a verified install, is re-checked under the lock.
+//! * [`script()`] is the absolute path of a helper under `tests/pyref/`.
+//! * [`gen_vectors()`] runs `tests/pyref/gen_vectors.py` once per process and
+//!   returns its JSON document.
+//!
+//! Environment overrides:
+//! * `USMP_PYREF_PYTHON` — use this interpreter as is (must already have
+//!   `usmp==1.2.2`); no venv is created.
+//! * `USMP_PYREF_PYTHON3` (or `PYTHON`) — the base interpreter used to create
+//!   the venv (default `python3` from `PATH`).
+//! * `CARGO_TARGET_DIR` — honoured (at run time, else at build time) when
+//!   locating the target directory.
 
-use std::fs::{self, File};
-use std::os::fd::AsRawFd;
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
-const PACKAGE: &str = "usmp==1.2.2";
+/// Version of the reference package the tests are written against.
+pub const USMP_REF_VERSION: &str = "1.2.2";
 
+const MARKER: &str = ".installed-usmp-1.2.2";
+
+/// The cargo target directory this test binary lives in.
 fn target_dir() -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("target"),
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let absolutize = |p: PathBuf| if p.is_absolute() { p } else { manifest.join(p) };
+    if let Some(d) = std::env::var_os("CARGO_TARGET_DIR").filter(|d| !d.is_empty()) {
+        return absolutize(PathBuf::from(d));
+    }
+    if let Some(d) = option_env!("CARGO_TARGET_DIR").filter(|d| !d.is_empty()) {
+        return absolutize(PathBuf::from(d));
+    }
+    // Test binaries live in <target>/[<triple>/]<profile>/deps/<bin>.
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(deps) = exe.parent() {
+            if deps.file_name().is_some_and(|n| n == "deps") {
+                if let Some(target) = deps.parent().and_then(Path::parent) {
+                    return target.to_path_buf();
+                }
+            }
+        }
+    }
+    manifest.join("target")
+}
+
+fn venv_python(venv: &Path) -> PathBuf {
+    venv.join("bin").join("python")
+}
+
+/// Holds an exclusive `flock` until dropped (closing the fd releases it).
+struct FileLock {
+    _file: File,
+}
+
+impl FileLock {
+    fn exclusive(path: &Path) -> FileLock {
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent)
+                .unwrap_or_else(|e| panic!("pyref: cannot create {}: {e}", parent.display()));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .unwrap_or_else(|e| panic!("pyref: cannot open lock file {}: {e}", path.display()));
+        loop {
+            // SAFETY: flock on a valid, owned file descriptor.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            if rc == 0 {
+                break;
+            }
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            panic!("pyref: flock({}) failed: {err}", path.display());
+        }
+        FileLock { _file: file }
     }
 }
 
-fn run(cmd: &mut Command, what: &str) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
-    assert!(
-        out.status.success(),
-        "{what} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+fn run_checked(what: &str, cmd: &mut Command) {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("pyref: failed to spawn {what} ({cmd:?}): {e}"));
+    if !out.status.success() {
+        panic!(
+            "pyref: {what} failed ({}): {cmd:?}\n--- stdout:\n{}\n--- stderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
-/// Path of the venv's python, creating the venv and installing the package on first use.
+/// True if `python` can import the reference package at the expected version.
+fn has_reference(python: &Path) -> bool {
+    Command::new(python)
+        .args([
+            "-c",
+            &format!("import usmp, sys; sys.exit(0 if usmp.__version__ == '{USMP_REF_VERSION}' else 3)"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn provision(venv: &Path) {
+    let marker = venv.join(MARKER);
+    let lock_path = venv.with_file_name(format!("{}.lock", venv.file_name().unwrap().to_string_lossy()));
+    let _lock = FileLock::exclusive(&lock_path);
+    // Someone else may have finished while we waited for the lock.
+    if marker.exists() && venv_python(venv).exists() {
+        return;
+    }
+    // A previous attempt died half-way: start over.
+    if venv.exists() {
+        fs::remove_dir_all(venv)
+            .unwrap_or_else(|e| panic!("pyref: cannot remove stale {}: {e}", venv.display()));
+    }
+    let base: OsString = std::env::var_os("USMP_PYREF_PYTHON3")
+        .or_else(|| std::env::var_os("PYTHON"))
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| OsString::from("python3"));
+    run_checked(
+        "creating the reference venv (python3 -m venv)",
+        Command::new(&base).arg("-m").arg("venv").arg(venv),
+    );
+    let py = venv_python(venv);
+    run_checked(
+        &format!("pip install usmp=={USMP_REF_VERSION}"),
+        Command::new(&py).args([
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "-q",
+            &format!("usmp=={USMP_REF_VERSION}"),
+        ]),
+    );
+    if !has_reference(&py) {
+        panic!(
+            "pyref: `import usmp` (version {USMP_REF_VERSION}) fails in {} after pip install",
+            py.display()
+        );
+    }
+    let mut f = File::create(&marker)
+        .unwrap_or_else(|e| panic!("pyref: cannot write marker {}: {e}", marker.display()));
+    writeln!(f, "usmp=={USMP_REF_VERSION}").expect("pyref: writing marker");
+    f.sync_all().ok();
+}
+
+/// Path of a Python interpreter that has `usmp==1.2.2` installed (provisioned on
+/// first use; see the module docs).
 pub fn python() -> PathBuf {
     static PY: OnceLock<PathBuf> = OnceLock::new();
     PY.get_or_init(|| {
-        let venv = target_dir().join("pyref-venv");
-        let py = venv.join("bin/python");
-        let marker = venv.join(".installed-usmp-1.2.2");
-        fs::create_dir_all(target_dir()).unwrap();
-        let lock = File::create(target_dir().join("pyref-venv.lock")).unwrap();
-        // SAFETY: flock on a file descriptor we own for the duration of the call.
-        let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
-        assert_eq!(rc, 0, "cannot lock the venv");
-        if !marker.exists() {
-            let _ = fs::remove_dir_all(&venv);
-            let python3 = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-            run(Command::new(&python3).args(["-m", "venv"]).arg(&venv), "python3 -m venv");
-            run(
-                Command::new(&py).args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--disable-pip-version-check",
-                    "-q",
-                    PACKAGE,
-                ]),
-                "pip install usmp==1.2.2",
+        if let Some(p) = std::env::var_os("USMP_PYREF_PYTHON").filter(|p| !p.is_empty()) {
+            let p = PathBuf::from(p);
+            assert!(
+                has_reference(&p),
+                "pyref: USMP_PYREF_PYTHON={} cannot import usmp=={USMP_REF_VERSION}",
+                p.display()
             );
-            fs::write(&marker, PACKAGE).unwrap();
+            return p;
         }
-        // SAFETY: as above.
-        unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_UN) };
-        py
+        let venv = target_dir().join("pyref-venv");
+        if !(venv.join(MARKER).exists() && venv_python(&venv).exists()) {
+            provision(&venv);
+        }
+        venv_python(&venv)
     })
     .clone()
 }
 
 /// Absolute path of `tests/pyref/<name>`.
 pub fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pyref").join(name)
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("pyref").join(name);
+    assert!(p.exists(), "pyref: missing helper script {}", p.display());
+    p
 }
 
-/// The JSON vectors emitted by `gen_vectors.py` (run once per test binary).
+/// The known-answer vectors produced by `tests/pyref/gen_vectors.py` with the
+/// reference package (computed once per test process).
 pub fn gen_vectors() -> &'static serde_json::Value {
-    static V: OnceLock<serde_json::Value> = OnceLock::new();
-    V.get_or_init(|| {
-        let out = Command::new(python()).arg(script("gen_vectors.py")).output().expect("run gen_vectors.py");
-        assert!(out.status.success(), "gen_vectors.py failed: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).expect("gen_vectors.py output is JSON")
+    static VECTORS: OnceLock<serde_json::Value> = OnceLock::new();
+    VECTORS.get_or_init(|| {
+        let py = python();
+        let gen = script("gen_vectors.py");
+        let out = Command::new(&py)
+            .arg(&gen)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("pyref: cannot run {} {}: {e}", py.display(), gen.display()));
+        if !out.status.success() {
+            panic!(
+                "pyref: gen_vectors.py failed ({}):\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "pyref: gen_vectors.py printed invalid JSON: {e}\n--- stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
     })
+}
+
+/// Decode a lowercase/uppercase hex string from the vectors.
+pub fn unhex(s: &str) -> Vec<u8> {
+    assert!(s.len() % 2 == 0, "odd-length hex string");
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("invalid hex")).collect()
 }

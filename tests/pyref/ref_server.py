@@ -25,12 +25,17 @@ REKEY, so after a rekey following 65+ received frames every new frame is ACKed a
 then silently dropped).  Pass the flag to run the reference unpatched.
 """
 
-import argparse
-import asyncio
-import json
-import logging
 import signal
 import sys
+
+# Exit cleanly on SIGTERM even if it arrives while the interpreter is still
+# importing (the asyncio handlers installed later replace this one).
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+import argparse  # noqa: E402
+import asyncio
+import json
+import logging  # noqa: E402
 
 import usmp
 from usmp import USMPServer
@@ -84,6 +89,11 @@ def parse_args(argv=None):
         help="never record failed handshakes (the reference locks an IP out after 5 failures)",
     )
     p.add_argument("--no-udp-rekey-fix", action="store_true")
+    p.add_argument(
+        "--no-cookie-rate-limit",
+        action="store_true",
+        help="UDP: lift the reference's per-IP cookie token bucket (10 burst, 5/s)",
+    )
     p.add_argument("--log-level", default="WARNING", help="level for the SDK's own logging (stderr)")
     return p.parse_args(argv)
 
@@ -169,6 +179,8 @@ async def amain(args) -> int:
         max_connections_per_ip=args.max_per_ip,
     )
     server.on_session(make_handler(args.mode))
+    if args.no_cookie_rate_limit:
+        server._allow_udp_cookie = lambda _ip: True
 
     # A stop request that arrives before serve() has installed its own signal
     # handlers (or after it removed them) is handled here.
