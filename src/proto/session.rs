@@ -193,7 +193,7 @@ impl Session {
         total
     }
 
-    fn seal_one(&mut self, ptype: PacketType, plaintext: &[u8], out: &mut [u8]) -> usize {
+    pub(crate) fn seal_one(&mut self, ptype: PacketType, plaintext: &[u8], out: &mut [u8]) -> usize {
         let at = HEADER_LEN + GCM_NONCE_LEN;
         out[at..at + plaintext.len()].copy_from_slice(plaintext);
         self.seal_in_place(ptype, out, plaintext.len())

@@ -22,3 +22,15 @@ pub fn session_pair(transport: Transport) -> (Session, Session) {
     let c = expect.handle_session_ok(&Frame::decode(&buf[..n]).expect("frame")).expect("proof");
     (Session::new(&c, transport), Session::new(&s, transport))
 }
+
+/// Seal one frame of any encrypted type, bypassing the message rules (fragmentation, spent
+/// sequence, control budget): lets tests and fuzzers play a peer that breaks them.
+/// `out` needs `12 + 12 + plaintext.len() + 16` bytes; returns the frame length.
+pub fn seal_any(
+    session: &mut Session,
+    ptype: super::frame::PacketType,
+    plaintext: &[u8],
+    out: &mut [u8],
+) -> usize {
+    session.seal_one(ptype, plaintext, out)
+}
