@@ -72,3 +72,62 @@ fn generated_key_works_and_sigterm_says_bye() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+fn start(args: &[&str]) -> (std::process::Child, std::net::SocketAddr) {
+    // Pick a free port first: the binary's log line is for humans, the port is what we need.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let child = Command::new(BIN)
+        .args(["--listen", &listen, "--shards", "1", "--psk", "binary-test-key-0123"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = listen.parse().unwrap();
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child, addr)
+}
+
+#[test]
+fn ack_and_log_modes() {
+    let (mut child, addr) = start(&["--mode", "ack"]);
+    usmp::rt::block_on(async move {
+        let c = Client::connect(&ClientConfig::new(addr, &b"binary-test-key-0123"[..])).await.unwrap();
+        c.send(b"reading 42").await.unwrap();
+        assert_eq!(c.recv_timeout(Duration::from_secs(5)).await.unwrap(), b"ACK");
+        c.disconnect().await;
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let (mut child, addr) = start(&["--mode", "log"]);
+    let stdout = child.stdout.take().unwrap();
+    let (dev, sid) = usmp::rt::block_on(async move {
+        let cfg = ClientConfig {
+            device_id: Some([0xde, 0xad, 0xbe, 0xef, 0, 1]),
+            ..ClientConfig::new(addr, &b"binary-test-key-0123"[..])
+        };
+        let c = Client::connect(&cfg).await.unwrap();
+        c.send(b"\x00\x01binary").await.unwrap();
+        let ids = (c.device_id(), c.session_id());
+        monoio::time::sleep(Duration::from_millis(200)).await;
+        c.disconnect().await;
+        ids
+    });
+    let line = BufReader::new(stdout).lines().next().unwrap().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["device_id"], dev.as_str());
+    assert_eq!(dev, "de:ad:be:ef:00:01");
+    assert_eq!(v["session_id"], sid.as_str());
+    assert_eq!(v["payload"], "AAFiaW5hcnk=");
+    let ts = v["timestamp"].as_str().unwrap();
+    assert!(ts.len() == 27 && ts.ends_with('Z') && ts.as_bytes()[10] == b'T', "{ts}");
+}
