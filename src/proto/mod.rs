@@ -2,6 +2,7 @@
 //! as a `Duration` argument and randomness as bytes, so every behaviour is deterministic and
 //! testable with byte vectors (see DESIGN.md, layer 1).
 
+pub mod arq;
 pub mod crc16;
 pub mod crypto;
 pub mod deframer;
@@ -12,6 +13,7 @@ pub mod lockout;
 pub mod reassembly;
 pub mod session;
 pub mod testing;
+pub mod udp;
 pub mod window;
 
 pub use error::{Error, ErrorKind, Fault, Reaction, Result, Transport};

@@ -301,6 +301,25 @@ impl Session {
         }
     }
 
+    /// For UDP: is `frame` an authentic copy of a frame already accepted (a retransmission
+    /// whose UTACK was lost)? Checks the window says "seen" and the AEAD verifies, changing no
+    /// state, so the caller may re-ACK it without ever acknowledging a forgery.
+    pub fn verify_duplicate(&self, frame: &mut [u8]) -> bool {
+        let Ok(len) = check_header(frame) else { return false };
+        if frame.len() != HEADER_LEN + len || self.transport != Transport::Udp {
+            return false;
+        }
+        if !PacketType::from_u8(frame[3]).is_some_and(|t| t.is_encrypted()) {
+            return false;
+        }
+        let seq = u32::from_le_bytes([frame[4], frame[5], frame[6], frame[7]]);
+        if self.window.check(seq).is_ok() {
+            return false;
+        }
+        let (header, payload) = frame.split_at_mut(HEADER_LEN);
+        self.rx.open_record(gcm_nonce(seq, &self.session_id), &header[..AAD_LEN], payload).is_ok()
+    }
+
     /// Open one complete frame in place (from [`crate::proto::deframer::Deframer::next_frame`]
     /// or a datagram already checked with `Frame::decode_exact`) at time `now`.
     ///

@@ -314,3 +314,16 @@ fn udp_window_over_a_simulated_lossy_reordering_channel() {
         assert!(!s.is_closed());
     }
 }
+
+#[test]
+fn duplicates_are_recognised_only_when_authentic() {
+    let (mut c, mut s) = pair(Transport::Udp);
+    let f = send(&mut c, b"once").remove(0);
+    assert!(!s.verify_duplicate(&mut f.clone()), "not seen yet");
+    s.open(&mut f.clone(), T0).unwrap();
+    assert!(s.verify_duplicate(&mut f.clone()), "a retransmission");
+    let mut forged = f.clone();
+    forged[30] ^= 1;
+    assert!(!s.verify_duplicate(&mut forged), "a forgery with a seen seq");
+    assert_eq!(s.open(&mut f.clone(), T0).unwrap_err().kind(), ErrorKind::Sequence);
+}
