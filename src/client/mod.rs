@@ -3,6 +3,7 @@
 //! reconnecting wrapper ([`ReconnectingClient`]) with exponential backoff.
 
 mod reconnect;
+mod udp;
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -18,7 +19,7 @@ use crate::proto::deframer::Deframer;
 use crate::proto::frame::Frame;
 use crate::proto::handshake::{ClientHandshake, ClientReply, MAX_HANDSHAKE_FRAME_LEN};
 use crate::proto::session::Session;
-use crate::proto::{ErrorKind, Transport};
+use crate::proto::Transport;
 use crate::psk::{format_device_id, to_hex};
 use crate::rt::conn::{self, CloseReason, Conn};
 use crate::rt::{wire, Error};
@@ -38,7 +39,7 @@ pub struct ClientConfig {
     pub keepalive: Option<Duration>,
     /// Local address to bind before connecting (many source IPs in load tests).
     pub bind: Option<SocketAddr>,
-    /// Transport (TCP today).
+    /// Transport: TCP or UDP (cookie round trip, UTACKs, stop-and-wait ARQ).
     pub transport: Transport,
 }
 
@@ -117,14 +118,18 @@ async fn handshake(
 impl Client {
     /// Connect and complete the handshake within `cfg.connect_timeout`.
     pub async fn connect(cfg: &ClientConfig) -> Result<Client, Error> {
-        if cfg.transport != Transport::Tcp {
-            return Err(Error::misuse(ErrorKind::NotConnected, "this client speaks TCP"));
-        }
         let psk = Psk::new(&cfg.psk)?;
         let device_id = match cfg.device_id {
             Some(d) => d,
             None => wire::random::<DEVICE_ID_LEN>(&SystemRandom::new())?,
         };
+        if cfg.transport == Transport::Udp {
+            let (conn, driver) = udp::connect(cfg, psk, device_id).await?;
+            if let Some(every) = cfg.keepalive {
+                monoio::spawn(keepalive(Rc::downgrade(&conn), every));
+            }
+            return Ok(Client { conn, driver: Some(driver) });
+        }
         let (stream, deframer, session) =
             match monoio::time::timeout(cfg.connect_timeout, handshake(cfg, psk, device_id)).await {
                 Ok(r) => r?,

@@ -363,3 +363,13 @@ mod tests {
         assert!(verify_server_proof(&psk, &t, &[1; 16], &s).is_err());
     }
 }
+
+/// Constant-time equality of two byte strings (length is not secret). For MACs we compare
+/// ourselves, such as the 8-byte UTACK MAC and cookies, where `hmac::verify` does not fit.
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    core::hint::black_box(diff) == 0
+}

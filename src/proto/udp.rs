@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 use ring::hmac;
 
-use super::crypto::{DEVICE_ID_LEN, KEY_LEN, PUB_KEY_LEN};
+use super::crypto::{ct_eq, DEVICE_ID_LEN, KEY_LEN, PUB_KEY_LEN};
 use super::handshake::COOKIE_LEN;
 
 /// First two bytes of every UTACK.
@@ -94,11 +94,7 @@ impl ExpectedAck {
             None => true,
             Some(mac) => {
                 datagram.len() >= UTACK_MAX_LEN
-                    && ring::constant_time::verify_slices_are_equal(
-                        mac,
-                        &datagram[UTACK_HEADER_LEN..UTACK_MAX_LEN],
-                    )
-                    .is_ok()
+                    && ct_eq(mac, &datagram[UTACK_HEADER_LEN..UTACK_MAX_LEN])
             }
         }
     }
@@ -175,7 +171,7 @@ impl CookieJar {
         bucket: u64,
     ) -> Result<(), CookieError> {
         let ok = [bucket, bucket.saturating_sub(1)].iter().any(|b| {
-            ring::constant_time::verify_slices_are_equal(&self.mac(peer, device_id, pub_c, *b), cookie).is_ok()
+            ct_eq(&self.mac(peer, device_id, pub_c, *b), cookie)
         });
         if !ok {
             return Err(CookieError::Invalid);

@@ -21,7 +21,10 @@ use super::{now, Error};
 use crate::proto::crypto::REKEY_SALT_LEN;
 use crate::proto::deframer::Deframer;
 use crate::proto::session::{sealed_len, Received, Session, MAX_SEALED_MESSAGE_LEN};
-use crate::proto::{ErrorKind, Reaction};
+use crate::proto::arq::Arq;
+use crate::proto::frame::HEADER_LEN;
+use crate::proto::udp::ExpectedAck;
+use crate::proto::{ErrorKind, Reaction, Transport};
 
 /// Outgoing bytes above which `send` waits for the socket to drain.
 const OUT_HIGH_WATER: usize = 64 * 1024;
@@ -53,6 +56,10 @@ pub enum CloseReason {
     Shutdown,
     /// The device's key was removed from the registry.
     Revoked,
+    /// UDP: five transmissions of a frame went unacknowledged.
+    PeerGone,
+    /// UDP: a new handshake from the same address replaced this session.
+    Replaced,
 }
 
 impl CloseReason {
@@ -69,6 +76,8 @@ impl CloseReason {
             CloseReason::Kicked => "kicked",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Revoked => "revoked",
+            CloseReason::PeerGone => "peer_gone",
+            CloseReason::Replaced => "replaced",
         }
     }
 }
@@ -103,12 +112,40 @@ pub struct Conn {
     last_rx: Cell<Duration>,
     stats: Cell<ConnStats>,
     canceller: RefCell<Option<Canceller>>,
+    transport: Transport,
+    /// UDP: the UTACK each queued frame expects, in `out` order.
+    pub(crate) acks: RefCell<VecDeque<ExpectedAck>>,
+    /// UDP: the stop-and-wait state of the frame in flight.
+    pub(crate) arq: RefCell<Arq>,
+    /// UDP: a UTACK for the frame in flight arrived.
+    pub(crate) ack_ev: LocalEvent,
+    /// Closed without BYE: stop retransmitting at once.
+    pub(crate) abandon: Cell<bool>,
+}
+
+/// What one received frame did to the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameOutcome {
+    /// Authenticated and processed (acknowledge it on UDP).
+    Accepted,
+    /// Authenticated, and it ended the session (BYE): acknowledge, then stop.
+    AcceptedAndClosed,
+    /// Dropped without harm to the session (UDP), with the reason.
+    Rejected(ErrorKind),
+    /// The session is over (TCP violation, flood guard, spent sequence).
+    Closed,
 }
 
 impl Conn {
     /// Wrap an established session talking to `peer`.
     pub fn new(session: Session, peer: SocketAddr) -> Rc<Self> {
+        let transport = session.transport();
         Rc::new(Conn {
+            transport,
+            acks: RefCell::new(VecDeque::new()),
+            arq: RefCell::new(Arq::default()),
+            ack_ev: LocalEvent::default(),
+            abandon: Cell::new(false),
             session: RefCell::new(session),
             peer,
             out: RefCell::new(Vec::new()),
@@ -176,9 +213,22 @@ impl Conn {
         let mut out = self.out.borrow_mut();
         let at = out.len();
         out.resize(at + max, 0);
-        let res = f(&mut self.session.borrow_mut(), &mut out[at..]);
+        let mut session = self.session.borrow_mut();
+        // The key every frame of this call is sealed with (REKEY switches only afterwards).
+        let key = *session.tx_key_bytes();
+        let res = f(&mut session, &mut out[at..]);
+        drop(session);
         let n = *res.as_ref().unwrap_or(&0);
         out.truncate(at + n);
+        if self.transport == Transport::Udp {
+            let mut acks = self.acks.borrow_mut();
+            let mut i = at;
+            while i + HEADER_LEN <= out.len() {
+                let seq = u32::from_le_bytes([out[i + 4], out[i + 5], out[i + 6], out[i + 7]]);
+                acks.push_back(ExpectedAck::new(out[i + 3], seq, Some(&key)));
+                i += HEADER_LEN + u16::from_le_bytes([out[i + 8], out[i + 9]]) as usize;
+            }
+        }
         drop(out);
         if n > 0 {
             self.bump(|s| {
@@ -258,9 +308,12 @@ impl Conn {
             let _ = self.queue(CONTROL_FRAME_LEN, |s, out| s.seal_bye(out));
         } else {
             self.out.borrow_mut().clear();
+            self.acks.borrow_mut().clear();
+            self.abandon.set(true);
         }
         self.closing.set(Some(reason));
         self.out_ev.notify();
+        self.ack_ev.notify();
         self.inbox_ev.notify();
         self.drained_ev.notify();
     }
@@ -276,12 +329,11 @@ impl Conn {
         }
     }
 
-    /// Handle one frame from the reader; false stops reading.
-    fn on_frame(&self, frame: &mut [u8]) -> bool {
+    /// Handle one authenticated-or-not frame (TCP reader or UDP datagram).
+    pub(crate) fn on_frame(&self, frame: &mut [u8]) -> FrameOutcome {
         let t = now();
         let len = frame.len() as u64;
         let mut session = self.session.borrow_mut();
-        let transport = session.transport();
         let outcome = match session.open(frame, t) {
             Ok(r) => {
                 self.last_rx.set(t);
@@ -293,33 +345,70 @@ impl Conn {
                     Received::Message(m) => {
                         self.inbox.borrow_mut().push_back(m.to_vec());
                         self.inbox_ev.notify();
-                        None
+                        FrameOutcome::Accepted
                     }
                     Received::Ping => {
                         drop(session);
                         let _ = self.queue(CONTROL_FRAME_LEN, |s, out| s.seal_pong(t, out).ok_or(()));
-                        return true;
+                        return FrameOutcome::Accepted;
                     }
-                    Received::Bye => Some(CloseReason::PeerBye),
-                    Received::Pong | Received::Fragment | Received::Rekeyed => None,
+                    Received::Bye => {
+                        drop(session);
+                        self.close(CloseReason::PeerBye, false);
+                        return FrameOutcome::AcceptedAndClosed;
+                    }
+                    Received::Pong | Received::Fragment | Received::Rekeyed => FrameOutcome::Accepted,
                 }
             }
-            Err(e) => match e.reaction(transport) {
-                Reaction::Close => Some(CloseReason::Protocol(e.kind())),
+            Err(e) => match e.reaction(self.transport) {
+                Reaction::Close => {
+                    drop(session);
+                    self.close(CloseReason::Protocol(e.kind()), false);
+                    return FrameOutcome::Closed;
+                }
                 Reaction::Drop | Reaction::Report => {
                     self.bump(|s| s.dropped += 1);
-                    None
+                    FrameOutcome::Rejected(e.kind())
                 }
             },
         };
-        drop(session);
-        match outcome {
-            Some(reason) => {
-                self.close(reason, false);
-                false
-            }
-            None => true,
+        outcome
+    }
+
+    /// The transport this connection runs over.
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    pub(crate) fn session(&self) -> std::cell::RefMut<'_, Session> {
+        self.session.borrow_mut()
+    }
+
+    /// UDP: move the next queued frame into `into`; returns the UTACK it expects.
+    pub(crate) fn take_frame(&self, into: &mut Vec<u8>) -> Option<ExpectedAck> {
+        let mut out = self.out.borrow_mut();
+        if out.len() < HEADER_LEN {
+            return None;
         }
+        let n = HEADER_LEN + u16::from_le_bytes([out[8], out[9]]) as usize;
+        into.clear();
+        into.extend_from_slice(&out[..n]);
+        out.drain(..n);
+        drop(out);
+        self.drained_ev.notify();
+        self.acks.borrow_mut().pop_front()
+    }
+
+    /// A future completing when more output is queued (or the connection starts closing).
+    pub(crate) fn out_ev_wait(&self) -> super::event::Wait<'_> {
+        self.out_ev.wait()
+    }
+
+    /// Mark the connection finished (all I/O loops ended).
+    pub(crate) fn set_done(&self) {
+        self.done.set(true);
+        self.done_ev.notify();
+        self.inbox_ev.notify();
     }
 }
 
@@ -336,19 +425,16 @@ pub async fn drive(conn: Rc<Conn>, stream: TcpStream, mut deframer: Deframer) {
         conn.close(CloseReason::PeerClosed, false);
     }
     writer.await;
-    conn.done.set(true);
-    conn.done_ev.notify();
-    conn.inbox_ev.notify();
+    conn.set_done();
 }
 
 fn drain_frames(conn: &Conn, deframer: &mut Deframer) -> bool {
     loop {
         match deframer.next_frame() {
-            Ok(Some(frame)) => {
-                if !conn.on_frame(frame) {
-                    return false;
-                }
-            }
+            Ok(Some(frame)) => match conn.on_frame(frame) {
+                FrameOutcome::Accepted | FrameOutcome::Rejected(_) => {}
+                FrameOutcome::AcceptedAndClosed | FrameOutcome::Closed => return false,
+            },
             Ok(None) => return true,
             Err(e) => {
                 conn.close(CloseReason::Protocol(e.kind()), false);

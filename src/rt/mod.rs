@@ -5,6 +5,7 @@
 pub mod conn;
 pub mod error;
 pub mod event;
+pub mod udp;
 pub mod wire;
 
 use std::future::Future;

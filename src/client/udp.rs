@@ -1,0 +1,205 @@
+//! The device side over UDP: the cookie round trip, every handshake frame under the
+//! stop-and-wait ARQ (and every server frame acknowledged), then the session over the shared
+//! UDP plumbing of `rt::udp`.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
+use std::rc::Rc;
+use std::time::Duration;
+
+use monoio::net::udp::UdpSocket;
+use ring::rand::SystemRandom;
+
+use super::ClientConfig;
+use crate::proto::arq::{Arq, ArqAction};
+use crate::proto::crypto::{EphemeralKey, Psk, DEVICE_ID_LEN};
+use crate::proto::frame::{Frame, PacketType};
+use crate::proto::handshake::{ClientExpectSessionOk, ClientHandshake, ClientReply, HELLO_ACK_SEQ};
+use crate::proto::session::Session;
+use crate::proto::udp::{encode_utack, is_utack, ExpectedAck};
+use crate::proto::{ErrorKind, Transport};
+use crate::rt::conn::Conn;
+use crate::rt::event::LocalEvent;
+use crate::rt::udp::{on_session_datagram, pump, send_loop, Inbound, UdpOut, RECV_BUF_LEN};
+use crate::rt::{now, wire, Error};
+
+/// Datagrams from the server, routed to the handshake until a session exists.
+#[derive(Default)]
+struct Router {
+    conn: RefCell<Option<Rc<Conn>>>,
+    hs_inbox: RefCell<VecDeque<Vec<u8>>>,
+    hs_ev: LocalEvent,
+    stop: LocalEvent,
+    stopped: std::cell::Cell<bool>,
+}
+
+async fn recv_loop(sock: Rc<UdpSocket>, router: Rc<Router>, out: Rc<UdpOut>, server: SocketAddr) {
+    let mut buf = vec![0u8; RECV_BUF_LEN];
+    loop {
+        if router.stopped.get() {
+            return;
+        }
+        let stop = router.stop.wait();
+        let (res, b) = monoio::select! {
+            r = sock.recv_from(buf) => r,
+            _ = stop => return,
+        };
+        buf = b;
+        let Ok((n, from)) = res else { continue };
+        if from != server {
+            continue; // only the gateway may talk to us
+        }
+        let conn = router.conn.borrow().clone();
+        match conn {
+            None => {
+                let mut q = router.hs_inbox.borrow_mut();
+                if q.len() < 16 {
+                    q.push_back(buf[..n].to_vec());
+                    router.hs_ev.notify();
+                }
+            }
+            Some(conn) => {
+                if let Inbound::Handshake(PacketType::SessionOk) = on_session_datagram(&conn, &out, &mut buf[..n], server) {
+                    // Our UTACK of SESSION_OK was lost and the gateway retransmits it.
+                    let (a, l) = encode_utack(PacketType::SessionOk as u8, 0, None);
+                    out.send(&a[..l], server);
+                }
+            }
+        }
+        buf.resize(RECV_BUF_LEN, 0);
+    }
+}
+
+async fn next_datagram(router: &Router, deadline: Option<Duration>) -> Option<Vec<u8>> {
+    loop {
+        let wait = router.hs_ev.wait();
+        if let Some(d) = router.hs_inbox.borrow_mut().pop_front() {
+            return Some(d);
+        }
+        match deadline {
+            Some(t) => {
+                let left = t.saturating_sub(now());
+                if left.is_zero() || monoio::time::timeout(left, wait).await.is_err() {
+                    return None;
+                }
+            }
+            None => wait.await,
+        }
+    }
+}
+
+enum Stage {
+    Hello(ClientHandshake),
+    AwaitOk(ClientExpectSessionOk),
+}
+
+async fn handshake(router: &Router, out: &UdpOut, server: SocketAddr, hs: ClientHandshake) -> Result<Session, Error> {
+    let mut arq = Arq::default();
+    let mut cur = vec![0u8; 128];
+    let n = hs.encode_hello(&mut cur)?;
+    cur.truncate(n);
+    arq.on_send(ExpectedAck::new(PacketType::Hello as u8, 0, None), now());
+    out.send(&cur, server);
+    let mut stage = Stage::Hello(hs);
+    loop {
+        let Some(mut d) = next_datagram(router, arq.poll_timeout()).await else {
+            match arq.handle_timeout(now()) {
+                ArqAction::Wait => continue,
+                ArqAction::Retransmit(_) => {
+                    out.send(&cur, server);
+                    continue;
+                }
+                ArqAction::GiveUp => return Err(Error::timeout("gateway did not acknowledge the handshake")),
+            }
+        };
+        if is_utack(&d) {
+            arq.handle_ack(&d, now());
+            continue;
+        }
+        let Ok(frame) = Frame::decode_exact(&d) else { continue };
+        let ptype = frame.packet_type();
+        if matches!(ptype, PacketType::HelloRetry | PacketType::Challenge | PacketType::SessionOk) {
+            // Devices ACK every frame they receive, duplicates included.
+            let (a, l) = encode_utack(ptype as u8, frame.seq(), None);
+            out.send(&a[..l], server);
+        }
+        stage = match (stage, ptype) {
+            (Stage::Hello(hs), PacketType::HelloRetry) if !hs.has_cookie() => {
+                let ClientReply::Retry(hs) = hs.handle_reply(&frame)? else { unreachable!("retry") };
+                cur.resize(128, 0);
+                let n = hs.encode_hello(&mut cur)?;
+                cur.truncate(n);
+                arq.on_send(ExpectedAck::new(PacketType::Hello as u8, 1, None), now());
+                out.send(&cur, server);
+                Stage::Hello(hs)
+            }
+            (Stage::Hello(hs), PacketType::Challenge) => {
+                let ClientReply::Challenge(expect) = hs.handle_reply(&frame)? else { unreachable!("challenge") };
+                cur.resize(128, 0);
+                let n = expect.encode_hello_ack(&mut cur)?;
+                cur.truncate(n);
+                arq.on_send(ExpectedAck::new(PacketType::HelloAck as u8, HELLO_ACK_SEQ, None), now());
+                out.send(&cur, server);
+                Stage::AwaitOk(expect)
+            }
+            (Stage::AwaitOk(expect), PacketType::SessionOk) => {
+                let est = expect.handle_session_ok(&Frame::decode_exact(&d)?)?;
+                d.clear();
+                return Ok(Session::new(&est, Transport::Udp));
+            }
+            (s, _) => s, // duplicates and strays
+        };
+    }
+}
+
+/// Connect over UDP; returns the connection and the task that runs it to the end.
+pub(super) async fn connect(
+    cfg: &ClientConfig,
+    psk: Psk,
+    device_id: [u8; DEVICE_ID_LEN],
+) -> Result<(Rc<Conn>, monoio::task::JoinHandle<()>), Error> {
+    let local: SocketAddr = match cfg.bind {
+        Some(b) => b,
+        None if cfg.addr.is_ipv4() => "0.0.0.0:0".parse().expect("literal"),
+        None => "[::]:0".parse().expect("literal"),
+    };
+    let std_sock = StdUdpSocket::bind(local)?;
+    std_sock.set_nonblocking(true)?;
+    let sock = Rc::new(UdpSocket::from_std(std_sock)?);
+    let out = UdpOut::new();
+    let router = Rc::new(Router::default());
+    let server = cfg.addr;
+    monoio::spawn(send_loop(sock.clone(), out.clone()));
+    monoio::spawn(recv_loop(sock, router.clone(), out.clone(), server));
+    let key = EphemeralKey::from_seed(&wire::random::<32>(&SystemRandom::new())?)?;
+    let hs = ClientHandshake::new(device_id, psk, key);
+    let session = match monoio::time::timeout(cfg.connect_timeout, handshake(&router, &out, server, hs)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            stop(&router, &out);
+            return Err(e);
+        }
+        Err(_) => {
+            stop(&router, &out);
+            return Err(Error::Protocol(crate::proto::Error::left(ErrorKind::Timeout, "handshake timed out")));
+        }
+    };
+    let conn = Conn::new(session, server);
+    *router.conn.borrow_mut() = Some(conn.clone());
+    let c2 = conn.clone();
+    let driver = monoio::spawn(async move {
+        pump(c2, out.clone(), server).await;
+        // Give the last UTACKs a moment to leave, then stop both loops.
+        monoio::time::sleep(Duration::from_millis(20)).await;
+        stop(&router, &out);
+    });
+    Ok((conn, driver))
+}
+
+fn stop(router: &Router, out: &UdpOut) {
+    router.stopped.set(true);
+    router.stop.notify();
+    router.conn.borrow_mut().take();
+    out.stop();
+}
