@@ -7,11 +7,21 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use clap::{Parser, ValueEnum};
-use usmp::gateway::{Config, Gateway, Session};
+use usmp::gateway::{Config, Gateway, Session, Transports};
 use usmp::psk::{parse_hex, to_hex, validate_key, ConfigError, PskSource};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TransportArg {
+    /// TCP only.
+    Tcp,
+    /// UDP only.
+    Udp,
+    /// TCP and UDP on the same port number.
+    Both,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {
@@ -30,6 +40,9 @@ struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0:9000", value_name = "ADDR:PORT")]
     listen: SocketAddr,
+    /// Transports to serve, on the same port number.
+    #[arg(long, value_enum, default_value = "both")]
+    transport: TransportArg,
     /// Shard threads (default: one per core).
     #[arg(long, value_name = "N")]
     shards: Option<usize>,
@@ -115,6 +128,11 @@ fn build_config(a: &Args) -> Result<(Config, Option<String>), ConfigError> {
     };
     let mut cfg = Config {
         listen: a.listen,
+        transports: match a.transport {
+            TransportArg::Tcp => Transports::Tcp,
+            TransportArg::Udp => Transports::Udp,
+            TransportArg::Both => Transports::Both,
+        },
         psk: Some(psk),
         handshake_timeout: secs("--handshake-timeout", a.handshake_timeout)?,
         session_timeout: secs("--session-timeout", a.session_timeout)?,
@@ -206,6 +224,11 @@ fn main() -> ExitCode {
         eprintln!("USMP PSK (text, {} bytes): {key}", key.len());
     }
     let shards = cfg.shards;
+    let transports = match cfg.transports {
+        Transports::Tcp => "tcp",
+        Transports::Udp => "udp",
+        Transports::Both => "tcp+udp",
+    };
     let gw = match Gateway::builder().config(cfg).serve(move |s| handle(s, mode)) {
         Ok(g) => g,
         Err(e) => {
@@ -213,7 +236,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    tracing::info!(address = %gw.local_addr(), shards, transports = "tcp", mode = ?mode, "usmp-gateway listening");
+    tracing::info!(address = %gw.local_addr(), shards, transports, mode = ?mode, "usmp-gateway listening");
     let handle = gw.handle();
     std::thread::spawn(move || {
         let mut signals = match signal_hook::iterator::Signals::new([

@@ -25,6 +25,7 @@ mod directory;
 mod session;
 mod shard;
 mod stats;
+mod udp;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -48,11 +49,35 @@ use directory::Directory;
 /// Called when the watchdog ends a session: `(device_id, session_id)` as colon hex / hex.
 pub type TimeoutHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
+/// Which transports the gateway serves (on the same port number).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transports {
+    /// TCP only.
+    Tcp,
+    /// UDP only.
+    Udp,
+    /// TCP and UDP.
+    Both,
+}
+
+impl Transports {
+    /// Serves TCP.
+    pub fn tcp(self) -> bool {
+        matches!(self, Transports::Tcp | Transports::Both)
+    }
+    /// Serves UDP.
+    pub fn udp(self) -> bool {
+        matches!(self, Transports::Udp | Transports::Both)
+    }
+}
+
 /// Everything a gateway is configured with.
 #[derive(Clone)]
 pub struct Config {
-    /// Address every shard listens on (TCP).
+    /// Address every shard listens on (TCP and/or UDP, same port).
     pub listen: SocketAddr,
+    /// Transports served.
+    pub transports: Transports,
     /// Shard threads (default: one per core).
     pub shards: usize,
     /// Cores to pin shard i to (`cpus[i % len]`); default: core i.
@@ -81,6 +106,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "0.0.0.0:9000".parse().expect("valid default address"),
+            transports: Transports::Both,
             shards: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             cpus: None,
             psk: None,
@@ -118,6 +144,11 @@ impl GatewayBuilder {
     /// Listen address (port 0 picks a free port, see [`Gateway::local_addr`]).
     pub fn listen(mut self, addr: SocketAddr) -> Self {
         self.cfg.listen = addr;
+        self
+    }
+    /// Transports to serve (default both).
+    pub fn transports(mut self, t: Transports) -> Self {
+        self.cfg.transports = t;
         self
     }
     /// Number of shards.
@@ -200,7 +231,7 @@ impl GatewayBuilder {
     {
         self.validate().map_err(|e| Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
         let cfg = self.cfg;
-        let listeners = shard::bind_listeners(cfg.listen, cfg.shards)?;
+        let listeners = shard::bind_sockets(cfg.listen, cfg.shards, cfg.transports)?;
         let local_addr = listeners[0].local_addr()?;
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..cfg.shards).map(|_| flume::unbounded()).unzip();
         let shared = Arc::new(Shared {

@@ -32,54 +32,92 @@ use crate::rt::conn::{self, CloseReason, Conn};
 use crate::rt::{now, wire, Error};
 
 const LISTEN_BACKLOG: i32 = 4096;
-const UNREGISTERED: &str = "device not registered";
+pub(super) const UNREGISTERED: &str = "device not registered";
 
-/// Bind one SO_REUSEPORT listener per shard on `addr` (port 0: the first picks, the rest follow).
-pub(super) fn bind_listeners(addr: SocketAddr, n: usize) -> std::io::Result<Vec<StdListener>> {
+/// One shard's sockets.
+pub(super) struct ShardSockets {
+    pub(super) tcp: Option<StdListener>,
+    pub(super) udp: Option<std::net::UdpSocket>,
+}
+
+impl ShardSockets {
+    pub(super) fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match (&self.tcp, &self.udp) {
+            (Some(t), _) => t.local_addr(),
+            (None, Some(u)) => u.local_addr(),
+            (None, None) => Err(std::io::Error::other("no transport")),
+        }
+    }
+}
+
+fn reuseport_socket(addr: SocketAddr, ty: Type, proto: Protocol) -> std::io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
+    s.set_reuse_address(true)?;
+    // Must be set before bind so every shard can bind the same port.
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())?;
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+/// Bind one SO_REUSEPORT TCP listener and/or UDP socket per shard on `addr` (port 0: the
+/// first socket picks the port, every other one follows it, UDP on the same number).
+pub(super) fn bind_sockets(addr: SocketAddr, n: usize, t: super::Transports) -> std::io::Result<Vec<ShardSockets>> {
     let mut out = Vec::with_capacity(n);
     let mut addr = addr;
     for _ in 0..n {
-        let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-        s.set_reuse_address(true)?;
-        // Must be set before bind so every shard can bind the same port.
-        s.set_reuse_port(true)?;
-        s.set_nodelay(true)?;
-        s.bind(&addr.into())?;
-        s.listen(LISTEN_BACKLOG)?;
-        s.set_nonblocking(true)?;
-        let l: StdListener = s.into();
-        addr = l.local_addr()?;
-        out.push(l);
+        let tcp = if t.tcp() {
+            let s = reuseport_socket(addr, Type::STREAM, Protocol::TCP)?;
+            s.set_nodelay(true)?;
+            s.listen(LISTEN_BACKLOG)?;
+            let l: StdListener = s.into();
+            addr = l.local_addr()?;
+            Some(l)
+        } else {
+            None
+        };
+        let udp = if t.udp() {
+            let s = reuseport_socket(addr, Type::DGRAM, Protocol::UDP)?;
+            // Room for bursts from tens of thousands of devices between two receive rounds.
+            let _ = s.set_recv_buffer_size(8 << 20);
+            let _ = s.set_send_buffer_size(8 << 20);
+            let u: std::net::UdpSocket = s.into();
+            addr = u.local_addr()?;
+            Some(u)
+        } else {
+            None
+        };
+        out.push(ShardSockets { tcp, udp });
     }
     Ok(out)
 }
 
-struct Live {
+pub(super) struct Live {
     conn: Rc<Conn>,
 }
 
 pub(super) struct Shard {
-    idx: usize,
-    shared: Arc<Shared>,
-    sessions: RefCell<Slab<Live>>,
-    by_device: RefCell<HashMap<[u8; 6], usize>>,
-    lockout: RefCell<LockoutTable>,
-    handshakes: Cell<usize>,
-    rng: SystemRandom,
-    stopping: crate::rt::event::LocalEvent,
+    pub(super) idx: usize,
+    pub(super) shared: Arc<Shared>,
+    pub(super) sessions: RefCell<Slab<Live>>,
+    pub(super) by_device: RefCell<HashMap<[u8; 6], usize>>,
+    pub(super) lockout: RefCell<LockoutTable>,
+    pub(super) handshakes: Cell<usize>,
+    pub(super) rng: SystemRandom,
+    pub(super) stopping: crate::rt::event::LocalEvent,
 }
 
 impl Shard {
-    fn stats(&self) -> &ShardStats {
+    pub(super) fn stats(&self) -> &ShardStats {
         &self.shared.stats[self.idx]
     }
 
-    fn is_stopping(&self) -> bool {
+    pub(super) fn is_stopping(&self) -> bool {
         self.shared.shutting_down.load(Ordering::Acquire)
     }
 
     /// Apply a lockout event here and tell every other shard.
-    fn lockout_event(&self, key: LockoutKey, failed: bool) {
+    pub(super) fn lockout_event(&self, key: LockoutKey, failed: bool) {
         let at = now();
         self.apply_lockout(key, failed, at, true);
         for i in 0..self.shared.inboxes.len() {
@@ -103,7 +141,7 @@ impl Shard {
         }
     }
 
-    fn locked(&self, key: &LockoutKey) -> bool {
+    pub(super) fn locked(&self, key: &LockoutKey) -> bool {
         self.lockout.borrow().check(key, now()).is_some()
     }
 }
@@ -112,7 +150,7 @@ impl Shard {
 pub(super) fn run<H, F>(
     idx: usize,
     shared: Arc<Shared>,
-    listener: StdListener,
+    sockets: ShardSockets,
     inbox: flume::Receiver<Command>,
     handler: Arc<H>,
 ) where
@@ -138,28 +176,66 @@ pub(super) fn run<H, F>(
         rng: SystemRandom::new(),
         stopping: Default::default(),
     });
-    let (_, driver) = crate::rt::run(shard_main(shard, listener, inbox, handler));
+    let (_, driver) = crate::rt::run(shard_main(shard, sockets, inbox, handler));
     tracing::debug!(shard = idx, ?driver, "shard exited");
 }
 
 async fn shard_main<H, F>(
     shard: Rc<Shard>,
-    listener: StdListener,
+    sockets: ShardSockets,
     inbox: flume::Receiver<Command>,
     handler: Arc<H>,
 ) where
     H: Fn(Session) -> F + Send + Sync + 'static,
     F: Future<Output = ()> + 'static,
 {
-    let listener = match TcpListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(shard = shard.idx, error = %e, "cannot register listener");
-            return;
-        }
-    };
     monoio::spawn(inbox_loop(shard.clone(), inbox));
     monoio::spawn(sweeper(shard.clone()));
+    let udp = match sockets.udp.map(|u| wire::random::<32>(&shard.rng).map(|secret| (u, secret))) {
+        Some(Ok((u, secret))) => match super::udp::UdpShard::new(u, secret) {
+            Ok(udp) => {
+                super::udp::start(&shard, &udp, handler.clone());
+                Some(udp)
+            }
+            Err(e) => {
+                tracing::error!(shard = shard.idx, error = %e, "cannot register UDP socket");
+                None
+            }
+        },
+        _ => None,
+    };
+    match sockets.tcp.map(TcpListener::from_std) {
+        Some(Ok(l)) => accept_loop(&shard, l, &handler).await,
+        Some(Err(e)) => tracing::error!(shard = shard.idx, error = %e, "cannot register listener"),
+        None => {
+            while !shard.is_stopping() {
+                let stop = shard.stopping.wait();
+                if shard.is_stopping() {
+                    break;
+                }
+                stop.await;
+            }
+        }
+    }
+    // Graceful shutdown: BYE to every session, wait for them (bounded), then exit.
+    let conns: Vec<Rc<Conn>> = shard.sessions.borrow().iter().map(|(_, l)| l.conn.clone()).collect();
+    for c in &conns {
+        c.close(CloseReason::Shutdown, true);
+    }
+    let deadline = now() + shard.shared.cfg.shutdown_grace;
+    while (!shard.sessions.borrow().is_empty() || shard.handshakes.get() > 0) && now() < deadline {
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if let Some(udp) = &udp {
+        super::udp::stop(udp);
+    }
+}
+
+async fn accept_loop<H, F>(shard: &Rc<Shard>, listener: TcpListener, handler: &Arc<H>)
+where
+    H: Fn(Session) -> F + Send + Sync + 'static,
+    F: Future<Output = ()> + 'static,
+{
     loop {
         let stop = shard.stopping.wait();
         if shard.is_stopping() {
@@ -179,16 +255,6 @@ async fn shard_main<H, F>(
                 monoio::time::sleep(Duration::from_millis(10)).await;
             }
         }
-    }
-    drop(listener);
-    // Graceful shutdown: BYE to every session, wait for them (bounded), then exit.
-    let conns: Vec<Rc<Conn>> = shard.sessions.borrow().iter().map(|(_, l)| l.conn.clone()).collect();
-    for c in &conns {
-        c.close(CloseReason::Shutdown, true);
-    }
-    let deadline = now() + shard.shared.cfg.shutdown_grace;
-    while (!shard.sessions.borrow().is_empty() || shard.handshakes.get() > 0) && now() < deadline {
-        monoio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -262,9 +328,9 @@ async fn sweeper(shard: Rc<Shard>) {
 }
 
 /// Why a handshake failed, and which lockout key it counts against.
-struct Failure {
-    error: Error,
-    device: Option<[u8; 6]>,
+pub(super) struct Failure {
+    pub(super) error: Error,
+    pub(super) device: Option<[u8; 6]>,
 }
 
 async fn serve_conn<H, F>(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr, handler: Arc<H>)
@@ -311,11 +377,13 @@ where
             return;
         }
     };
-    run_session(&shard, stream, deframer, session, peer, handler).await;
+    let conn = Conn::new(session, peer);
+    let driver = conn::drive(conn.clone(), stream, deframer);
+    run_session(&shard, conn, peer, handler, driver).await;
     shard.shared.release(ip);
 }
 
-fn record_failure(shard: &Shard, peer: SocketAddr, f: Failure) {
+pub(super) fn record_failure(shard: &Shard, peer: SocketAddr, f: Failure) {
     let kind = f.error.kind();
     let s = shard.stats();
     let counted = match kind {
@@ -388,20 +456,22 @@ async fn server_handshake(
     Ok(ProtoSession::new(&est, Transport::Tcp))
 }
 
-async fn run_session<H, F>(
+/// Register an established session, run its handler on this shard, drive it with `driver`
+/// (the TCP reader/writer or the UDP pump) until it is over, then unregister it.
+pub(super) async fn run_session<H, F, D>(
     shard: &Rc<Shard>,
-    stream: TcpStream,
-    deframer: Deframer,
-    session: ProtoSession,
+    conn: Rc<Conn>,
     peer: SocketAddr,
     handler: Arc<H>,
+    driver: D,
 ) where
     H: Fn(Session) -> F + Send + Sync + 'static,
     F: Future<Output = ()> + 'static,
+    D: Future<Output = ()>,
 {
-    let device_id = *session.device_id();
-    let session_id = *session.session_id();
-    let conn = Conn::new(session, peer);
+    let device_id = conn.device_id();
+    let session_id = conn.session_id();
+    let transport = conn.transport();
     let conn_id = shard.shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
     ShardStats::inc(&shard.stats().handshakes_ok);
     shard.lockout_event(LockoutKey::Device(peer.ip(), device_id), false);
@@ -410,15 +480,15 @@ async fn run_session<H, F>(
     shard.shared.directory.insert(SessionInfo {
         device_id,
         session_id,
-        transport: Transport::Tcp,
+        transport,
         peer,
         shard: shard.idx,
         since: SystemTime::now(),
         conn_id,
     });
     let dev = format_device_id(&device_id);
-    tracing::info!(device = %dev, session = %to_hex(&session_id), %peer, shard = shard.idx, "session up");
-    let app = Session { conn: conn.clone(), shard: shard.idx, transport: Transport::Tcp };
+    tracing::info!(device = %dev, session = %to_hex(&session_id), %peer, ?transport, shard = shard.idx, "session up");
+    let app = Session { conn: conn.clone(), shard: shard.idx, transport };
     let fut = handler(app);
     let c2 = conn.clone();
     monoio::spawn(async move {
@@ -427,7 +497,7 @@ async fn run_session<H, F>(
         }
         c2.close(CloseReason::HandlerDone, true);
     });
-    conn::drive(conn.clone(), stream, deframer).await;
+    driver.await;
     let reason = conn.close_reason().unwrap_or(CloseReason::PeerClosed);
     let st = conn.stats();
     let s = shard.stats();
@@ -439,6 +509,8 @@ async fn run_session<H, F>(
     s.frames_out.fetch_add(st.frames_out, Ordering::Relaxed);
     s.bytes_in.fetch_add(st.bytes_in, Ordering::Relaxed);
     s.bytes_out.fetch_add(st.bytes_out, Ordering::Relaxed);
+    s.udp_retransmits.fetch_add(st.retransmits, Ordering::Relaxed);
+    s.datagrams_dropped.fetch_add(st.dropped, Ordering::Relaxed);
     tracing::info!(device = %dev, %peer, reason = reason.as_str(), detail = ?reason, "session down");
     shard.sessions.borrow_mut().remove(key);
     let mut by = shard.by_device.borrow_mut();

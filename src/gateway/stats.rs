@@ -59,6 +59,18 @@ counters! {
     bytes_in,
     /// Bytes sent.
     bytes_out,
+    /// UDP datagrams received.
+    datagrams_in,
+    /// UDP datagrams dropped (malformed, unauthenticated, replayed, stray UTACKs, overflow).
+    datagrams_dropped,
+    /// UDP cookies (HELLO_RETRY) sent.
+    cookies_sent,
+    /// UDP cookie HELLOs refused (invalid, expired or replayed cookie).
+    cookies_refused,
+    /// UDP HELLOs dropped by the per-source rate limit of the cookie path.
+    cookie_rate_limited,
+    /// UDP frames retransmitted by the ARQ.
+    udp_retransmits,
 }
 
 impl ShardStats {

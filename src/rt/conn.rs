@@ -95,6 +95,8 @@ pub struct ConnStats {
     pub bytes_out: u64,
     /// Frames dropped (UDP) without ending the session.
     pub dropped: u64,
+    /// UDP retransmissions.
+    pub retransmits: u64,
 }
 
 /// Shared state of one connection; lives in an `Rc` on its shard's thread.
@@ -191,7 +193,7 @@ impl Conn {
         self.done.get()
     }
 
-    fn bump(&self, f: impl FnOnce(&mut ConnStats)) {
+    pub(crate) fn bump(&self, f: impl FnOnce(&mut ConnStats)) {
         let mut s = self.stats.get();
         f(&mut s);
         self.stats.set(s);

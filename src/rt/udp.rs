@@ -115,7 +115,10 @@ pub async fn pump(conn: Rc<Conn>, out: Rc<UdpOut>, peer: SocketAddr) {
             let action = conn.arq.borrow_mut().handle_timeout(now());
             match action {
                 ArqAction::Wait => {}
-                ArqAction::Retransmit(_) => out.send(&cur, peer),
+                ArqAction::Retransmit(_) => {
+                    conn.bump(|s| s.retransmits += 1);
+                    out.send(&cur, peer)
+                }
                 ArqAction::GiveUp => {
                     conn.close(CloseReason::PeerGone, false);
                     break 'frames;

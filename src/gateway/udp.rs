@@ -1,0 +1,380 @@
+//! A shard's UDP side: one SO_REUSEPORT socket, datagrams demultiplexed by peer address into
+//! handshakes and sessions, the stateless cookie round trip before any per-peer state, and
+//! every handshake frame under the stop-and-wait ARQ. Sessions then share the connection core
+//! with TCP (`rt::conn`) and the UDP pump (`rt::udp`).
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use monoio::net::udp::UdpSocket;
+
+use super::session::Session;
+use super::shard::{record_failure, run_session, Failure, Shard, UNREGISTERED};
+use super::stats::ShardStats;
+use crate::proto::arq::{Arq, ArqAction};
+use crate::proto::crypto::EphemeralKey;
+use crate::proto::frame::{encode_frame, Frame, PacketType};
+use crate::proto::handshake::{decode_hello, Hello, ServerExpectHelloAck};
+use crate::proto::lockout::LockoutKey;
+use crate::proto::session::Session as ProtoSession;
+use crate::proto::udp::{encode_utack, is_utack, CookieError, CookieJar, ExpectedAck, SourceLimiter};
+use crate::proto::{ErrorKind, Transport};
+use crate::rt::conn::{CloseReason, Conn};
+use crate::rt::event::LocalEvent;
+use crate::rt::udp::{on_session_datagram, pump, send_loop, Inbound, UdpOut, RECV_BUF_LEN};
+use crate::rt::{now, wire, Error};
+
+/// Receives kept in flight on io_uring (epoll wakes only one waiter per socket).
+const URING_RECEIVERS: usize = 4;
+/// Handshake datagrams buffered per peer before more are dropped.
+const HS_INBOX: usize = 8;
+
+/// A handshake in progress with one address.
+struct Handshake {
+    inbox: RefCell<VecDeque<Vec<u8>>>,
+    ev: LocalEvent,
+}
+
+#[derive(Default, Clone)]
+struct Peer {
+    hs: Option<Rc<Handshake>>,
+    conn: Option<Rc<Conn>>,
+}
+
+/// The UDP state of one shard.
+pub(super) struct UdpShard {
+    sock: Rc<UdpSocket>,
+    out: Rc<UdpOut>,
+    peers: RefCell<HashMap<SocketAddr, Peer>>,
+    cookies: RefCell<CookieJar>,
+    limiter: RefCell<SourceLimiter>,
+}
+
+impl UdpShard {
+    pub(super) fn new(sock: std::net::UdpSocket, secret: [u8; 32]) -> std::io::Result<Rc<Self>> {
+        Ok(Rc::new(UdpShard {
+            sock: Rc::new(UdpSocket::from_std(sock)?),
+            out: UdpOut::new(),
+            peers: RefCell::new(HashMap::new()),
+            cookies: RefCell::new(CookieJar::new(&secret)),
+            // The reference's 10-burst, 5/s per source, plus a shard-wide ceiling.
+            limiter: RefCell::new(SourceLimiter::new(10.0, 5.0, 50_000.0, 65_536)),
+        }))
+    }
+
+    /// Peers with state (handshakes or sessions): what a HELLO flood must not grow.
+    pub(super) fn peer_count(&self) -> usize {
+        self.peers.borrow().len()
+    }
+}
+
+fn unix_bucket() -> u64 {
+    CookieJar::bucket(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
+}
+
+/// Start the socket's tasks: the sender and the receivers.
+pub(super) fn start<H, F>(shard: &Rc<Shard>, udp: &Rc<UdpShard>, handler: Arc<H>)
+where
+    H: Fn(Session) -> F + Send + Sync + 'static,
+    F: Future<Output = ()> + 'static,
+{
+    monoio::spawn(send_loop(udp.sock.clone(), udp.out.clone()));
+    let receivers = if monoio::utils::is_legacy() { 1 } else { URING_RECEIVERS };
+    for _ in 0..receivers {
+        monoio::spawn(recv_loop(shard.clone(), udp.clone(), handler.clone()));
+    }
+}
+
+/// Stop the socket's tasks (shutdown).
+pub(super) fn stop(udp: &UdpShard) {
+    udp.out.stop();
+}
+
+async fn recv_loop<H, F>(shard: Rc<Shard>, udp: Rc<UdpShard>, handler: Arc<H>)
+where
+    H: Fn(Session) -> F + Send + Sync + 'static,
+    F: Future<Output = ()> + 'static,
+{
+    let mut buf = vec![0u8; RECV_BUF_LEN];
+    loop {
+        let stop = shard.stopping.wait();
+        if shard.is_stopping() && udp.peer_count() == 0 {
+            return;
+        }
+        let (res, b) = monoio::select! {
+            r = udp.sock.recv_from(buf) => r,
+            _ = stop => { buf = vec![0u8; RECV_BUF_LEN]; continue }
+        };
+        buf = b;
+        if let Ok((n, from)) = res {
+            ShardStats::inc(&shard.stats().datagrams_in);
+            on_datagram(&shard, &udp, &mut buf[..n], from, &handler);
+        }
+        if buf.len() < RECV_BUF_LEN {
+            buf.resize(RECV_BUF_LEN, 0);
+        }
+    }
+}
+
+fn dropped(shard: &Shard) {
+    ShardStats::inc(&shard.stats().datagrams_dropped);
+}
+
+fn send_utack(udp: &UdpShard, ptype: u8, seq: u32, to: SocketAddr) {
+    let (b, n) = encode_utack(ptype, seq, None);
+    udp.out.send(&b[..n], to);
+}
+
+fn on_datagram<H, F>(shard: &Rc<Shard>, udp: &Rc<UdpShard>, d: &mut [u8], from: SocketAddr, handler: &Arc<H>)
+where
+    H: Fn(Session) -> F + Send + Sync + 'static,
+    F: Future<Output = ()> + 'static,
+{
+    let peer = udp.peers.borrow().get(&from).cloned().unwrap_or_default();
+    // Handshake-phase traffic (types 1–4 and their UTACKs) goes to the handshake in progress.
+    let handshake_phase = if is_utack(d) { d[2] < 5 } else { d.len() >= 4 && d[3] < 5 };
+    if let (Some(hs), true) = (&peer.hs, handshake_phase) {
+        let mut q = hs.inbox.borrow_mut();
+        if q.len() < HS_INBOX {
+            q.push_back(d.to_vec());
+            hs.ev.notify();
+        } else {
+            dropped(shard);
+        }
+        return;
+    }
+    if let Some(conn) = &peer.conn {
+        match on_session_datagram(conn, &udp.out, d, from) {
+            Inbound::Handled | Inbound::Closed => return,
+            Inbound::Dropped(_) => return dropped(shard),
+            Inbound::Handshake(PacketType::HelloAck) => {
+                // Our UTACK of HELLO_ACK was lost: acknowledge again, process nothing.
+                if let Ok(f) = Frame::decode_exact(d) {
+                    send_utack(udp, PacketType::HelloAck as u8, f.seq(), from);
+                }
+                return;
+            }
+            Inbound::Handshake(PacketType::Hello) => {} // a new handshake: the cookie path below
+            Inbound::Handshake(_) => return dropped(shard),
+        }
+    }
+    cookie_path(shard, udp, d, from, handler);
+}
+
+/// Stateless until a valid cookie comes back: HELLO (38 B) → UTACK + HELLO_RETRY; HELLO with
+/// cookie (54 B) → checks, cheapest first, then the handshake task.
+fn cookie_path<H, F>(shard: &Rc<Shard>, udp: &Rc<UdpShard>, d: &[u8], from: SocketAddr, handler: &Arc<H>)
+where
+    H: Fn(Session) -> F + Send + Sync + 'static,
+    F: Future<Output = ()> + 'static,
+{
+    let Ok(frame) = Frame::decode_exact(d) else { return dropped(shard) };
+    let Ok(hello) = decode_hello(&frame) else { return dropped(shard) };
+    let s = shard.stats();
+    let Some(cookie) = hello.cookie else {
+        if !udp.limiter.borrow_mut().allow(from.ip(), now()) {
+            ShardStats::inc(&s.cookie_rate_limited);
+            return;
+        }
+        let c = udp.cookies.borrow().issue(from, &hello.device_id, &hello.pub_c, unix_bucket());
+        send_utack(udp, PacketType::Hello as u8, hello.seq, from);
+        let mut b = [0u8; 32];
+        let n = encode_frame(PacketType::HelloRetry, 0, &c, &mut b).expect("cookie frame fits");
+        udp.out.send(&b[..n], from);
+        ShardStats::inc(&s.cookies_sent);
+        return;
+    };
+    match udp.cookies.borrow_mut().redeem(from, &hello.device_id, &hello.pub_c, &cookie, unix_bucket()) {
+        Ok(()) => {}
+        Err(CookieError::Invalid | CookieError::Replayed) => {
+            ShardStats::inc(&s.cookies_refused);
+            return;
+        }
+    }
+    if shard.locked(&LockoutKey::Ip(from.ip())) || shard.locked(&LockoutKey::Device(from.ip(), hello.device_id)) {
+        ShardStats::inc(&s.refused_locked_out);
+        return;
+    }
+    if shard.handshakes.get() >= shard.shared.cfg.max_handshakes_per_shard || shard.is_stopping() {
+        ShardStats::inc(&s.refused_over_limit);
+        return;
+    }
+    // A session from the same address being replaced keeps its slot until it ends.
+    if !shard.shared.reserve(from.ip()) {
+        ShardStats::inc(&s.refused_over_limit);
+        return;
+    }
+    let hs = Rc::new(Handshake { inbox: RefCell::new(VecDeque::new()), ev: LocalEvent::default() });
+    udp.peers.borrow_mut().entry(from).or_default().hs = Some(hs.clone());
+    send_utack(udp, PacketType::Hello as u8, hello.seq, from);
+    shard.handshakes.set(shard.handshakes.get() + 1);
+    monoio::spawn(handshake_task(shard.clone(), udp.clone(), hs, hello, from, handler.clone()));
+}
+
+async fn next(hs: &Handshake, deadline: Option<Duration>) -> Option<Vec<u8>> {
+    loop {
+        let wait = hs.ev.wait();
+        if let Some(d) = hs.inbox.borrow_mut().pop_front() {
+            return Some(d);
+        }
+        let left = deadline?.saturating_sub(now());
+        if left.is_zero() || monoio::time::timeout(left, wait).await.is_err() {
+            return None;
+        }
+    }
+}
+
+fn forget_handshake(udp: &UdpShard, from: SocketAddr, hs: &Rc<Handshake>) {
+    let mut peers = udp.peers.borrow_mut();
+    if let Some(p) = peers.get_mut(&from) {
+        if p.hs.as_ref().is_some_and(|h| Rc::ptr_eq(h, hs)) {
+            p.hs = None;
+        }
+        if p.hs.is_none() && p.conn.is_none() {
+            peers.remove(&from);
+        }
+    }
+}
+
+async fn handshake_task<H, F>(
+    shard: Rc<Shard>,
+    udp: Rc<UdpShard>,
+    hs: Rc<Handshake>,
+    hello: Hello,
+    from: SocketAddr,
+    handler: Arc<H>,
+) where
+    H: Fn(Session) -> F + Send + Sync + 'static,
+    F: Future<Output = ()> + 'static,
+{
+    let timeout = shard.shared.cfg.handshake_timeout;
+    let res = monoio::time::timeout(timeout, until_hello_ack(&shard, &udp, &hs, &hello, from)).await;
+    shard.handshakes.set(shard.handshakes.get() - 1);
+    let (expect, mut arq) = match res {
+        Ok(Ok(x)) => x,
+        Ok(Err(f)) => return fail(&shard, &udp, &hs, from, f),
+        Err(_) => {
+            let f = Failure { error: Error::timeout("handshake timed out"), device: Some(hello.device_id) };
+            return fail(&shard, &udp, &hs, from, f);
+        }
+    };
+    // Step 4: SESSION_OK. Keys are installed before it leaves, so the device's first frames
+    // (and the UTACKs for them) already find the session.
+    let sid = match wire::random::<16>(&shard.rng) {
+        Ok(s) => s,
+        Err(e) => return fail(&shard, &udp, &hs, from, Failure { error: e, device: Some(hello.device_id) }),
+    };
+    let mut ok = [0u8; 64];
+    let (est, n) = expect.finish(sid, &mut ok).expect("SESSION_OK fits");
+    let conn = Conn::new(ProtoSession::new(&est, Transport::Udp), from);
+    let old = udp.peers.borrow_mut().entry(from).or_default().conn.replace(conn.clone());
+    if let Some(old) = old {
+        old.close(CloseReason::Replaced, false);
+    }
+    arq.on_send(ExpectedAck::new(PacketType::SessionOk as u8, 0, None), now());
+    udp.out.send(&ok[..n], from);
+    let session_task = {
+        let (shard, udp, conn) = (shard.clone(), udp.clone(), conn.clone());
+        async move {
+            let driver = pump(conn.clone(), udp.out.clone(), from);
+            run_session(&shard, conn.clone(), from, handler, driver).await;
+            let mut peers = udp.peers.borrow_mut();
+            if let Some(p) = peers.get_mut(&from) {
+                if p.conn.as_ref().is_some_and(|c| Rc::ptr_eq(c, &conn)) {
+                    p.conn = None;
+                }
+                if p.hs.is_none() && p.conn.is_none() {
+                    peers.remove(&from);
+                }
+            }
+            drop(peers);
+            shard.shared.release(from.ip());
+        }
+    };
+    monoio::spawn(session_task);
+    // Retransmit SESSION_OK until it is acknowledged (or the device's traffic proves it arrived).
+    while arq.is_busy() && conn.close_reason().is_none() && conn.stats().frames_in == 0 {
+        match next(&hs, arq.poll_timeout()).await {
+            Some(d) if is_utack(&d) => {
+                arq.handle_ack(&d, now());
+            }
+            Some(d) => {
+                if let Ok(f) = Frame::decode_exact(&d) {
+                    if f.packet_type() == PacketType::HelloAck {
+                        send_utack(&udp, PacketType::HelloAck as u8, f.seq(), from);
+                    }
+                }
+            }
+            None => match arq.handle_timeout(now()) {
+                ArqAction::Wait => {}
+                ArqAction::Retransmit(_) => udp.out.send(&ok[..n], from),
+                ArqAction::GiveUp => conn.close(CloseReason::PeerGone, false),
+            },
+        }
+    }
+    forget_handshake(&udp, from, &hs);
+}
+
+fn fail(shard: &Shard, udp: &UdpShard, hs: &Rc<Handshake>, from: SocketAddr, f: Failure) {
+    record_failure(shard, from, f);
+    forget_handshake(udp, from, hs);
+    shard.shared.release(from.ip());
+}
+
+/// Steps 2–3 under ARQ: CHALLENGE until acknowledged (or answered), then a verified HELLO_ACK.
+async fn until_hello_ack(
+    shard: &Shard,
+    udp: &UdpShard,
+    hs: &Handshake,
+    hello: &Hello,
+    from: SocketAddr,
+) -> Result<(ServerExpectHelloAck, Arq), Failure> {
+    let fail = |error: Error| Failure { error, device: Some(hello.device_id) };
+    let psk = match shard.shared.cfg.psk.as_ref() {
+        Some(src) => src.lookup(hello.device_id).await,
+        None => None,
+    }
+    .ok_or_else(|| fail(Error::Protocol(crate::proto::Error::misbehaved(ErrorKind::Handshake, UNREGISTERED))))?;
+    let seed = wire::random::<32>(&shard.rng).map_err(fail)?;
+    let nonce = wire::random::<32>(&shard.rng).map_err(fail)?;
+    let key = EphemeralKey::from_seed(&seed).map_err(|e| fail(e.into()))?;
+    let expect = ServerExpectHelloAck::new(hello, &psk, key, nonce).map_err(|e| fail(e.into()))?;
+    let mut challenge = [0u8; 80];
+    let n = expect.encode_challenge(&mut challenge).map_err(|e| fail(e.into()))?;
+    let mut arq = Arq::default();
+    arq.on_send(ExpectedAck::new(PacketType::Challenge as u8, 0, None), now());
+    udp.out.send(&challenge[..n], from);
+    loop {
+        let Some(d) = next(hs, arq.poll_timeout().or(Some(now() + Duration::from_secs(3600)))).await else {
+            match arq.handle_timeout(now()) {
+                ArqAction::Wait => continue,
+                ArqAction::Retransmit(_) => {
+                    udp.out.send(&challenge[..n], from);
+                    continue;
+                }
+                ArqAction::GiveUp => return Err(fail(Error::timeout("device stopped answering"))),
+            }
+        };
+        if is_utack(&d) {
+            arq.handle_ack(&d, now());
+            continue;
+        }
+        let Ok(f) = Frame::decode_exact(&d) else { continue };
+        match f.packet_type() {
+            // The device did not get our UTACK of its cookie HELLO: acknowledge again.
+            PacketType::Hello => send_utack(udp, PacketType::Hello as u8, f.seq(), from),
+            PacketType::HelloAck => {
+                send_utack(udp, PacketType::HelloAck as u8, f.seq(), from);
+                arq.assume_acked();
+                expect.verify_hello_ack(&f).map_err(|e| fail(e.into()))?;
+                return Ok((expect, Arq::default()));
+            }
+            _ => {}
+        }
+    }
+}
