@@ -73,7 +73,11 @@ fn our_udp_client_against_the_python_udp_server() {
         c.rekey().unwrap();
         for i in 0..5u32 {
             c.send(&i.to_be_bytes()).await.unwrap();
-            assert_eq!(c.recv_timeout(Duration::from_secs(10)).await.unwrap(), i.to_be_bytes(), "after our rekey");
+            assert_eq!(
+                c.recv_timeout(Duration::from_secs(10)).await.unwrap(),
+                i.to_be_bytes(),
+                "after our rekey"
+            );
         }
         c.send(b"REKEY-NOW").await.unwrap();
         assert_eq!(c.recv_timeout(Duration::from_secs(10)).await.unwrap(), b"REKEYED");

@@ -60,7 +60,9 @@ async fn recv_loop(sock: Rc<UdpSocket>, router: Rc<Router>, out: Rc<UdpOut>, ser
                 }
             }
             Some(conn) => {
-                if let Inbound::Handshake(PacketType::SessionOk) = on_session_datagram(&conn, &out, &mut buf[..n], server) {
+                if let Inbound::Handshake(PacketType::SessionOk) =
+                    on_session_datagram(&conn, &out, &mut buf[..n], server)
+                {
                     // Our UTACK of SESSION_OK was lost and the gateway retransmits it.
                     let (a, l) = encode_utack(PacketType::SessionOk as u8, 0, None);
                     out.send(&a[..l], server);
@@ -94,7 +96,12 @@ enum Stage {
     AwaitOk(ClientExpectSessionOk),
 }
 
-async fn handshake(router: &Router, out: &UdpOut, server: SocketAddr, hs: ClientHandshake) -> Result<Session, Error> {
+async fn handshake(
+    router: &Router,
+    out: &UdpOut,
+    server: SocketAddr,
+    hs: ClientHandshake,
+) -> Result<Session, Error> {
     let mut arq = Arq::default();
     let mut cur = vec![0u8; 128];
     let n = hs.encode_hello(&mut cur)?;
@@ -135,7 +142,9 @@ async fn handshake(router: &Router, out: &UdpOut, server: SocketAddr, hs: Client
                 Stage::Hello(hs)
             }
             (Stage::Hello(hs), PacketType::Challenge) => {
-                let ClientReply::Challenge(expect) = hs.handle_reply(&frame)? else { unreachable!("challenge") };
+                let ClientReply::Challenge(expect) = hs.handle_reply(&frame)? else {
+                    unreachable!("challenge")
+                };
                 cur.resize(128, 0);
                 let n = expect.encode_hello_ack(&mut cur)?;
                 cur.truncate(n);
@@ -174,7 +183,8 @@ pub(super) async fn connect(
     monoio::spawn(recv_loop(sock, router.clone(), out.clone(), server));
     let key = EphemeralKey::from_seed(&wire::random::<32>(&SystemRandom::new())?)?;
     let hs = ClientHandshake::new(device_id, psk, key);
-    let session = match monoio::time::timeout(cfg.connect_timeout, handshake(&router, &out, server, hs)).await {
+    let session = match monoio::time::timeout(cfg.connect_timeout, handshake(&router, &out, server, hs)).await
+    {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             stop(&router, &out);
@@ -182,7 +192,10 @@ pub(super) async fn connect(
         }
         Err(_) => {
             stop(&router, &out);
-            return Err(Error::Protocol(crate::proto::Error::left(ErrorKind::Timeout, "handshake timed out")));
+            return Err(Error::Protocol(crate::proto::Error::left(
+                ErrorKind::Timeout,
+                "handshake timed out",
+            )));
         }
     };
     let conn = Conn::new(session, server);

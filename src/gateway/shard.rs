@@ -62,7 +62,11 @@ fn reuseport_socket(addr: SocketAddr, ty: Type, proto: Protocol) -> std::io::Res
 
 /// Bind one SO_REUSEPORT TCP listener and/or UDP socket per shard on `addr` (port 0: the
 /// first socket picks the port, every other one follows it, UDP on the same number).
-pub(super) fn bind_sockets(addr: SocketAddr, n: usize, t: super::Transports) -> std::io::Result<Vec<ShardSockets>> {
+pub(super) fn bind_sockets(
+    addr: SocketAddr,
+    n: usize,
+    t: super::Transports,
+) -> std::io::Result<Vec<ShardSockets>> {
     let mut out = Vec::with_capacity(n);
     let mut addr = addr;
     for _ in 0..n {

@@ -185,6 +185,9 @@ where
         send_utack(udp, PacketType::Hello as u8, hello.seq, from);
         let mut b = [0u8; 32];
         let n = encode_frame(PacketType::HelloRetry, 0, &c, &mut b).expect("cookie frame fits");
+        // HELLO_RETRY travels without ARQ and a device that loses it waits for a frame that
+        // never comes (the reference client does): send it twice. Devices discard the copy.
+        udp.out.send(&b[..n], from);
         udp.out.send(&b[..n], from);
         ShardStats::inc(&s.cookies_sent);
         return;
@@ -196,7 +199,9 @@ where
             return;
         }
     }
-    if shard.locked(&LockoutKey::Ip(from.ip())) || shard.locked(&LockoutKey::Device(from.ip(), hello.device_id)) {
+    if shard.locked(&LockoutKey::Ip(from.ip()))
+        || shard.locked(&LockoutKey::Device(from.ip(), hello.device_id))
+    {
         ShardStats::inc(&s.refused_locked_out);
         return;
     }
@@ -339,7 +344,9 @@ async fn until_hello_ack(
         Some(src) => src.lookup(hello.device_id).await,
         None => None,
     }
-    .ok_or_else(|| fail(Error::Protocol(crate::proto::Error::misbehaved(ErrorKind::Handshake, UNREGISTERED))))?;
+    .ok_or_else(|| {
+        fail(Error::Protocol(crate::proto::Error::misbehaved(ErrorKind::Handshake, UNREGISTERED)))
+    })?;
     let seed = wire::random::<32>(&shard.rng).map_err(fail)?;
     let nonce = wire::random::<32>(&shard.rng).map_err(fail)?;
     let key = EphemeralKey::from_seed(&seed).map_err(|e| fail(e.into()))?;

@@ -45,7 +45,8 @@ impl Arq {
 
     /// Record the first transmission of a frame at `now`.
     pub fn on_send(&mut self, expect: ExpectedAck, now: Duration) {
-        self.pending = Some(Pending { expect, first_sent: now, attempt: 0, deadline: now + self.rto.timeout(0) });
+        self.pending =
+            Some(Pending { expect, first_sent: now, attempt: 0, deadline: now + self.rto.timeout(0) });
     }
 
     /// When the runtime must call [`Arq::handle_timeout`] next.

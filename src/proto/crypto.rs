@@ -294,6 +294,16 @@ impl RecordKey {
     }
 }
 
+/// Constant-time equality of two byte strings (length is not secret). For MACs we compare
+/// ourselves, such as the 8-byte UTACK MAC and cookies, where `hmac::verify` does not fit.
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    core::hint::black_box(diff) == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -357,19 +367,10 @@ mod tests {
         bad[0] ^= 1;
         assert_eq!(verify_client_proof(&psk, &t, &bad).unwrap_err().kind(), ErrorKind::Auth);
         assert_eq!(verify_client_proof(&psk, &t, &c[..31]).unwrap_err().kind(), ErrorKind::Auth);
+        assert!(ct_eq(b"abc", b"abc") && !ct_eq(b"abc", b"abd") && !ct_eq(b"ab", b"abc"));
         let s = hmac_server(&psk, &t, &[0; 16]);
         assert_ne!(s, c);
         assert!(verify_server_proof(&psk, &t, &[0; 16], &s).is_ok());
         assert!(verify_server_proof(&psk, &t, &[1; 16], &s).is_err());
     }
-}
-
-/// Constant-time equality of two byte strings (length is not secret). For MACs we compare
-/// ourselves, such as the 8-byte UTACK MAC and cookies, where `hmac::verify` does not fit.
-pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    core::hint::black_box(diff) == 0
 }

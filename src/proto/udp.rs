@@ -93,8 +93,7 @@ impl ExpectedAck {
         match &self.mac {
             None => true,
             Some(mac) => {
-                datagram.len() >= UTACK_MAX_LEN
-                    && ct_eq(mac, &datagram[UTACK_HEADER_LEN..UTACK_MAX_LEN])
+                datagram.len() >= UTACK_MAX_LEN && ct_eq(mac, &datagram[UTACK_HEADER_LEN..UTACK_MAX_LEN])
             }
         }
     }
@@ -141,7 +140,13 @@ impl CookieJar {
         unix_secs / COOKIE_BUCKET_SECS
     }
 
-    fn mac(&self, peer: SocketAddr, device_id: &[u8; DEVICE_ID_LEN], pub_c: &[u8; PUB_KEY_LEN], bucket: u64) -> [u8; COOKIE_LEN] {
+    fn mac(
+        &self,
+        peer: SocketAddr,
+        device_id: &[u8; DEVICE_ID_LEN],
+        pub_c: &[u8; PUB_KEY_LEN],
+        bucket: u64,
+    ) -> [u8; COOKIE_LEN] {
         let mut ctx = hmac::Context::with_key(&self.key);
         match peer.ip() {
             IpAddr::V4(v4) => ctx.update(&v4.octets()),
@@ -157,7 +162,13 @@ impl CookieJar {
     }
 
     /// The cookie for a HELLO without one.
-    pub fn issue(&self, peer: SocketAddr, device_id: &[u8; DEVICE_ID_LEN], pub_c: &[u8; PUB_KEY_LEN], bucket: u64) -> [u8; COOKIE_LEN] {
+    pub fn issue(
+        &self,
+        peer: SocketAddr,
+        device_id: &[u8; DEVICE_ID_LEN],
+        pub_c: &[u8; PUB_KEY_LEN],
+        bucket: u64,
+    ) -> [u8; COOKIE_LEN] {
         self.mac(peer, device_id, pub_c, bucket)
     }
 
@@ -170,15 +181,16 @@ impl CookieJar {
         cookie: &[u8; COOKIE_LEN],
         bucket: u64,
     ) -> Result<(), CookieError> {
-        let ok = [bucket, bucket.saturating_sub(1)].iter().any(|b| {
-            ct_eq(&self.mac(peer, device_id, pub_c, *b), cookie)
-        });
+        let ok = [bucket, bucket.saturating_sub(1)]
+            .iter()
+            .any(|b| ct_eq(&self.mac(peer, device_id, pub_c, *b), cookie));
         if !ok {
             return Err(CookieError::Invalid);
         }
         // Used cookies only need remembering while they could still verify: two buckets.
         if bucket != self.used_bucket {
-            self.used_prev = if bucket == self.used_bucket + 1 { core::mem::take(&mut self.used) } else { HashSet::new() };
+            self.used_prev =
+                if bucket == self.used_bucket + 1 { core::mem::take(&mut self.used) } else { HashSet::new() };
             self.used.clear();
             self.used_bucket = bucket;
         }

@@ -18,11 +18,11 @@ use monoio::net::TcpStream;
 
 use super::event::LocalEvent;
 use super::{now, Error};
+use crate::proto::arq::Arq;
 use crate::proto::crypto::REKEY_SALT_LEN;
 use crate::proto::deframer::Deframer;
-use crate::proto::session::{sealed_len, Received, Session, MAX_SEALED_MESSAGE_LEN};
-use crate::proto::arq::Arq;
 use crate::proto::frame::HEADER_LEN;
+use crate::proto::session::{sealed_len, Received, Session, MAX_SEALED_MESSAGE_LEN};
 use crate::proto::udp::ExpectedAck;
 use crate::proto::{ErrorKind, Reaction, Transport};
 

@@ -1,3 +1,5 @@
 #![allow(dead_code)]
+pub mod proxy;
 pub mod pyref;
 pub mod raw;
+pub mod raw_udp;

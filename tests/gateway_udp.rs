@@ -1,0 +1,359 @@
+//! The gateway over UDP: interop with the reference client, our client through a seeded lossy
+//! relay, and adversarial datagrams that must be dropped without touching the live session.
+
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::proxy::LossyProxy;
+use common::raw_udp::RawUdpDevice;
+use serde_json::Value;
+use usmp::client::{Client, ClientConfig};
+use usmp::gateway::{Gateway, Session};
+use usmp::proto::frame::{encode_frame, PacketType};
+use usmp::proto::udp::encode_utack;
+use usmp::proto::{ErrorKind, Transport};
+use usmp::psk::PskSource;
+
+const PSK: &[u8] = b"udp-gateway-key-0123456789";
+
+/// Echo, plus "REKEY-NOW" → the gateway rotates keys and answers "REKEYED".
+async fn echo(s: Session) {
+    while let Ok(m) = s.recv().await {
+        if m == b"REKEY-NOW" {
+            if s.rekey().is_err() {
+                return;
+            }
+            let _ = s.send(b"REKEYED").await;
+            continue;
+        }
+        if s.send(&m).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn gateway(shards: usize) -> Gateway {
+    Gateway::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .shards(shards)
+        .psk(PskSource::single(PSK).unwrap())
+        .serve(echo)
+        .unwrap()
+}
+
+fn py_client(port: u16, script: &str, extra: &[&str]) -> Value {
+    let out = Command::new(common::pyref::python())
+        .arg(common::pyref::script("ref_client.py"))
+        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--protocol", "udp"])
+        .args(["--psk-hex", &PSK.iter().map(|b| format!("{b:02x}")).collect::<String>()])
+        .args(["--script", script, "--timeout", "60"])
+        .args(extra)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or_else(|| {
+        panic!("no JSON from ref_client {script}: {stdout} {}", String::from_utf8_lossy(&out.stderr))
+    });
+    serde_json::from_str(line).unwrap()
+}
+
+fn udp(addr: SocketAddr) -> ClientConfig {
+    ClientConfig { transport: Transport::Udp, ..ClientConfig::new(addr, PSK) }
+}
+
+#[test]
+fn python_udp_client_against_our_gateway() {
+    let gw = gateway(2);
+    let port = gw.local_addr().port();
+    let r = py_client(port, "echo-sizes", &[]);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["oversize_error"], "PayloadError");
+    // 75 frames, a REKEY by the device, then one by the gateway, traffic both ways after each.
+    let r = py_client(port, "rekey", &[]);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["server_rekey_reply"], "REKEYED", "{r}");
+    assert!(r["after_server_rekey"].as_u64().unwrap() >= 10, "{r}");
+    let s = gw.handle().stats();
+    assert!(s.cookies_sent >= 2 && s.handshakes_ok >= 2, "{s:?}");
+    gw.shutdown();
+}
+
+#[test]
+fn kick_reaches_a_python_udp_device_as_bye() {
+    let gw = gateway(1);
+    let h = gw.handle();
+    let port = gw.local_addr().port();
+    let t = std::thread::spawn(move || py_client(port, "hold", &[]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while h.session_count() == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let dev = usmp::psk::format_device_id(&h.sessions()[0].device_id);
+    assert_eq!(h.sessions()[0].transport, Transport::Udp);
+    h.send_to(&dev, b"downlink").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(h.kick(&dev).unwrap());
+    let r = t.join().unwrap();
+    assert_eq!(r["ended_by"], "ConnectionClosedError", "{r}");
+    gw.shutdown();
+}
+
+/// Loss per datagram per direction. With stop-and-wait and 5 transmissions a frame is lost
+/// for good with probability `(p + p²)^5` (UTACKs go out twice): 4e-7 at 5 %, so the ~2000
+/// frames here pass; at 10 % it is 1.5e-5 per frame, a property of the protocol's 5 attempts
+/// that `bench/` measures rather than a test asserting luck.
+const LOSS: u64 = 5;
+
+#[test]
+fn thousand_messages_each_way_through_a_lossy_relay() {
+    let gw = gateway(2);
+    let h = gw.handle();
+    let proxy = LossyProxy::start(gw.local_addr(), 0x5eed, LOSS, 5, 5);
+    let cfg = ClientConfig { connect_timeout: Duration::from_secs(30), ..udp(proxy.addr) };
+    let t0 = Instant::now();
+    let h2 = h.clone();
+    usmp::rt::block_on(async move {
+        let c = Client::connect(&cfg).await.unwrap();
+        let dev = c.device_id();
+        // 1000 messages up, each echoed: 1000 down; each arrives once and in order.
+        for i in 0..1000u32 {
+            c.send(&i.to_le_bytes()).await.unwrap();
+            match c.recv_timeout(Duration::from_secs(30)).await {
+                Ok(back) => assert_eq!(back, i.to_le_bytes(), "message {i}"),
+                Err(e) => panic!("echo {i} after {:?}: {e}; {:?}", t0.elapsed(), h2.stats()),
+            }
+        }
+        // Pushed by the backend with no uplink to pace them: in order, exactly once.
+        for i in 0..100u32 {
+            h2.send_to(&dev, &(1_000_000 + i).to_le_bytes()).unwrap();
+        }
+        for i in 0..100u32 {
+            match c.recv_timeout(Duration::from_secs(30)).await {
+                Ok(m) => assert_eq!(m, (1_000_000 + i).to_le_bytes()),
+                Err(e) => panic!("push {i} after {:?}: {e}; {:?}", t0.elapsed(), h2.stats()),
+            }
+        }
+        assert!(c.recv_timeout(Duration::from_millis(500)).await.is_err(), "nothing delivered twice");
+        c.disconnect().await;
+    });
+    let (lost, dup, delayed) = proxy.counts();
+    eprintln!("lossy relay: {lost} dropped, {dup} duplicated, {delayed} delayed in {:?}", t0.elapsed());
+    assert!(lost > 100 && dup > 50 && delayed > 50, "the link really was bad");
+    assert!(h.stats().udp_retransmits > 0);
+    gw.shutdown();
+}
+
+#[test]
+fn python_udp_client_survives_the_lossy_relay() {
+    let gw = gateway(1);
+    let proxy = LossyProxy::start(gw.local_addr(), 0xfeed, LOSS, 5, 5);
+    let r = py_client(proxy.addr.port(), "echo-sizes", &["--connect-timeout", "40"]);
+    assert_eq!(r["ok"], true, "{r}");
+    gw.shutdown();
+}
+
+#[test]
+fn adversarial_datagrams_are_dropped_and_counted() {
+    let gw = gateway(1);
+    let h = gw.handle();
+    let addr = gw.local_addr();
+    let mut dev = RawUdpDevice::connect(addr, PSK, [0xAD; 6]);
+    let gone = |d: &RawUdpDevice| d.recv_within(Duration::from_millis(300)).is_none();
+
+    // A replayed cookie HELLO (the one that opened this session) is refused.
+    std::thread::sleep(Duration::from_millis(200)); // the handshake has fully wound down
+    let refused = h.stats().cookies_refused;
+    dev.send(&dev.cookie_hello.clone());
+    assert!(gone(&dev), "no CHALLENGE for a replayed cookie");
+    assert_eq!(h.stats().cookies_refused, refused + 1);
+
+    // A DATA frame is echoed once; its replay is re-ACKed but not delivered again.
+    let f = dev.seal(b"ping-data");
+    dev.send(&f);
+    let (mut echoes, mut acks) = (0, 0);
+    while let Some(x) = dev.next(Duration::from_millis(400)) {
+        match x {
+            Ok((PacketType::Data, _, m)) => {
+                assert_eq!(m, b"ping-data");
+                echoes += 1;
+            }
+            Err(a) => {
+                assert_eq!(a.len(), 15, "session UTACKs carry a MAC");
+                acks += 1;
+            }
+            Ok(_) => {}
+        }
+    }
+    assert_eq!(echoes, 1);
+    assert_eq!(acks, usmp::rt::udp::UTACK_COPIES, "each accepted frame is acknowledged (twice, by design)");
+    dev.send(&f);
+    let mut re_acks = 0;
+    while let Some(x) = dev.next(Duration::from_millis(400)) {
+        match x {
+            Err(a) => {
+                assert_eq!(a.len(), 15);
+                re_acks += 1;
+            }
+            Ok(other) => panic!("the duplicate was delivered again: {other:?}"),
+        }
+    }
+    assert_eq!(re_acks, usmp::rt::udp::UTACK_COPIES, "the duplicate is re-ACKed");
+
+    // Forged frames with a seen seq are not ACKed at all.
+    let mut forged = f.clone();
+    forged[20] ^= 1;
+    usmp::proto::frame::finish_crc(&mut forged);
+    dev.send(&forged);
+    assert!(gone(&dev), "no UTACK for a forgery");
+
+    // Truncated datagrams and a length field that disagrees with the datagram: dropped.
+    let dropped = h.stats().datagrams_dropped;
+    let g = dev.seal(b"x");
+    dev.send(&g[..g.len() - 3]);
+    let mut longer = g.clone();
+    longer.push(0);
+    dev.send(&longer);
+    dev.send(&[0xcd, 0xab, 2]);
+    assert!(gone(&dev));
+
+    // Spoofed UTACKs: the gateway sends a downlink and must keep retransmitting it until the
+    // genuine UTACK arrives; wrong-MAC and wrong-seq UTACKs change nothing.
+    h.send_to("ad:ad:ad:ad:ad:ad", b"downlink").unwrap();
+    let first = dev.recv_within(Duration::from_secs(2)).expect("downlink");
+    let seq = u32::from_le_bytes(first[4..8].try_into().unwrap());
+    let (mut bad_mac, n) = encode_utack(PacketType::Data as u8, seq, Some(&[0u8; 32]));
+    dev.send(&bad_mac[..n]);
+    let (wrong_seq, n2) = encode_utack(PacketType::Data as u8, seq + 1, Some(dev.session.rx_key_bytes()));
+    dev.send(&wrong_seq[..n2]);
+    bad_mac[7] ^= 0xff;
+    dev.send(&bad_mac[..n]);
+    let again = dev.recv_within(Duration::from_secs(3)).expect("retransmitted: no spoofed ACK was taken");
+    assert_eq!(again, first);
+    let mut d = again;
+    let key = *dev.session.rx_key_bytes();
+    dev.session.open(&mut d, Duration::ZERO).unwrap();
+    let (ok, n) = encode_utack(PacketType::Data as u8, seq, Some(&key));
+    dev.send(&ok[..n]);
+    assert!(dev.recv_within(Duration::from_millis(1200)).is_none(), "the genuine UTACK stops retransmission");
+    assert!(h.stats().datagrams_dropped >= dropped + 3 + 3, "{:?}", h.stats());
+
+    // Through all of it the session lives: one more echo.
+    let f = dev.seal(b"still alive");
+    dev.send(&f);
+    let mut alive = false;
+    while let Some(x) = dev.next(Duration::from_millis(800)) {
+        if let Ok((PacketType::Data, _, m)) = x {
+            alive = m == b"still alive";
+            break;
+        }
+    }
+    assert!(alive);
+    gw.shutdown();
+}
+
+fn rss_kib() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    s.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn hello_flood_from_many_ports_keeps_no_state() {
+    let gw = gateway(1);
+    let h = gw.handle();
+    let addr = gw.local_addr();
+    let mut hello = [0u8; 64];
+    let n = encode_frame(PacketType::Hello, 0, &[7; 38], &mut hello).unwrap();
+    let before = rss_kib();
+    // 500 source ports spread over 20 loopback addresses.
+    let socks: Vec<UdpSocket> =
+        (0..500).map(|i| UdpSocket::bind(format!("127.0.1.{}:0", 1 + i % 20)).unwrap()).collect();
+    let t0 = Instant::now();
+    for round in 0..20 {
+        for s in &socks {
+            let _ = s.send_to(&hello[..n], addr);
+        }
+        if round % 5 == 4 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // A real device still gets in during and after the flood.
+    usmp::rt::block_on(async {
+        let c = Client::connect(&udp(addr)).await.unwrap();
+        c.send(b"hi").await.unwrap();
+        assert_eq!(c.recv_timeout(Duration::from_secs(5)).await.unwrap(), b"hi");
+        c.disconnect().await;
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let after = rss_kib();
+    let s = h.stats();
+    // 10 000 HELLOs from 500 ports on 20 addresses: each address gets its burst of 10 and
+    // 5/s after that; nothing else is answered and no per-peer state is created.
+    let secs = t0.elapsed().as_secs_f64();
+    let allowed = (20.0 * (10.0 + 5.0 * secs)) as u64 + 20;
+    assert!(s.cookies_sent >= 200 && s.cookies_sent <= allowed, "{s:?} within {secs:.1}s");
+    assert!(s.cookie_rate_limited >= 9_000, "{s:?}");
+    assert_eq!(s.handshakes_ok, 1);
+    eprintln!("HELLO flood: 10000 datagrams, RSS {before} KiB -> {after} KiB, {s:?}");
+    assert!(after.saturating_sub(before) < 8 * 1024, "RSS grew {} KiB", after - before);
+    drop(socks);
+    gw.shutdown();
+}
+
+#[test]
+fn wrong_key_over_udp_times_out_and_is_counted() {
+    let gw = gateway(1);
+    let addr = gw.local_addr();
+    usmp::rt::block_on(async {
+        let cfg = ClientConfig {
+            connect_timeout: Duration::from_secs(3),
+            ..ClientConfig {
+                transport: Transport::Udp,
+                ..ClientConfig::new(addr, &b"wrong-key-for-udp-0123"[..])
+            }
+        };
+        let e = Client::connect(&cfg).await.err().unwrap();
+        assert_eq!(e.kind(), ErrorKind::Timeout);
+    });
+    assert_eq!(gw.handle().stats().handshakes_bad_key, 1);
+    gw.shutdown();
+}
+
+#[test]
+fn a_new_handshake_from_the_same_address_replaces_the_session_and_the_watchdog_says_bye() {
+    let gw = Gateway::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .session_timeout(Duration::from_millis(1500))
+        .psk(PskSource::single(PSK).unwrap())
+        .serve(echo)
+        .unwrap();
+    let h = gw.handle();
+    let addr = gw.local_addr();
+    let first = RawUdpDevice::connect(addr, PSK, [0xC0; 6]);
+    let old_sid = h.sessions()[0].session_id;
+    // The device reboots: same address, fresh handshake.
+    let mut second = RawUdpDevice::connect_from(first.sock, addr, PSK, [0xC0; 6]);
+    std::thread::sleep(Duration::from_millis(200));
+    let now = h.sessions();
+    assert_eq!(now.len(), 1);
+    assert_ne!(now[0].session_id, old_sid, "the new session replaced the old one");
+    assert_eq!(h.stats().sessions_closed, 1);
+    // The new session is silent: after 1.5 s the watchdog ends it with BYE.
+    let t = Instant::now();
+    let bye = loop {
+        match second.next(Duration::from_secs(5)) {
+            Some(Ok((ty, _, _))) => break ty,
+            Some(Err(_)) => continue,
+            None => panic!("no BYE"),
+        }
+    };
+    assert_eq!(bye, PacketType::Bye);
+    assert!(t.elapsed() >= Duration::from_millis(1000), "{:?}", t.elapsed());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(h.session_count(), 0);
+    assert_eq!(h.stats().closed_watchdog, 1);
+    gw.shutdown();
+}
