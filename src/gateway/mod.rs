@@ -100,6 +100,8 @@ pub struct Config {
     pub on_timeout: Option<TimeoutHook>,
     /// How long shutdown waits for BYEs to flush.
     pub shutdown_grace: Duration,
+    /// I/O driver: io_uring (falling back to epoll where unavailable), or epoll only.
+    pub io_driver: crate::rt::Driver,
 }
 
 impl Default for Config {
@@ -118,6 +120,11 @@ impl Default for Config {
             lockout: LockoutPolicy::default(),
             on_timeout: None,
             shutdown_grace: Duration::from_secs(5),
+            io_driver: if std::env::var_os("USMP_FORCE_EPOLL").is_some_and(|v| v == "1") {
+                crate::rt::Driver::Legacy
+            } else {
+                crate::rt::Driver::IoUring
+            },
         }
     }
 }
@@ -194,6 +201,11 @@ impl GatewayBuilder {
     /// Lockout policy.
     pub fn lockout(mut self, p: LockoutPolicy) -> Self {
         self.cfg.lockout = p;
+        self
+    }
+    /// Prefer io_uring (default) or force epoll.
+    pub fn io_driver(mut self, d: crate::rt::Driver) -> Self {
+        self.cfg.io_driver = d;
         self
     }
     /// Hook run when the watchdog ends a session.

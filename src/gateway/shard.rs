@@ -180,7 +180,8 @@ pub(super) fn run<H, F>(
         rng: SystemRandom::new(),
         stopping: Default::default(),
     });
-    let (_, driver) = crate::rt::run(shard_main(shard, sockets, inbox, handler));
+    let preferred = shard.shared.cfg.io_driver;
+    let (_, driver) = crate::rt::run_with(preferred, shard_main(shard, sockets, inbox, handler));
     tracing::debug!(shard = idx, ?driver, "shard exited");
 }
 

@@ -36,8 +36,16 @@ const HS_INBOX: usize = 8;
 
 /// A handshake in progress with one address.
 struct Handshake {
+    /// The cookie that opened it: its retransmitted HELLO is re-ACKed by the task, any other
+    /// HELLO from the address starts over on the cookie path.
+    cookie: [u8; 16],
     inbox: RefCell<VecDeque<Vec<u8>>>,
     ev: LocalEvent,
+}
+
+/// Is `d` the cookie HELLO that opened `hs` (a retransmission)?
+fn is_own_hello(hs: &Handshake, d: &[u8]) -> bool {
+    d.len() == 12 + 54 && d[3] == PacketType::Hello as u8 && d[12 + 38..] == hs.cookie
 }
 
 #[derive(Default, Clone)]
@@ -137,8 +145,10 @@ where
 {
     let peer = udp.peers.borrow().get(&from).cloned().unwrap_or_default();
     // Handshake-phase traffic (types 1–4 and their UTACKs) goes to the handshake in progress.
-    let handshake_phase = if is_utack(d) { d[2] < 5 } else { d.len() >= 4 && d[3] < 5 };
-    if let (Some(hs), true) = (&peer.hs, handshake_phase) {
+    let handshake_phase =
+        if is_utack(d) { d[2] < 5 } else { d.len() >= 4 && d[3] < 5 && d[3] != PacketType::Hello as u8 };
+    let to_hs = |hs: &Handshake| handshake_phase || is_own_hello(hs, d);
+    if let Some(hs) = peer.hs.as_ref().filter(|hs| to_hs(hs)) {
         let mut q = hs.inbox.borrow_mut();
         if q.len() < HS_INBOX {
             q.push_back(d.to_vec());
@@ -214,7 +224,7 @@ where
         ShardStats::inc(&s.refused_over_limit);
         return;
     }
-    let hs = Rc::new(Handshake { inbox: RefCell::new(VecDeque::new()), ev: LocalEvent::default() });
+    let hs = Rc::new(Handshake { cookie, inbox: RefCell::new(VecDeque::new()), ev: LocalEvent::default() });
     udp.peers.borrow_mut().entry(from).or_default().hs = Some(hs.clone());
     send_utack(udp, PacketType::Hello as u8, hello.seq, from);
     shard.handshakes.set(shard.handshakes.get() + 1);

@@ -42,7 +42,12 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
 /// Like [`block_on`], also reporting the driver used.
 pub fn run<F: Future>(fut: F) -> (F::Output, Driver) {
     let force_legacy = std::env::var_os("USMP_FORCE_EPOLL").is_some_and(|v| v == "1");
-    if !force_legacy {
+    run_with(if force_legacy { Driver::Legacy } else { Driver::IoUring }, fut)
+}
+
+/// Run `fut` on `preferred` (io_uring falls back to epoll when the kernel refuses it).
+pub fn run_with<F: Future>(preferred: Driver, fut: F) -> (F::Output, Driver) {
+    if preferred == Driver::IoUring {
         if let Ok(mut rt) = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
             .with_entries(URING_ENTRIES)
             .enable_timer()
