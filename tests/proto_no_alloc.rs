@@ -2,7 +2,7 @@
 //! decoding a 64-byte DATA frame and opening it, and sealing into a caller buffer.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::cell::Cell;
 use std::time::Duration;
 
 use usmp::proto::deframer::Deframer;
@@ -10,19 +10,30 @@ use usmp::proto::session::{Received, MAX_SEALED_MESSAGE_LEN};
 use usmp::proto::Transport;
 
 struct Counting;
-static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+thread_local! {
+    // Per thread: the test harness's own threads may allocate while we measure.
+    static ALLOCS: Cell<usize> = const { Cell::new(0) };
+}
+
+fn count() {
+    let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+}
+
+fn allocs() -> usize {
+    ALLOCS.with(|c| c.get())
+}
 
 // SAFETY: forwards every call unchanged to the system allocator; only counts allocations.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::SeqCst);
+        count();
         System.alloc(l)
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
         System.dealloc(p, l)
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::SeqCst);
+        count();
         System.realloc(p, l, n)
     }
 }
@@ -41,7 +52,7 @@ fn hot_path_does_not_allocate() {
         let mut deframer = Deframer::new();
         let msg = [0x5au8; 36]; // 36 + 28 = a 64-byte DATA payload
         for round in 0..100 {
-            let before = ALLOCS.load(Ordering::SeqCst);
+            let before = allocs();
             let n = c.seal_message(&msg, &mut out).unwrap();
             assert_eq!(n, 12 + 64);
             deframer.push(&out[..n]);
@@ -52,7 +63,7 @@ fn hot_path_does_not_allocate() {
             };
             let n = s.seal_pong(Duration::from_secs(round * 2), &mut out).unwrap();
             assert!(n > 0);
-            let after = ALLOCS.load(Ordering::SeqCst);
+            let after = allocs();
             assert_eq!(got, 36);
             assert_eq!(after, before, "allocation on the hot path ({t:?}, round {round})");
         }
