@@ -73,25 +73,40 @@ fn generated_key_works_and_sigterm_says_bye() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// Start the binary on a free port (`--listen 127.0.0.1:0`) and read the bound address from
+/// its startup log line.
 fn start(args: &[&str]) -> (std::process::Child, std::net::SocketAddr) {
-    // Pick a free port first: the binary's log line is for humans, the port is what we need.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let listen = format!("127.0.0.1:{port}");
-    let child = Command::new(BIN)
-        .args(["--listen", &listen, "--shards", "1", "--psk", "binary-test-key-0123"])
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--shards", "1", "--psk", "binary-test-key-0123"])
         .args(args)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let addr: std::net::SocketAddr = listen.parse().unwrap();
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = listening_addr(&mut lines);
+    std::thread::spawn(move || for _ in lines {});
     (child, addr)
+}
+
+/// The address in the `usmp-gateway listening address=…` line.
+fn listening_addr(lines: &mut impl Iterator<Item = std::io::Result<String>>) -> std::net::SocketAddr {
+    for line in lines {
+        let plain: String = line.unwrap().chars().filter(|c| !c.is_control()).collect();
+        if let Some(at) = plain.find("address") {
+            if !plain.contains("listening") {
+                continue;
+            }
+            let rest = &plain[at..];
+            let start = rest.find("127.0.0.1").unwrap();
+            let a: String =
+                rest[start..].chars().take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':').collect();
+            return a.parse().unwrap();
+        }
+    }
+    panic!("no listening line")
 }
 
 #[test]
