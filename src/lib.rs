@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod gateway;
+pub mod ops;
 pub mod proto;
 pub mod psk;
 pub mod rt;

@@ -126,6 +126,11 @@ impl Registry {
         self.lookup(device_id).is_some()
     }
 
+    /// A wildcard key is set.
+    pub fn has_wildcard(&self) -> bool {
+        self.wildcard.is_some()
+    }
+
     /// Devices listed explicitly.
     pub fn len(&self) -> usize {
         self.keys.len()
@@ -239,6 +244,15 @@ impl PskSource {
     /// An application resolver.
     pub fn resolver(r: impl PskResolver) -> Self {
         PskSource::Resolver(Arc::new(r))
+    }
+
+    /// Whether `device_id` is still accepted, for sources that can tell without I/O
+    /// (a resolver is assumed to keep accepting: it is asked at the next handshake).
+    pub fn still_accepts(&self, device_id: &DeviceIdBytes) -> bool {
+        match self {
+            PskSource::Single(_) | PskSource::Resolver(_) => true,
+            PskSource::Registry { current, .. } => current.read().contains(device_id),
+        }
     }
 
     /// Resolve the key for `device_id` (awaits only for resolvers).

@@ -3,47 +3,36 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
-use clap::{Parser, ValueEnum};
-use usmp::gateway::{Config, Gateway, Session, Transports};
-use usmp::psk::{parse_hex, to_hex, validate_key, ConfigError, PskSource};
+use clap::Parser;
+use std::path::PathBuf;
+
+use usmp::gateway::{Gateway, Session, Transports};
+use usmp::ops::settings::{LogFormat, ReplyMode, Resolved, Settings, TransportName};
+use usmp::ops::{self, OpsOptions};
+use usmp::psk::ConfigError;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum TransportArg {
-    /// TCP only.
-    Tcp,
-    /// UDP only.
-    Udp,
-    /// TCP and UDP on the same port number.
-    Both,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Mode {
-    /// Reply with the same bytes.
-    Echo,
-    /// Reply with a short acknowledgement (`ACK`).
-    Ack,
-    /// Print one JSON line per message on stdout; reply nothing.
-    Log,
-}
-
 /// Thread-per-core io_uring gateway for USMP devices.
+///
+/// Every flag can also be set in the `--config` file (same name, no dashes); flags win.
 #[derive(Debug, Parser)]
 #[command(name = "usmp-gateway", version, about)]
 struct Args {
-    /// Address to listen on.
-    #[arg(long, default_value = "0.0.0.0:9000", value_name = "ADDR:PORT")]
-    listen: SocketAddr,
-    /// Transports to serve, on the same port number.
-    #[arg(long, value_enum, default_value = "both")]
-    transport: TransportArg,
-    /// Shard threads (default: one per core).
+    /// TOML config file with any of the settings below.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 0.0.0.0:9000].
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<SocketAddr>,
+    /// Transports to serve, on the same port number [default: both].
+    #[arg(long, value_enum)]
+    transport: Option<TransportName>,
+    /// Shard threads [default: one per core].
     #[arg(long, value_name = "N")]
     shards: Option<usize>,
     /// Pin shard i to the i-th listed core, e.g. `0,1` or `2-5`.
@@ -55,105 +44,67 @@ struct Args {
     /// One key for every device, as hex (≥ 16 bytes).
     #[arg(long, value_name = "HEX", group = "key")]
     psk_hex: Option<String>,
-    /// Device registry: one `device_id key` per line (see README).
+    /// Device registry: one `device_id key` per line (see README); reloaded on SIGHUP.
     #[arg(long, value_name = "PATH", group = "key")]
-    psk_file: Option<std::path::PathBuf>,
-    /// What to do with each message.
-    #[arg(long, value_enum, default_value = "echo")]
-    mode: Mode,
-    /// Bound on the whole handshake, seconds.
-    #[arg(long, value_name = "SECS", default_value = "10")]
-    handshake_timeout: f64,
-    /// Inactivity watchdog, seconds.
-    #[arg(long, value_name = "SECS", default_value = "60")]
-    session_timeout: f64,
-    /// Sessions gateway-wide (0 = unlimited).
-    #[arg(long, value_name = "N", default_value = "0")]
-    max_sessions: usize,
-    /// Sessions per source IP (0 = unlimited).
-    #[arg(long, value_name = "N", default_value = "0")]
-    max_per_ip: usize,
-    /// Handshakes in progress per shard.
-    #[arg(long, value_name = "N", default_value = "4096")]
-    max_handshakes: usize,
+    psk_file: Option<PathBuf>,
+    /// What to do with each message [default: echo].
+    #[arg(long, value_enum)]
+    mode: Option<ReplyMode>,
+    /// Bound on the whole handshake, seconds [default: 10].
+    #[arg(long, value_name = "SECS")]
+    handshake_timeout: Option<f64>,
+    /// Inactivity watchdog, seconds [default: 60].
+    #[arg(long, value_name = "SECS")]
+    session_timeout: Option<f64>,
+    /// Sessions gateway-wide, 0 = unlimited [default: 0].
+    #[arg(long, value_name = "N")]
+    max_sessions: Option<usize>,
+    /// Sessions per source IP, 0 = unlimited [default: 0].
+    #[arg(long, value_name = "N")]
+    max_per_ip: Option<usize>,
+    /// Handshakes in progress per shard [default: 4096].
+    #[arg(long, value_name = "N")]
+    max_handshakes: Option<usize>,
+    /// Serve Prometheus `/metrics`, `/healthz` and the admin API here.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<SocketAddr>,
+    /// Bearer token for the admin API (without it the admin API is loopback-only).
+    #[arg(long, value_name = "TOKEN")]
+    admin_token: Option<String>,
+    /// Log line format [default: text].
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
 }
 
-fn parse_cpus(s: &str) -> Result<Vec<usize>, ConfigError> {
-    let bad = || ConfigError::new("--cpus", format!("`{s}` is not a core list like `0,1` or `2-5`"));
-    let mut out = vec![];
-    for part in s.split(',').filter(|p| !p.is_empty()) {
-        match part.split_once('-') {
-            Some((a, b)) => {
-                let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
-                if a > b {
-                    return Err(bad());
-                }
-                out.extend(a..=b);
-            }
-            None => out.push(part.parse().map_err(|_| bad())?),
+impl Args {
+    fn settings(&self) -> Settings {
+        Settings {
+            listen: self.listen,
+            transport: self.transport,
+            shards: self.shards,
+            cpus: self.cpus.clone(),
+            psk: self.psk.clone(),
+            psk_hex: self.psk_hex.clone(),
+            psk_file: self.psk_file.clone(),
+            mode: self.mode,
+            handshake_timeout: self.handshake_timeout,
+            session_timeout: self.session_timeout,
+            max_sessions: self.max_sessions,
+            max_per_ip: self.max_per_ip,
+            max_handshakes: self.max_handshakes,
+            metrics: self.metrics,
+            admin_token: self.admin_token.clone(),
+            log_format: self.log_format,
         }
     }
-    if out.is_empty() {
-        return Err(bad());
-    }
-    Ok(out)
-}
 
-fn secs(field: &str, v: f64) -> Result<Duration, ConfigError> {
-    if !(v.is_finite() && v > 0.0) {
-        return Err(ConfigError::new(field, "must be a positive number of seconds"));
+    fn resolve(&self) -> Result<Resolved, ConfigError> {
+        let file = match &self.config {
+            Some(p) => Settings::load(p)?,
+            None => Settings::default(),
+        };
+        file.overlay(self.settings()).resolve()
     }
-    Ok(Duration::from_secs_f64(v))
-}
-
-fn build_config(a: &Args) -> Result<(Config, Option<String>), ConfigError> {
-    let mut generated = None;
-    let psk = if let Some(p) = &a.psk {
-        validate_key("--psk", p.as_bytes())?;
-        PskSource::single(p.as_bytes())?
-    } else if let Some(h) = &a.psk_hex {
-        let key =
-            parse_hex(h).ok_or_else(|| ConfigError::new("--psk-hex", "not an even-length hex string"))?;
-        validate_key("--psk-hex", &key)?;
-        PskSource::single(&key)?
-    } else if let Some(path) = &a.psk_file {
-        PskSource::registry_file(path)?
-    } else {
-        let mut key = [0u8; 16];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
-            .map_err(|_| ConfigError::new("--psk", "no randomness to generate a key"))?;
-        let text = to_hex(&key);
-        generated = Some(text.clone());
-        PskSource::single(text.as_bytes())?
-    };
-    let mut cfg = Config {
-        listen: a.listen,
-        transports: match a.transport {
-            TransportArg::Tcp => Transports::Tcp,
-            TransportArg::Udp => Transports::Udp,
-            TransportArg::Both => Transports::Both,
-        },
-        psk: Some(psk),
-        handshake_timeout: secs("--handshake-timeout", a.handshake_timeout)?,
-        session_timeout: secs("--session-timeout", a.session_timeout)?,
-        max_sessions: a.max_sessions,
-        max_per_ip: a.max_per_ip,
-        max_handshakes_per_shard: a.max_handshakes,
-        ..Config::default()
-    };
-    if let Some(n) = a.shards {
-        if n == 0 {
-            return Err(ConfigError::new("--shards", "must be at least 1"));
-        }
-        cfg.shards = n;
-    }
-    if a.max_handshakes == 0 {
-        return Err(ConfigError::new("--max-handshakes", "must be at least 1"));
-    }
-    if let Some(c) = &a.cpus {
-        cfg.cpus = Some(parse_cpus(c)?);
-    }
-    Ok((cfg, generated))
 }
 
 /// RFC 3339 UTC timestamp with microseconds (no extra dependency for one format).
@@ -180,12 +131,12 @@ fn rfc3339(t: SystemTime) -> String {
     )
 }
 
-async fn handle(session: Session, mode: Mode) {
+async fn handle(session: Session, mode: ReplyMode) {
     while let Ok(msg) = session.recv().await {
         let sent = match mode {
-            Mode::Echo => session.send(&msg).await,
-            Mode::Ack => session.send(b"ACK").await,
-            Mode::Log => {
+            ReplyMode::Echo => session.send(&msg).await,
+            ReplyMode::Ack => session.send(b"ACK").await,
+            ReplyMode::Log => {
                 let line = serde_json::json!({
                     "device_id": session.device_id(),
                     "session_id": session.session_id(),
@@ -202,56 +153,80 @@ async fn handle(session: Session, mode: Mode) {
     }
 }
 
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let (cfg, generated) = match build_config(&args) {
-        Ok(c) => c,
+    let r = match args.resolve() {
+        Ok(r) => r,
         Err(e) => {
             eprintln!("usmp-gateway: error: {e}");
             return ExitCode::from(2);
         }
     };
-    let mode = if generated.is_some() { Mode::Echo } else { args.mode };
-    if let Some(key) = &generated {
+    init_logs(r.log_format);
+    if let Some(key) = &r.generated_key {
         tracing::warn!("no key configured: generated a one-off PSK for this run (echo mode)");
         eprintln!("USMP PSK (text, {} bytes): {key}", key.len());
     }
-    let shards = cfg.shards;
-    let transports = match cfg.transports {
+    let (mode, shards, listen) = (r.mode, r.config.shards, r.config.listen);
+    let transports = match r.config.transports {
         Transports::Tcp => "tcp",
         Transports::Udp => "udp",
         Transports::Both => "tcp+udp",
     };
-    let gw = match Gateway::builder().config(cfg).serve(move |s| handle(s, mode)) {
+    let gw = match Gateway::builder().config(r.config.clone()).serve(move |s| handle(s, mode)) {
         Ok(g) => g,
         Err(e) => {
-            eprintln!("usmp-gateway: error: cannot start on {}: {e}", args.listen);
+            eprintln!("usmp-gateway: error: cannot start on {listen}: {e}");
             return ExitCode::from(1);
         }
     };
-    tracing::info!(address = %gw.local_addr(), shards, transports, mode = ?mode, "usmp-gateway listening");
     let handle = gw.handle();
+    let _ops = match r.metrics {
+        None => None,
+        Some(addr) => match ops::serve(addr, handle.clone(), OpsOptions { admin_token: r.admin_token.clone() }) {
+            Ok(s) => {
+                tracing::info!(address = %s.local_addr(), admin_token = r.admin_token.is_some(), "metrics and admin API listening");
+                Some(s)
+            }
+            Err(e) => {
+                eprintln!("usmp-gateway: error: cannot serve metrics on {addr}: {e}");
+                handle.shutdown();
+                gw.wait();
+                return ExitCode::from(1);
+            }
+        },
+    };
+    tracing::info!(address = %gw.local_addr(), shards, transports, mode = ?mode, "usmp-gateway listening");
     std::thread::spawn(move || {
-        let mut signals = match signal_hook::iterator::Signals::new([
-            signal_hook::consts::SIGINT,
-            signal_hook::consts::SIGTERM,
-        ]) {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "cannot install signal handlers");
                 return;
             }
         };
-        if let Some(sig) = signals.forever().next() {
+        for sig in signals.forever() {
+            if sig == SIGHUP {
+                match handle.reload_keys() {
+                    Ok(r) => tracing::info!(devices = r.devices, wildcard = r.wildcard, "key registry reloaded (SIGHUP)"),
+                    Err(e) => tracing::error!(error = %e, "key registry reload failed: old keys stay in force"),
+                }
+                continue;
+            }
             tracing::info!(signal = sig, "shutting down: BYE to every session");
             handle.shutdown();
+            return;
         }
     });
     gw.wait();
@@ -262,6 +237,7 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn timestamps_are_rfc3339() {
@@ -274,9 +250,10 @@ mod tests {
 
     #[test]
     fn cpu_lists() {
+        use usmp::ops::settings::parse_cpus;
         assert_eq!(parse_cpus("0,1").unwrap(), vec![0, 1]);
         assert_eq!(parse_cpus("2-4,7").unwrap(), vec![2, 3, 4, 7]);
-        assert_eq!(parse_cpus("x").unwrap_err().field, "--cpus");
+        assert_eq!(parse_cpus("x").unwrap_err().field, "cpus (--cpus)");
         assert!(parse_cpus("3-1").is_err());
     }
 }

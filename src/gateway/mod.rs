@@ -39,7 +39,7 @@ use parking_lot::Mutex;
 
 pub use directory::SessionInfo;
 pub use session::Session;
-pub use stats::{ShardStats, StatsSnapshot};
+pub use stats::{LatencyHist, LatencySnapshot, ShardStats, StatsSnapshot, HANDSHAKE_BUCKETS_US};
 
 use crate::proto::lockout::{LockoutKey, LockoutPolicy};
 use crate::psk::{parse_device_id, ConfigError, PskSource};
@@ -248,6 +248,7 @@ impl GatewayBuilder {
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..cfg.shards).map(|_| flume::unbounded()).unzip();
         let shared = Arc::new(Shared {
             stats: (0..cfg.shards).map(|_| ShardStats::default()).collect(),
+            hs_latency: (0..cfg.shards).map(|_| LatencyHist::default()).collect(),
             cfg,
             inboxes: txs,
             directory: Directory::default(),
@@ -276,7 +277,30 @@ pub(crate) enum Command {
     Broadcast(Arc<[u8]>),
     Kick([u8; 6]),
     Lockout { key: LockoutKey, failed: bool, at: Duration },
+    ListSessions(flume::Sender<Vec<SessionRow>>),
+    /// Close (with BYE) every session whose device the PSK source no longer accepts.
+    Revalidate,
     Shutdown,
+}
+
+/// A live session with its traffic counters (admin listing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRow {
+    /// Identity, transport, peer, shard and start time.
+    pub info: SessionInfo,
+    /// Authenticated frames received.
+    pub frames_in: u64,
+    /// Frames sent.
+    pub frames_out: u64,
+}
+
+/// What a key reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Devices listed in the new registry.
+    pub devices: usize,
+    /// The new registry has a wildcard key.
+    pub wildcard: bool,
 }
 
 pub(crate) struct Shared {
@@ -284,6 +308,7 @@ pub(crate) struct Shared {
     pub inboxes: Vec<flume::Sender<Command>>,
     pub directory: Directory,
     pub stats: Vec<ShardStats>,
+    pub hs_latency: Vec<LatencyHist>,
     pub reserved_total: AtomicUsize,
     pub reserved_per_ip: Mutex<HashMap<IpAddr, usize>>,
     pub shutting_down: AtomicBool,
@@ -396,6 +421,48 @@ impl GatewayHandle {
     /// Counters summed over shards.
     pub fn stats(&self) -> StatsSnapshot {
         StatsSnapshot::sum(&self.shared.stats)
+    }
+
+    /// Counters of each shard.
+    pub fn shard_stats(&self) -> Vec<StatsSnapshot> {
+        self.shared.stats.iter().map(|s| StatsSnapshot::sum([s])).collect()
+    }
+
+    /// Handshake latency (accept or cookie HELLO to SESSION_OK), all shards.
+    pub fn handshake_latency(&self) -> LatencySnapshot {
+        LatencyHist::sum(&self.shared.hs_latency)
+    }
+
+    /// Every live session with its counters, asked of each shard (waits at most `timeout`;
+    /// call from outside the shards' threads).
+    pub fn sessions_detailed(&self, timeout: Duration) -> Vec<SessionRow> {
+        let (tx, rx) = flume::unbounded();
+        for i in 0..self.shared.inboxes.len() {
+            self.shared.post(i, Command::ListSessions(tx.clone()));
+        }
+        drop(tx);
+        let deadline = std::time::Instant::now() + timeout;
+        let mut rows = Vec::new();
+        while let Ok(mut part) = rx.recv_deadline(deadline) {
+            rows.append(&mut part);
+        }
+        rows
+    }
+
+    /// Re-read the registry file (PSK rotation): on success the new keys apply to the next
+    /// handshake at once and sessions of devices no longer accepted are closed with BYE; on
+    /// error the old registry stays in force. Only for registry files.
+    pub fn reload_keys(&self) -> Result<ReloadReport, crate::psk::ConfigError> {
+        let Some(PskSource::Registry { current, path: Some(path) }) = &self.shared.cfg.psk else {
+            return Err(crate::psk::ConfigError::new("psk_file", "keys are not from a registry file"));
+        };
+        let reg = crate::psk::Registry::load(path)?;
+        let report = ReloadReport { devices: reg.len(), wildcard: reg.has_wildcard() };
+        *current.write() = Arc::new(reg);
+        for i in 0..self.shared.inboxes.len() {
+            self.shared.post(i, Command::Revalidate);
+        }
+        Ok(report)
     }
 
     /// Stop accepting, say BYE to every session, and let the shard threads exit.

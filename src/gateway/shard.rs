@@ -98,6 +98,7 @@ pub(super) fn bind_sockets(
 
 pub(super) struct Live {
     conn: Rc<Conn>,
+    info: SessionInfo,
 }
 
 pub(super) struct Shard {
@@ -285,6 +286,32 @@ async fn inbox_loop(shard: Rc<Shard>, inbox: flume::Receiver<Command>) {
                 }
             }
             Command::Lockout { key, failed, at } => shard.apply_lockout(key, failed, at, false),
+            Command::ListSessions(reply) => {
+                let rows = shard
+                    .sessions
+                    .borrow()
+                    .iter()
+                    .map(|(_, l)| {
+                        let st = l.conn.stats();
+                        super::SessionRow { info: l.info.clone(), frames_in: st.frames_in, frames_out: st.frames_out }
+                    })
+                    .collect();
+                let _ = reply.send(rows);
+            }
+            Command::Revalidate => {
+                let Some(psk) = shard.shared.cfg.psk.as_ref() else { continue };
+                let revoked: Vec<Rc<Conn>> = shard
+                    .sessions
+                    .borrow()
+                    .iter()
+                    .filter(|(_, l)| !psk.still_accepts(&l.conn.device_id()))
+                    .map(|(_, l)| l.conn.clone())
+                    .collect();
+                for c in revoked {
+                    tracing::info!(device = %format_device_id(&c.device_id()), peer = %c.peer(), "session closed: key revoked");
+                    c.close(CloseReason::Revoked, true);
+                }
+            }
             Command::Shutdown => {
                 shard.stopping.notify();
                 return;
@@ -326,10 +353,29 @@ async fn sweeper(shard: Rc<Shard>) {
             shard.lockout.borrow_mut().prune(t);
             last_prune = t;
         }
+        publish_gauges(&shard, t);
         if shard.is_stopping() && shard.sessions.borrow().is_empty() {
             return;
         }
     }
+}
+
+/// Refresh the gauges the metrics thread reads (live traffic, active lockouts), off the frame path.
+fn publish_gauges(shard: &Shard, t: Duration) {
+    let mut live = crate::rt::conn::ConnStats::default();
+    for (_, l) in shard.sessions.borrow().iter() {
+        let st = l.conn.stats();
+        live.frames_in += st.frames_in;
+        live.frames_out += st.frames_out;
+        live.bytes_in += st.bytes_in;
+        live.bytes_out += st.bytes_out;
+    }
+    let s = shard.stats();
+    ShardStats::set(&s.live_frames_in, live.frames_in);
+    ShardStats::set(&s.live_frames_out, live.frames_out);
+    ShardStats::set(&s.live_bytes_in, live.bytes_in);
+    ShardStats::set(&s.live_bytes_out, live.bytes_out);
+    ShardStats::set(&s.lockouts_active, shard.lockout.borrow().active(t) as u64);
 }
 
 /// Why a handshake failed, and which lockout key it counts against.
@@ -362,6 +408,7 @@ where
     }
     let _ = stream.set_nodelay(true);
     shard.handshakes.set(shard.handshakes.get() + 1);
+    let started = now();
     let device = Cell::new(None);
     let mut deframer = Deframer::new();
     let hs = monoio::time::timeout(
@@ -382,6 +429,7 @@ where
             return;
         }
     };
+    shard.shared.hs_latency[shard.idx].record(now().saturating_sub(started));
     let conn = Conn::new(session, peer);
     let driver = conn::drive(conn.clone(), stream, deframer);
     run_session(&shard, conn, peer, handler, driver).await;
@@ -480,17 +528,15 @@ pub(super) async fn run_session<H, F, D>(
     let conn_id = shard.shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
     ShardStats::inc(&shard.stats().handshakes_ok);
     shard.lockout_event(LockoutKey::Device(peer.ip(), device_id), false);
-    let key = shard.sessions.borrow_mut().insert(Live { conn: conn.clone() });
+    let info = SessionInfo { device_id, session_id, transport, peer, shard: shard.idx, since: SystemTime::now(), conn_id };
+    let key = shard.sessions.borrow_mut().insert(Live { conn: conn.clone(), info: info.clone() });
     shard.by_device.borrow_mut().insert(device_id, key);
-    shard.shared.directory.insert(SessionInfo {
-        device_id,
-        session_id,
-        transport,
-        peer,
-        shard: shard.idx,
-        since: SystemTime::now(),
-        conn_id,
-    });
+    shard.shared.directory.insert(info);
+    let open_gauge = match transport {
+        Transport::Tcp => &shard.stats().sessions_open_tcp,
+        Transport::Udp => &shard.stats().sessions_open_udp,
+    };
+    ShardStats::inc(open_gauge);
     let dev = format_device_id(&device_id);
     tracing::info!(device = %dev, session = %to_hex(&session_id), %peer, ?transport, shard = shard.idx, "session up");
     let app = Session { conn: conn.clone(), shard: shard.idx, transport };
@@ -515,7 +561,7 @@ pub(super) async fn run_session<H, F, D>(
     s.bytes_in.fetch_add(st.bytes_in, Ordering::Relaxed);
     s.bytes_out.fetch_add(st.bytes_out, Ordering::Relaxed);
     s.udp_retransmits.fetch_add(st.retransmits, Ordering::Relaxed);
-    s.datagrams_dropped.fetch_add(st.dropped, Ordering::Relaxed);
+    ShardStats::dec(open_gauge);
     tracing::info!(device = %dev, %peer, reason = reason.as_str(), detail = ?reason, "session down");
     shard.sessions.borrow_mut().remove(key);
     let mut by = shard.by_device.borrow_mut();

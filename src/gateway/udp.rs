@@ -130,7 +130,19 @@ where
 }
 
 fn dropped(shard: &Shard) {
-    ShardStats::inc(&shard.stats().datagrams_dropped);
+    dropped_for(shard, ErrorKind::Frame);
+}
+
+/// Count a dropped datagram under its reason.
+fn dropped_for(shard: &Shard, kind: ErrorKind) {
+    let s = shard.stats();
+    ShardStats::inc(&s.datagrams_dropped);
+    ShardStats::inc(match kind {
+        ErrorKind::Crypto => &s.dropped_unauthenticated,
+        ErrorKind::Sequence => &s.dropped_replayed,
+        ErrorKind::Payload | ErrorKind::Handshake | ErrorKind::Auth => &s.dropped_violation,
+        _ => &s.dropped_malformed,
+    });
 }
 
 fn send_utack(udp: &UdpShard, ptype: u8, seq: u32, to: SocketAddr) {
@@ -161,7 +173,11 @@ where
     if let Some(conn) = &peer.conn {
         match on_session_datagram(conn, &udp.out, d, from) {
             Inbound::Handled | Inbound::Closed => return,
-            Inbound::Dropped(_) => return dropped(shard),
+            Inbound::Dropped(kind) => return dropped_for(shard, kind),
+            Inbound::StrayAck => {
+                ShardStats::inc(&shard.stats().datagrams_dropped);
+                return ShardStats::inc(&shard.stats().dropped_stray_ack);
+            }
             Inbound::Handshake(PacketType::HelloAck) => {
                 // Our UTACK of HELLO_ACK was lost: acknowledge again, process nothing.
                 if let Ok(f) = Frame::decode_exact(d) {
@@ -268,6 +284,7 @@ async fn handshake_task<H, F>(
     F: Future<Output = ()> + 'static,
 {
     let timeout = shard.shared.cfg.handshake_timeout;
+    let started = now();
     let res = monoio::time::timeout(timeout, until_hello_ack(&shard, &udp, &hs, &hello, from)).await;
     shard.handshakes.set(shard.handshakes.get() - 1);
     let (expect, mut arq) = match res {
@@ -293,6 +310,7 @@ async fn handshake_task<H, F>(
     }
     arq.on_send(ExpectedAck::new(PacketType::SessionOk as u8, 0, None), now());
     udp.out.send(&ok[..n], from);
+    shard.shared.hs_latency[shard.idx].record(now().saturating_sub(started));
     let session_task = {
         let (shard, udp, conn) = (shard.clone(), udp.clone(), conn.clone());
         async move {

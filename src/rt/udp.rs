@@ -149,6 +149,8 @@ pub enum Inbound {
     Handled,
     /// Dropped: malformed, unauthenticated, replayed, out of order (reason inside).
     Dropped(ErrorKind),
+    /// A UTACK that acknowledges nothing outstanding (late, duplicate, forged).
+    StrayAck,
     /// A handshake-phase frame (type inside): the caller decides (re-ACK, new handshake).
     Handshake(PacketType),
     /// The session ended with this datagram.
@@ -164,7 +166,7 @@ pub fn on_session_datagram(conn: &Conn, out: &UdpOut, d: &mut [u8], peer: Socket
             conn.ack_ev.notify();
             return Inbound::Handled;
         }
-        return Inbound::Dropped(ErrorKind::Sequence);
+        return Inbound::StrayAck;
     }
     let frame = match Frame::decode_exact(d) {
         Ok(f) => f,

@@ -1,0 +1,300 @@
+//! `usmp-gateway` settings: every command-line flag has a config-file key of the same name
+//! (`--session-timeout` ⇔ `session-timeout = 60`). The file is TOML; unknown keys and values of
+//! the wrong type are errors naming the key; flags given on the command line override the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::gateway::{Config, Transports};
+use crate::psk::{parse_hex, to_hex, validate_key, ConfigError, PskSource};
+
+/// What the gateway binary does with each message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplyMode {
+    /// Reply with the same bytes.
+    Echo,
+    /// Reply with a short acknowledgement (`ACK`).
+    Ack,
+    /// Print one JSON line per message on stdout; reply nothing.
+    Log,
+}
+
+/// Transports, as spelled in flags and files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportName {
+    /// TCP only.
+    Tcp,
+    /// UDP only.
+    Udp,
+    /// TCP and UDP on the same port number.
+    Both,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Every setting, each optional so that layers (file, flags) can be merged.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Settings {
+    /// `--listen`
+    pub listen: Option<SocketAddr>,
+    /// `--transport`
+    pub transport: Option<TransportName>,
+    /// `--shards`
+    pub shards: Option<usize>,
+    /// `--cpus`
+    pub cpus: Option<String>,
+    /// `--psk`
+    pub psk: Option<String>,
+    /// `--psk-hex`
+    pub psk_hex: Option<String>,
+    /// `--psk-file`
+    pub psk_file: Option<PathBuf>,
+    /// `--mode`
+    pub mode: Option<ReplyMode>,
+    /// `--handshake-timeout` (seconds)
+    pub handshake_timeout: Option<f64>,
+    /// `--session-timeout` (seconds)
+    pub session_timeout: Option<f64>,
+    /// `--max-sessions`
+    pub max_sessions: Option<usize>,
+    /// `--max-per-ip`
+    pub max_per_ip: Option<usize>,
+    /// `--max-handshakes`
+    pub max_handshakes: Option<usize>,
+    /// `--metrics`
+    pub metrics: Option<SocketAddr>,
+    /// `--admin-token`
+    pub admin_token: Option<String>,
+    /// `--log-format`
+    pub log_format: Option<LogFormat>,
+}
+
+/// Settings resolved into a gateway configuration plus what the binary needs around it.
+#[derive(Clone)]
+pub struct Resolved {
+    /// The gateway configuration.
+    pub config: Config,
+    /// Reply mode.
+    pub mode: ReplyMode,
+    /// Metrics/admin listener.
+    pub metrics: Option<SocketAddr>,
+    /// Admin bearer token.
+    pub admin_token: Option<String>,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// A key generated because none was configured (printed once by the binary).
+    pub generated_key: Option<String>,
+}
+
+fn named(key: &str) -> String {
+    format!("{key} (--{key})")
+}
+
+fn secs(key: &str, v: f64) -> Result<Duration, ConfigError> {
+    if !(v.is_finite() && v > 0.0 && v < 1e9) {
+        return Err(ConfigError::new(named(key), "must be a positive number of seconds"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+/// Parse a core list like `0,1` or `2-5`.
+pub fn parse_cpus(s: &str) -> Result<Vec<usize>, ConfigError> {
+    let bad = || ConfigError::new(named("cpus"), format!("`{s}` is not a core list like `0,1` or `2-5`"));
+    let mut out = vec![];
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                if a > b {
+                    return Err(bad());
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    if out.is_empty() {
+        return Err(bad());
+    }
+    Ok(out)
+}
+
+impl Settings {
+    /// Parse a TOML config file's text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Settings, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::new(origin, e.to_string().trim_end()))
+    }
+
+    /// Read and parse a config file.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(path.display().to_string(), format!("cannot read: {e}")))?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// `top` over `self`: each setting given in `top` wins. The key settings (`psk`,
+    /// `psk-hex`, `psk-file`) move as one: a key on the command line replaces the file's.
+    pub fn overlay(self, top: Settings) -> Settings {
+        let top_has_key = top.psk.is_some() || top.psk_hex.is_some() || top.psk_file.is_some();
+        let (psk, psk_hex, psk_file) =
+            if top_has_key { (top.psk, top.psk_hex, top.psk_file) } else { (self.psk, self.psk_hex, self.psk_file) };
+        Settings {
+            listen: top.listen.or(self.listen),
+            transport: top.transport.or(self.transport),
+            shards: top.shards.or(self.shards),
+            cpus: top.cpus.or(self.cpus),
+            psk,
+            psk_hex,
+            psk_file,
+            mode: top.mode.or(self.mode),
+            handshake_timeout: top.handshake_timeout.or(self.handshake_timeout),
+            session_timeout: top.session_timeout.or(self.session_timeout),
+            max_sessions: top.max_sessions.or(self.max_sessions),
+            max_per_ip: top.max_per_ip.or(self.max_per_ip),
+            max_handshakes: top.max_handshakes.or(self.max_handshakes),
+            metrics: top.metrics.or(self.metrics),
+            admin_token: top.admin_token.or(self.admin_token),
+            log_format: top.log_format.or(self.log_format),
+        }
+    }
+
+    fn psk_source(&self) -> Result<(PskSource, Option<String>), ConfigError> {
+        let given = [self.psk.is_some(), self.psk_hex.is_some(), self.psk_file.is_some()];
+        if given.iter().filter(|g| **g).count() > 1 {
+            return Err(ConfigError::new(named("psk"), "give only one of psk, psk-hex, psk-file"));
+        }
+        if let Some(p) = &self.psk {
+            validate_key(&named("psk"), p.as_bytes())?;
+            return Ok((PskSource::single(p.as_bytes())?, None));
+        }
+        if let Some(h) = &self.psk_hex {
+            let key = parse_hex(h).ok_or_else(|| ConfigError::new(named("psk-hex"), "not an even-length hex string"))?;
+            validate_key(&named("psk-hex"), &key)?;
+            return Ok((PskSource::single(&key)?, None));
+        }
+        if let Some(path) = &self.psk_file {
+            return Ok((PskSource::registry_file(path)?, None));
+        }
+        let mut key = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+            .map_err(|_| ConfigError::new(named("psk"), "no randomness to generate a key"))?;
+        let text = to_hex(&key);
+        Ok((PskSource::single(text.as_bytes())?, Some(text)))
+    }
+
+    /// Validate everything and build the gateway configuration (defaults for what is unset).
+    pub fn resolve(&self) -> Result<Resolved, ConfigError> {
+        let (psk, generated_key) = self.psk_source()?;
+        let mut config = Config { psk: Some(psk), ..Config::default() };
+        if let Some(l) = self.listen {
+            config.listen = l;
+        }
+        config.transports = match self.transport.unwrap_or(TransportName::Both) {
+            TransportName::Tcp => Transports::Tcp,
+            TransportName::Udp => Transports::Udp,
+            TransportName::Both => Transports::Both,
+        };
+        if let Some(n) = self.shards {
+            if n == 0 || n > 1024 {
+                return Err(ConfigError::new(named("shards"), "must be between 1 and 1024"));
+            }
+            config.shards = n;
+        }
+        if let Some(c) = &self.cpus {
+            config.cpus = Some(parse_cpus(c)?);
+        }
+        config.handshake_timeout = secs("handshake-timeout", self.handshake_timeout.unwrap_or(10.0))?;
+        config.session_timeout = secs("session-timeout", self.session_timeout.unwrap_or(60.0))?;
+        config.max_sessions = self.max_sessions.unwrap_or(0);
+        config.max_per_ip = self.max_per_ip.unwrap_or(0);
+        config.max_handshakes_per_shard = self.max_handshakes.unwrap_or(4096);
+        if config.max_handshakes_per_shard == 0 {
+            return Err(ConfigError::new(named("max-handshakes"), "must be at least 1"));
+        }
+        if let Some(t) = &self.admin_token {
+            if t.len() < 16 {
+                return Err(ConfigError::new(named("admin-token"), "use at least 16 characters"));
+            }
+        }
+        Ok(Resolved {
+            config,
+            // Without a configured key the quick start echoes, so the printed key can be tried.
+            mode: if generated_key.is_some() { ReplyMode::Echo } else { self.mode.unwrap_or(ReplyMode::Echo) },
+            metrics: self.metrics,
+            admin_token: self.admin_token.clone(),
+            log_format: self.log_format.unwrap_or(LogFormat::Text),
+            generated_key,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let e = Settings::from_toml("shards = 2\nsesion-timeout = 5\n", "gw.toml").unwrap_err();
+        assert!(e.message.contains("sesion-timeout"), "{e}");
+        assert_eq!(e.field, "gw.toml");
+        let e = Settings::from_toml("shards = \"two\"\n", "gw.toml").unwrap_err();
+        assert!(e.message.contains("shards"), "{e}");
+        let e = Settings::from_toml("listen = \"nowhere\"\n", "gw.toml").unwrap_err();
+        assert!(e.message.contains("listen"), "{e}");
+        let s = Settings::from_toml("psk = \"k-0123456789abcdef\"\nshards = 0\n", "gw.toml").unwrap();
+        assert!(s.resolve().err().unwrap().to_string().contains("--shards"));
+        let s = Settings::from_toml("psk = \"short\"\n", "gw.toml").unwrap();
+        assert!(s.resolve().err().unwrap().to_string().contains("--psk"));
+    }
+
+    #[test]
+    fn flags_override_the_file_and_keys_move_together() {
+        let file = Settings::from_toml(
+            "listen = \"127.0.0.1:7000\"\nshards = 4\npsk-file = \"/nonexistent\"\nsession-timeout = 30\n",
+            "f",
+        )
+        .unwrap();
+        let flags = Settings { shards: Some(1), psk: Some("flag-key-0123456789".into()), ..Default::default() };
+        let merged = file.overlay(flags);
+        assert_eq!(merged.shards, Some(1));
+        assert_eq!(merged.listen, Some("127.0.0.1:7000".parse().unwrap()));
+        assert_eq!(merged.psk_file, None, "the flag's key replaces the file's");
+        let r = merged.resolve().unwrap();
+        assert_eq!(r.config.session_timeout, Duration::from_secs(30));
+        assert_eq!(r.config.shards, 1);
+        assert!(r.generated_key.is_none());
+    }
+
+    #[test]
+    fn no_key_generates_one_and_echoes() {
+        let r = Settings { mode: Some(ReplyMode::Log), ..Default::default() }.resolve().unwrap();
+        assert_eq!(r.generated_key.as_ref().map(|k| k.len()), Some(32));
+        assert_eq!(r.mode, ReplyMode::Echo);
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tuning/usmp-gateway.toml");
+        let mut s = Settings::load(&path).unwrap();
+        // The example points at /etc; check everything but the registry file itself.
+        assert!(s.psk_file.is_some(), "the example shows a registry");
+        s.psk_file = None;
+        s.psk = Some("example-key-0123456789".into());
+        let r = s.resolve().unwrap();
+        assert!(r.metrics.is_some());
+    }
+}
