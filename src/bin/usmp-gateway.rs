@@ -193,18 +193,20 @@ fn main() -> ExitCode {
     let handle = gw.handle();
     let _ops = match r.metrics {
         None => None,
-        Some(addr) => match ops::serve(addr, handle.clone(), OpsOptions { admin_token: r.admin_token.clone() }) {
-            Ok(s) => {
-                tracing::info!(address = %s.local_addr(), admin_token = r.admin_token.is_some(), "metrics and admin API listening");
-                Some(s)
+        Some(addr) => {
+            match ops::serve(addr, handle.clone(), OpsOptions { admin_token: r.admin_token.clone() }) {
+                Ok(s) => {
+                    tracing::info!(address = %s.local_addr(), admin_token = r.admin_token.is_some(), "metrics and admin API listening");
+                    Some(s)
+                }
+                Err(e) => {
+                    eprintln!("usmp-gateway: error: cannot serve metrics on {addr}: {e}");
+                    handle.shutdown();
+                    gw.wait();
+                    return ExitCode::from(1);
+                }
             }
-            Err(e) => {
-                eprintln!("usmp-gateway: error: cannot serve metrics on {addr}: {e}");
-                handle.shutdown();
-                gw.wait();
-                return ExitCode::from(1);
-            }
-        },
+        }
     };
     tracing::info!(address = %gw.local_addr(), shards, transports, mode = ?mode, "usmp-gateway listening");
     std::thread::spawn(move || {
@@ -219,8 +221,14 @@ fn main() -> ExitCode {
         for sig in signals.forever() {
             if sig == SIGHUP {
                 match handle.reload_keys() {
-                    Ok(r) => tracing::info!(devices = r.devices, wildcard = r.wildcard, "key registry reloaded (SIGHUP)"),
-                    Err(e) => tracing::error!(error = %e, "key registry reload failed: old keys stay in force"),
+                    Ok(r) => tracing::info!(
+                        devices = r.devices,
+                        wildcard = r.wildcard,
+                        "key registry reloaded (SIGHUP)"
+                    ),
+                    Err(e) => {
+                        tracing::error!(error = %e, "key registry reload failed: old keys stay in force")
+                    }
                 }
                 continue;
             }

@@ -273,10 +273,17 @@ impl GatewayBuilder {
 
 /// Commands a shard receives in its inbox.
 pub(crate) enum Command {
-    SendTo { device_id: [u8; 6], msg: Arc<[u8]> },
+    SendTo {
+        device_id: [u8; 6],
+        msg: Arc<[u8]>,
+    },
     Broadcast(Arc<[u8]>),
     Kick([u8; 6]),
-    Lockout { key: LockoutKey, failed: bool, at: Duration },
+    Lockout {
+        key: LockoutKey,
+        failed: bool,
+        at: Duration,
+    },
     ListSessions(flume::Sender<Vec<SessionRow>>),
     /// Close (with BYE) every session whose device the PSK source no longer accepts.
     Revalidate,

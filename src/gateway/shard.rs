@@ -293,7 +293,11 @@ async fn inbox_loop(shard: Rc<Shard>, inbox: flume::Receiver<Command>) {
                     .iter()
                     .map(|(_, l)| {
                         let st = l.conn.stats();
-                        super::SessionRow { info: l.info.clone(), frames_in: st.frames_in, frames_out: st.frames_out }
+                        super::SessionRow {
+                            info: l.info.clone(),
+                            frames_in: st.frames_in,
+                            frames_out: st.frames_out,
+                        }
                     })
                     .collect();
                 let _ = reply.send(rows);
@@ -528,7 +532,15 @@ pub(super) async fn run_session<H, F, D>(
     let conn_id = shard.shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
     ShardStats::inc(&shard.stats().handshakes_ok);
     shard.lockout_event(LockoutKey::Device(peer.ip(), device_id), false);
-    let info = SessionInfo { device_id, session_id, transport, peer, shard: shard.idx, since: SystemTime::now(), conn_id };
+    let info = SessionInfo {
+        device_id,
+        session_id,
+        transport,
+        peer,
+        shard: shard.idx,
+        since: SystemTime::now(),
+        conn_id,
+    };
     let key = shard.sessions.borrow_mut().insert(Live { conn: conn.clone(), info: info.clone() });
     shard.by_device.borrow_mut().insert(device_id, key);
     shard.shared.directory.insert(info);
@@ -570,4 +582,6 @@ pub(super) async fn run_session<H, F, D>(
     }
     drop(by);
     shard.shared.directory.remove(&device_id, conn_id);
+    // Move this session's traffic from the live gauges to the totals at once.
+    publish_gauges(shard, now());
 }

@@ -80,7 +80,9 @@ fn device_route(h: &GatewayHandle, req: &Request, id: &str, action: &str) -> Res
             }
             match h.send_to(&id, &req.body) {
                 Ok(()) => Response::json(202, &json!({"queued": true, "device_id": id})),
-                Err(e) if e.kind() == ErrorKind::NotConnected => Response::text(404, "device not connected\n"),
+                Err(e) if e.kind() == ErrorKind::NotConnected => {
+                    Response::text(404, "device not connected\n")
+                }
                 Err(e) => Response::text(500, format!("{e}\n")),
             }
         }
@@ -97,9 +99,11 @@ fn device_route(h: &GatewayHandle, req: &Request, id: &str, action: &str) -> Res
 pub fn route(h: &GatewayHandle, opts: &OpsOptions, req: &Request) -> Response {
     let segs: Vec<&str> = req.path.trim_matches('/').split('/').collect();
     match (req.method.as_str(), segs.as_slice()) {
-        ("GET", ["metrics"]) => {
-            Response { status: 200, content_type: "text/plain; version=0.0.4", body: metrics::render(h).into_bytes() }
-        }
+        ("GET", ["metrics"]) => Response {
+            status: 200,
+            content_type: "text/plain; version=0.0.4",
+            body: metrics::render(h).into_bytes(),
+        },
         ("GET", ["healthz"]) => Response::text(200, "ok\n"),
         (_, ["metrics"] | ["healthz"]) => Response::text(405, "method not allowed\n"),
         (method, route) => {
@@ -120,8 +124,15 @@ pub fn route(h: &GatewayHandle, opts: &OpsOptions, req: &Request) -> Response {
                 }
                 ("POST", ["reload"]) => match h.reload_keys() {
                     Ok(r) => {
-                        tracing::info!(devices = r.devices, wildcard = r.wildcard, "key registry reloaded (admin API)");
-                        Response::json(200, &json!({"reloaded": true, "devices": r.devices, "wildcard": r.wildcard}))
+                        tracing::info!(
+                            devices = r.devices,
+                            wildcard = r.wildcard,
+                            "key registry reloaded (admin API)"
+                        );
+                        Response::json(
+                            200,
+                            &json!({"reloaded": true, "devices": r.devices, "wildcard": r.wildcard}),
+                        )
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "key registry reload failed: old keys stay in force");

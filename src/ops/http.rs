@@ -102,10 +102,11 @@ impl HttpServer {
                         }
                         active.fetch_add(1, Ordering::Relaxed);
                         let (h, a) = (handler.clone(), active.clone());
-                        let spawned = std::thread::Builder::new().name("usmp-http-conn".into()).spawn(move || {
-                            serve_one(stream, peer, &h);
-                            a.fetch_sub(1, Ordering::Relaxed);
-                        });
+                        let spawned =
+                            std::thread::Builder::new().name("usmp-http-conn".into()).spawn(move || {
+                                serve_one(stream, peer, &h);
+                                a.fetch_sub(1, Ordering::Relaxed);
+                            });
                         if spawned.is_err() {
                             active.fetch_sub(1, Ordering::Relaxed);
                         }

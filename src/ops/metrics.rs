@@ -50,8 +50,14 @@ pub fn render(h: &GatewayHandle) -> String {
     let _ = writeln!(o, "usmp_handshake_duration_seconds_sum {}", lat.sum_us as f64 / 1e6);
     let _ = writeln!(o, "usmp_handshake_duration_seconds_count {}", lat.count);
 
-    family(&mut o, "usmp_lockouts_active", "gauge", "Lockout entries currently refusing (largest shard view).");
-    let _ = writeln!(o, "usmp_lockouts_active {}", shards.iter().map(|x| x.lockouts_active).max().unwrap_or(0));
+    family(
+        &mut o,
+        "usmp_lockouts_active",
+        "gauge",
+        "Lockout entries currently refusing (largest shard view).",
+    );
+    let _ =
+        writeln!(o, "usmp_lockouts_active {}", shards.iter().map(|x| x.lockouts_active).max().unwrap_or(0));
     family(&mut o, "usmp_lockouts_started_total", "counter", "Lockouts started.");
     let _ = writeln!(o, "usmp_lockouts_started_total {}", s.lockouts_started);
 
@@ -76,7 +82,8 @@ pub fn render(h: &GatewayHandle) -> String {
     }
 
     family(&mut o, "usmp_sessions_closed_total", "counter", "Sessions ended, by notable reason and in all.");
-    let _ = writeln!(o, "usmp_sessions_closed_total{{reason=\"protocol_error\"}} {}", s.closed_protocol_error);
+    let _ =
+        writeln!(o, "usmp_sessions_closed_total{{reason=\"protocol_error\"}} {}", s.closed_protocol_error);
     let _ = writeln!(o, "usmp_sessions_closed_total{{reason=\"watchdog\"}} {}", s.closed_watchdog);
     let _ = writeln!(o, "usmp_sessions_closed_total{{reason=\"all\"}} {}", s.sessions_closed);
     family(&mut o, "usmp_watchdog_timeouts_total", "counter", "Sessions ended by the inactivity watchdog.");

@@ -150,8 +150,11 @@ impl Settings {
     /// `psk-hex`, `psk-file`) move as one: a key on the command line replaces the file's.
     pub fn overlay(self, top: Settings) -> Settings {
         let top_has_key = top.psk.is_some() || top.psk_hex.is_some() || top.psk_file.is_some();
-        let (psk, psk_hex, psk_file) =
-            if top_has_key { (top.psk, top.psk_hex, top.psk_file) } else { (self.psk, self.psk_hex, self.psk_file) };
+        let (psk, psk_hex, psk_file) = if top_has_key {
+            (top.psk, top.psk_hex, top.psk_file)
+        } else {
+            (self.psk, self.psk_hex, self.psk_file)
+        };
         Settings {
             listen: top.listen.or(self.listen),
             transport: top.transport.or(self.transport),
@@ -182,7 +185,8 @@ impl Settings {
             return Ok((PskSource::single(p.as_bytes())?, None));
         }
         if let Some(h) = &self.psk_hex {
-            let key = parse_hex(h).ok_or_else(|| ConfigError::new(named("psk-hex"), "not an even-length hex string"))?;
+            let key = parse_hex(h)
+                .ok_or_else(|| ConfigError::new(named("psk-hex"), "not an even-length hex string"))?;
             validate_key(&named("psk-hex"), &key)?;
             return Ok((PskSource::single(&key)?, None));
         }
@@ -233,7 +237,11 @@ impl Settings {
         Ok(Resolved {
             config,
             // Without a configured key the quick start echoes, so the printed key can be tried.
-            mode: if generated_key.is_some() { ReplyMode::Echo } else { self.mode.unwrap_or(ReplyMode::Echo) },
+            mode: if generated_key.is_some() {
+                ReplyMode::Echo
+            } else {
+                self.mode.unwrap_or(ReplyMode::Echo)
+            },
             metrics: self.metrics,
             admin_token: self.admin_token.clone(),
             log_format: self.log_format.unwrap_or(LogFormat::Text),
@@ -268,7 +276,8 @@ mod tests {
             "f",
         )
         .unwrap();
-        let flags = Settings { shards: Some(1), psk: Some("flag-key-0123456789".into()), ..Default::default() };
+        let flags =
+            Settings { shards: Some(1), psk: Some("flag-key-0123456789".into()), ..Default::default() };
         let merged = file.overlay(flags);
         assert_eq!(merged.shards, Some(1));
         assert_eq!(merged.listen, Some("127.0.0.1:7000".parse().unwrap()));

@@ -222,19 +222,23 @@ impl Conn {
         drop(session);
         let n = *res.as_ref().unwrap_or(&0);
         out.truncate(at + n);
-        if self.transport == Transport::Udp {
-            let mut acks = self.acks.borrow_mut();
-            let mut i = at;
-            while i + HEADER_LEN <= out.len() {
+        // Walk the frames just sealed: count them, and on UDP note the UTACK each expects.
+        let mut frames = 0u64;
+        let mut acks = self.acks.borrow_mut();
+        let mut i = at;
+        while i + HEADER_LEN <= out.len() {
+            if self.transport == Transport::Udp {
                 let seq = u32::from_le_bytes([out[i + 4], out[i + 5], out[i + 6], out[i + 7]]);
                 acks.push_back(ExpectedAck::new(out[i + 3], seq, Some(&key)));
-                i += HEADER_LEN + u16::from_le_bytes([out[i + 8], out[i + 9]]) as usize;
             }
+            frames += 1;
+            i += HEADER_LEN + u16::from_le_bytes([out[i + 8], out[i + 9]]) as usize;
         }
+        drop(acks);
         drop(out);
         if n > 0 {
             self.bump(|s| {
-                s.frames_out += crate::proto::session::frames_for(n) as u64;
+                s.frames_out += frames;
                 s.bytes_out += n as u64;
             });
             self.out_ev.notify();
