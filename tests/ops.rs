@@ -349,3 +349,61 @@ fn config_file_errors_name_the_key_and_flags_override_it() {
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn json_logs_one_event_per_decision_with_fields() {
+    let mut child = Command::new(BIN)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--shards",
+            "1",
+            "--psk",
+            "json-log-key-0123456789",
+            "--log-format",
+            "json",
+        ])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let line = line.unwrap();
+            let v: serde_json::Value =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+            let _ = tx.send(v);
+        }
+    });
+    let next = |what: &str| loop {
+        let v = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_else(|_| panic!("no {what} event"));
+        if v["message"] == what {
+            return v;
+        }
+    };
+    let start = next("usmp-gateway listening");
+    let addr: SocketAddr = start["address"].as_str().unwrap().parse().unwrap();
+    usmp::rt::block_on(async {
+        let cfg = ClientConfig {
+            device_id: Some([0xab; 6]),
+            ..ClientConfig::new(addr, &b"json-log-key-0123456789"[..])
+        };
+        Client::connect(&cfg).await.unwrap().disconnect().await;
+        let bad = ClientConfig {
+            device_id: Some([0xcd; 6]),
+            ..ClientConfig::new(addr, &b"not-the-key-0123456789"[..])
+        };
+        assert!(Client::connect(&bad).await.is_err());
+    });
+    let up = next("session up");
+    assert_eq!(up["device"], "ab:ab:ab:ab:ab:ab");
+    assert!(up["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
+    let down = next("session down");
+    assert_eq!(down["reason"], "peer_bye");
+    let failed = next("handshake failed");
+    assert!(failed["reason"].as_str().unwrap().contains("AuthError"), "{failed}");
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+}

@@ -110,7 +110,12 @@ pub(super) struct Shard {
     pub(super) handshakes: Cell<usize>,
     pub(super) rng: SystemRandom,
     pub(super) stopping: crate::rt::event::LocalEvent,
+    /// Refusal log lines left in the current second (a flood must not flood the logs).
+    refusal_log: Cell<(Duration, u32, u64)>,
 }
+
+/// Refusals logged per shard per second; the rest are summed into one line.
+const REFUSAL_LOG_PER_SEC: u32 = 10;
 
 impl Shard {
     pub(super) fn stats(&self) -> &ShardStats {
@@ -136,13 +141,39 @@ impl Shard {
     fn apply_lockout(&self, key: LockoutKey, failed: bool, at: Duration, local: bool) {
         let mut t = self.lockout.borrow_mut();
         if failed {
-            if let (Some(len), true) = (t.record_failure(key, at), local) {
+            let started = t.record_failure(key, at);
+            if !local {
+                t.forget_report(&key);
+            }
+            if let (Some(len), true) = (started, local) {
                 ShardStats::inc(&self.stats().lockouts_started);
                 tracing::warn!(ip = %key.ip(), ?key, seconds = len.as_secs_f64(), "lockout started");
             }
         } else {
             t.record_success(&key);
             t.record_success(&LockoutKey::Ip(key.ip()));
+        }
+    }
+
+    /// Log a refused connection or handshake, at most 10 lines per second per shard.
+    pub(super) fn log_refusal(&self, peer: SocketAddr, reason: &'static str) {
+        let t = now();
+        let (start, n, suppressed) = self.refusal_log.get();
+        if t.saturating_sub(start) >= Duration::from_secs(1) {
+            if suppressed > 0 {
+                tracing::info!(
+                    shard = self.idx,
+                    suppressed,
+                    "more refusals in the last second (not logged one by one)"
+                );
+            }
+            self.refusal_log.set((t, 1, 0));
+            tracing::info!(%peer, reason, "handshake refused");
+        } else if n < REFUSAL_LOG_PER_SEC {
+            self.refusal_log.set((start, n + 1, suppressed));
+            tracing::info!(%peer, reason, "handshake refused");
+        } else {
+            self.refusal_log.set((start, n, suppressed + 1));
         }
     }
 
@@ -180,6 +211,7 @@ pub(super) fn run<H, F>(
         handshakes: Cell::new(0),
         rng: SystemRandom::new(),
         stopping: Default::default(),
+        refusal_log: Cell::new((Duration::ZERO, 0, 0)),
     });
     let preferred = shard.shared.cfg.io_driver;
     let (_, driver) = crate::rt::run_with(preferred, shard_main(shard, sockets, inbox, handler));
@@ -357,6 +389,9 @@ async fn sweeper(shard: Rc<Shard>) {
             shard.lockout.borrow_mut().prune(t);
             last_prune = t;
         }
+        for key in shard.lockout.borrow_mut().take_ended(t) {
+            tracing::info!(ip = %key.ip(), ?key, "lockout ended");
+        }
         publish_gauges(&shard, t);
         if shard.is_stopping() && shard.sessions.borrow().is_empty() {
             return;
@@ -397,17 +432,17 @@ where
     // Cheapest checks first, before any crypto: lockout, handshake budget, session limits.
     if shard.locked(&LockoutKey::Ip(ip)) {
         ShardStats::inc(&shard.stats().refused_locked_out);
-        tracing::debug!(%peer, "connection refused: locked out");
+        shard.log_refusal(peer, "locked_out");
         return;
     }
     if shard.handshakes.get() >= shard.shared.cfg.max_handshakes_per_shard || shard.is_stopping() {
         ShardStats::inc(&shard.stats().refused_over_limit);
-        tracing::debug!(%peer, "connection refused: handshake limit");
+        shard.log_refusal(peer, "handshake_limit");
         return;
     }
     if !shard.shared.reserve(ip) {
         ShardStats::inc(&shard.stats().refused_over_limit);
-        tracing::debug!(%peer, "connection refused: session limit");
+        shard.log_refusal(peer, "session_limit");
         return;
     }
     let _ = stream.set_nodelay(true);

@@ -62,6 +62,8 @@ struct Entry {
     failures: u32,
     locked_until: Duration,
     last: Duration,
+    /// A lock started here is still to be reported as ended.
+    report_end: bool,
 }
 
 /// One shard's lockout cache (shards exchange failures so the rule holds gateway-wide).
@@ -113,8 +115,12 @@ impl LockoutTable {
             }
         }
         let p = self.policy;
-        let e =
-            self.entries.entry(key).or_insert(Entry { failures: 0, locked_until: Duration::ZERO, last: now });
+        let e = self.entries.entry(key).or_insert(Entry {
+            failures: 0,
+            locked_until: Duration::ZERO,
+            last: now,
+            report_end: false,
+        });
         e.failures = e.failures.saturating_add(1);
         e.last = now;
         if e.failures < p.threshold {
@@ -123,7 +129,27 @@ impl LockoutTable {
         let doublings = (e.failures - p.threshold).min(16);
         let len = p.base.saturating_mul(1 << doublings).min(p.cap);
         e.locked_until = now + len;
+        e.report_end = true;
         Some(len)
+    }
+
+    /// Locks that have ended since the last call, each reported once (for "lockout ended" logs).
+    pub fn take_ended(&mut self, now: Duration) -> Vec<LockoutKey> {
+        let mut ended = Vec::new();
+        for (k, e) in self.entries.iter_mut() {
+            if e.report_end && e.locked_until <= now {
+                e.report_end = false;
+                ended.push(*k);
+            }
+        }
+        ended
+    }
+
+    /// Stop reporting the end of `key`'s lock here (another shard started it and reports it).
+    pub fn forget_report(&mut self, key: &LockoutKey) {
+        if let Some(e) = self.entries.get_mut(key) {
+            e.report_end = false;
+        }
     }
 
     /// A handshake succeeded: forget the key's failures.
@@ -162,6 +188,9 @@ mod tests {
         assert_eq!(t.check(&k, now), Some(S));
         assert_eq!(t.check(&k, now + S - Duration::from_nanos(1)), Some(Duration::from_nanos(1)));
         assert_eq!(t.check(&k, now + S), None, "lock ends exactly at t + 1 s");
+        assert!(t.take_ended(now + S - Duration::from_nanos(1)).is_empty());
+        assert_eq!(t.take_ended(now + S), vec![k]);
+        assert!(t.take_ended(now + S).is_empty(), "reported once");
         let mut expect = 2;
         for _ in 0..8 {
             now += Duration::from_secs(61);
