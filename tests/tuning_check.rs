@@ -255,7 +255,11 @@ fn a_short_host_names_exactly_its_short_settings() {
     );
     assert_eq!(r.code, Some(1));
     // `ulimit -Sn` cannot go above the hard limit: the fix must raise both.
-    assert!(r.line_for("LOW", "nofile.soft").contains(&format!("--nofile={NOFILE}:{NOFILE}")), "{}", r.dump());
+    assert!(
+        r.line_for("LOW", "nofile.soft").contains(&format!("--nofile={NOFILE}:{NOFILE}")),
+        "{}",
+        r.dump()
+    );
 }
 
 #[test]
@@ -317,6 +321,21 @@ fn bad_usage_exits_2() {
         let r = host.run(args, NOFILE, NOFILE, "unlimited");
         assert_eq!(r.code, Some(2), "{args:?}\n{}", r.dump());
         assert!(r.lines("LOW").is_empty() && r.lines("OK").is_empty(), "{args:?}\n{}", r.dump());
-        assert!(!r.stderr.trim().is_empty(), "{args:?}: say why on stderr");
+        // The script's own message (bash's exit 2 for a syntax error does not count).
+        assert!(r.stderr.starts_with("check: "), "{args:?}: say why on stderr\n{}", r.dump());
     }
+    // A proc root without `sys/` is a mistake, not a healthy host.
+    let missing = host.root.join("does-not-exist");
+    let r = Run::from(
+        Command::new("bash")
+            .arg(tuning_dir().join("check"))
+            .env("USMP_PROC_ROOT", &missing)
+            .env("USMP_NOFILE_SOFT", NOFILE)
+            .env("USMP_NOFILE_HARD", NOFILE)
+            .env("USMP_MEMLOCK", "unlimited")
+            .output()
+            .expect("cannot run bash"),
+    );
+    assert_eq!(r.code, Some(2), "{}", r.dump());
+    assert!(r.stderr.starts_with("check: "), "{}", r.dump());
 }

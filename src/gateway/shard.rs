@@ -200,7 +200,9 @@ pub(super) fn run<H, F>(
         _ => None,
     };
     if let Some(id) = pick {
-        core_affinity::set_for_current(core_affinity::CoreId { id });
+        if !core_affinity::set_for_current(core_affinity::CoreId { id }) {
+            tracing::warn!(shard = idx, core = id, "cannot pin shard to its core (outside the allowed CPU set?); running unpinned");
+        }
     }
     let shard = Rc::new(Shard {
         idx,
@@ -227,6 +229,11 @@ async fn shard_main<H, F>(
     H: Fn(Session) -> F + Send + Sync + 'static,
     F: Future<Output = ()> + 'static,
 {
+    tracing::info!(
+        shard = shard.idx,
+        driver = if monoio::utils::is_legacy() { "epoll" } else { "io_uring" },
+        "shard started"
+    );
     monoio::spawn(inbox_loop(shard.clone(), inbox));
     monoio::spawn(sweeper(shard.clone()));
     let udp = match sockets.udp.map(|u| wire::random::<32>(&shard.rng).map(|secret| (u, secret))) {
