@@ -86,6 +86,9 @@ pub fn validate_key(field: &str, key: &[u8]) -> Result<Psk, ConfigError> {
 pub struct Registry {
     keys: HashMap<DeviceIdBytes, Psk>,
     wildcard: Option<Psk>,
+    /// The key bytes, for the device side (load generators, tests) that must present them.
+    raw: HashMap<DeviceIdBytes, Vec<u8>>,
+    raw_wildcard: Option<Vec<u8>>,
 }
 
 impl fmt::Debug for Registry {
@@ -107,18 +110,25 @@ impl Registry {
     pub fn insert(&mut self, device_id: DeviceIdBytes, key: &[u8]) -> Result<(), ConfigError> {
         let psk = validate_key(&format_device_id(&device_id), key)?;
         self.keys.insert(device_id, psk);
+        self.raw.insert(device_id, key.to_vec());
         Ok(())
     }
 
     /// Set the key used for devices not listed (the reference's `b""` entry).
     pub fn set_wildcard(&mut self, key: &[u8]) -> Result<(), ConfigError> {
         self.wildcard = Some(validate_key("*", key)?);
+        self.raw_wildcard = Some(key.to_vec());
         Ok(())
     }
 
     /// The key for `device_id`: its own, else the wildcard.
     pub fn lookup(&self, device_id: &DeviceIdBytes) -> Option<&Psk> {
         self.keys.get(device_id).or(self.wildcard.as_ref())
+    }
+
+    /// The key bytes a device presents (its own, else the wildcard): for the device side.
+    pub fn raw_key(&self, device_id: &DeviceIdBytes) -> Option<&[u8]> {
+        self.raw.get(device_id).or(self.raw_wildcard.as_ref()).map(Vec::as_slice)
     }
 
     /// Whether `device_id` would be accepted.
@@ -167,11 +177,13 @@ impl Registry {
             let psk = validate_key(&at, &key)?;
             if id == "*" {
                 reg.wildcard = Some(psk);
+                reg.raw_wildcard = Some(key);
             } else {
                 let dev = parse_device_id(id).ok_or_else(|| {
                     ConfigError::new(&at, format!("`{id}` is not a device id (12 hex digits or colon hex)"))
                 })?;
                 reg.keys.insert(dev, psk);
+                reg.raw.insert(dev, key);
             }
         }
         Ok(reg)

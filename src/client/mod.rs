@@ -68,13 +68,23 @@ async fn tcp_connect(cfg: &ClientConfig) -> Result<TcpStream, Error> {
     match cfg.bind {
         None => Ok(TcpStream::connect_addr(cfg.addr).await?),
         Some(local) => {
+            // Bind first (many source addresses in load tests), then a non-blocking connect:
+            // the runtime thread never waits in connect(2).
             let domain = socket2::Domain::for_address(cfg.addr);
             let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+            s.set_nonblocking(true)?;
             s.set_reuse_address(true)?;
             s.bind(&local.into())?;
-            s.connect(&cfg.addr.into())?;
-            s.set_nonblocking(true)?;
-            Ok(TcpStream::from_std(s.into())?)
+            match s.connect(&cfg.addr.into()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let stream = TcpStream::from_std(s.into())?;
+            stream.writable(false).await?;
+            // A refused connect shows as "not connected" here.
+            stream.peer_addr()?;
+            Ok(stream)
         }
     }
 }

@@ -192,7 +192,12 @@ pub fn python() -> PathBuf {
 
 /// Absolute path of `tests/pyref/<name>`.
 pub fn script(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("pyref").join(name);
+    // The workspace root holds tests/pyref; members (loadgen) include this file too.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .find(|d| d.join("tests").join("pyref").is_dir())
+        .unwrap_or(Path::new(env!("CARGO_MANIFEST_DIR")));
+    let p = root.join("tests").join("pyref").join(name);
     assert!(p.exists(), "pyref: missing helper script {}", p.display());
     p
 }
