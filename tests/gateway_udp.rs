@@ -261,7 +261,14 @@ fn rss_kib() -> u64 {
 
 #[test]
 fn hello_flood_from_many_ports_keeps_no_state() {
-    let gw = gateway(1);
+    // The reference's per-source rate (5/s, burst 10) makes the limit visible in a short test.
+    let gw = Gateway::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .cookie_rate_per_ip(5.0)
+        .psk(PskSource::single(PSK).unwrap())
+        .serve(echo)
+        .unwrap();
     let h = gw.handle();
     let addr = gw.local_addr();
     let mut hello = [0u8; 64];

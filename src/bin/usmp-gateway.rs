@@ -74,6 +74,9 @@ struct Args {
     /// Log line format [default: text].
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    /// UDP: HELLOs answered per second per source IP (fleets behind NAT) [default: 1000].
+    #[arg(long, value_name = "N")]
+    cookie_rate_per_ip: Option<f64>,
 }
 
 impl Args {
@@ -95,6 +98,7 @@ impl Args {
             metrics: self.metrics,
             admin_token: self.admin_token.clone(),
             log_format: self.log_format,
+            cookie_rate_per_ip: self.cookie_rate_per_ip,
         }
     }
 

@@ -193,6 +193,13 @@ impl Client {
         self.conn.close_reason()
     }
 
+    /// Say BYE and close without giving up the client (other tasks may hold it); returns
+    /// once the socket is closed. Pending `recv` calls then fail with `ConnectionClosedError`.
+    pub async fn bye(&self) {
+        self.conn.close(CloseReason::LocalBye, true);
+        self.conn.closed().await;
+    }
+
     /// Say BYE and close; returns once the socket is closed.
     pub async fn disconnect(mut self) {
         self.conn.close(CloseReason::LocalBye, true);

@@ -102,6 +102,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// I/O driver: io_uring (falling back to epoll where unavailable), or epoll only.
     pub io_driver: crate::rt::Driver,
+    /// UDP cookie path: HELLOs answered per second per source IP (burst: one second's worth,
+    /// at least 10). The reference allows 5/s, which stalls a fleet behind one NAT address.
+    pub cookie_rate_per_ip: f64,
 }
 
 impl Default for Config {
@@ -120,6 +123,7 @@ impl Default for Config {
             lockout: LockoutPolicy::default(),
             on_timeout: None,
             shutdown_grace: Duration::from_secs(5),
+            cookie_rate_per_ip: 1000.0,
             io_driver: if std::env::var_os("USMP_FORCE_EPOLL").is_some_and(|v| v == "1") {
                 crate::rt::Driver::Legacy
             } else {
@@ -203,6 +207,11 @@ impl GatewayBuilder {
         self.cfg.lockout = p;
         self
     }
+    /// UDP HELLOs answered per second per source IP (default 1000).
+    pub fn cookie_rate_per_ip(mut self, r: f64) -> Self {
+        self.cfg.cookie_rate_per_ip = r;
+        self
+    }
     /// Prefer io_uring (default) or force epoll.
     pub fn io_driver(mut self, d: crate::rt::Driver) -> Self {
         self.cfg.io_driver = d;
@@ -230,6 +239,9 @@ impl GatewayBuilder {
         }
         if c.max_handshakes_per_shard == 0 {
             return Err(ConfigError::new("max_handshakes_per_shard", "must be at least 1"));
+        }
+        if !(c.cookie_rate_per_ip.is_finite() && c.cookie_rate_per_ip > 0.0) {
+            return Err(ConfigError::new("cookie_rate_per_ip", "must be a positive rate"));
         }
         Ok(())
     }

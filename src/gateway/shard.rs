@@ -201,7 +201,11 @@ pub(super) fn run<H, F>(
     };
     if let Some(id) = pick {
         if !core_affinity::set_for_current(core_affinity::CoreId { id }) {
-            tracing::warn!(shard = idx, core = id, "cannot pin shard to its core (outside the allowed CPU set?); running unpinned");
+            tracing::warn!(
+                shard = idx,
+                core = id,
+                "cannot pin shard to its core (outside the allowed CPU set?); running unpinned"
+            );
         }
     }
     let shard = Rc::new(Shard {
@@ -237,16 +241,18 @@ async fn shard_main<H, F>(
     monoio::spawn(inbox_loop(shard.clone(), inbox));
     monoio::spawn(sweeper(shard.clone()));
     let udp = match sockets.udp.map(|u| wire::random::<32>(&shard.rng).map(|secret| (u, secret))) {
-        Some(Ok((u, secret))) => match super::udp::UdpShard::new(u, secret) {
-            Ok(udp) => {
-                super::udp::start(&shard, &udp, handler.clone());
-                Some(udp)
+        Some(Ok((u, secret))) => {
+            match super::udp::UdpShard::new(u, secret, shard.shared.cfg.cookie_rate_per_ip) {
+                Ok(udp) => {
+                    super::udp::start(&shard, &udp, handler.clone());
+                    Some(udp)
+                }
+                Err(e) => {
+                    tracing::error!(shard = shard.idx, error = %e, "cannot register UDP socket");
+                    None
+                }
             }
-            Err(e) => {
-                tracing::error!(shard = shard.idx, error = %e, "cannot register UDP socket");
-                None
-            }
-        },
+        }
         _ => None,
     };
     match sockets.tcp.map(TcpListener::from_std) {

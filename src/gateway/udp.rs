@@ -64,14 +64,14 @@ pub(super) struct UdpShard {
 }
 
 impl UdpShard {
-    pub(super) fn new(sock: std::net::UdpSocket, secret: [u8; 32]) -> std::io::Result<Rc<Self>> {
+    pub(super) fn new(sock: std::net::UdpSocket, secret: [u8; 32], per_ip: f64) -> std::io::Result<Rc<Self>> {
         Ok(Rc::new(UdpShard {
             sock: Rc::new(UdpSocket::from_std(sock)?),
             out: UdpOut::new(),
             peers: RefCell::new(HashMap::new()),
             cookies: RefCell::new(CookieJar::new(&secret)),
-            // The reference's 10-burst, 5/s per source, plus a shard-wide ceiling.
-            limiter: RefCell::new(SourceLimiter::new(10.0, 5.0, 50_000.0, 65_536)),
+            // Per source: `per_ip`/s with a one-second burst; plus a shard-wide ceiling.
+            limiter: RefCell::new(SourceLimiter::new(per_ip.max(10.0), per_ip, 50_000.0, 65_536)),
         }))
     }
 

@@ -81,6 +81,8 @@ pub struct Settings {
     pub admin_token: Option<String>,
     /// `--log-format`
     pub log_format: Option<LogFormat>,
+    /// `--cookie-rate-per-ip`
+    pub cookie_rate_per_ip: Option<f64>,
 }
 
 /// Settings resolved into a gateway configuration plus what the binary needs around it.
@@ -172,6 +174,7 @@ impl Settings {
             metrics: top.metrics.or(self.metrics),
             admin_token: top.admin_token.or(self.admin_token),
             log_format: top.log_format.or(self.log_format),
+            cookie_rate_per_ip: top.cookie_rate_per_ip.or(self.cookie_rate_per_ip),
         }
     }
 
@@ -228,6 +231,12 @@ impl Settings {
         config.max_handshakes_per_shard = self.max_handshakes.unwrap_or(4096);
         if config.max_handshakes_per_shard == 0 {
             return Err(ConfigError::new(named("max-handshakes"), "must be at least 1"));
+        }
+        if let Some(r) = self.cookie_rate_per_ip {
+            if !(r.is_finite() && r > 0.0) {
+                return Err(ConfigError::new(named("cookie-rate-per-ip"), "must be a positive rate"));
+            }
+            config.cookie_rate_per_ip = r;
         }
         if let Some(t) = &self.admin_token {
             if t.len() < 16 {

@@ -1,0 +1,362 @@
+//! One worker process: threads pinned to cores, each a monoio runtime running its share of
+//! emulated devices. Every device is real: its own socket, handshake, keys and sequence
+//! numbers (the library's `Client`). Sends are open-loop: each message has an intended send
+//! time and its latency is measured from that time, so a stalled server shows as latency.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use monoio::time::Instant;
+use usmp::client::{Client, ClientConfig};
+use usmp::proto::Transport;
+use usmp::rt::event::LocalEvent;
+
+use crate::report::{new_hist, Counters, Hist};
+
+/// Everything a device needs to know about the run.
+#[derive(Clone)]
+pub struct Spec {
+    pub target: SocketAddr,
+    pub transport: Transport,
+    pub keys: Keys,
+    pub device_id_base: u64,
+    pub echo: bool,
+    pub rate: f64,
+    pub payload: usize,
+    pub duration: Duration,
+    /// Connect rate for this thread (handshakes/s while ramping; 0 = unlimited).
+    pub connect_rate: f64,
+    pub keepalive: Option<Duration>,
+    pub reconnect: bool,
+    pub source_ips: Vec<IpAddr>,
+    pub connect_timeout: Duration,
+}
+
+/// Device keys: one for all, or a registry.
+#[derive(Clone)]
+pub enum Keys {
+    One(Vec<u8>),
+    Registry(Arc<usmp::psk::Registry>),
+}
+
+/// Live counters a worker's progress printer reads (one set per thread, relaxed).
+#[derive(Default)]
+pub struct Progress {
+    pub connected: AtomicU64,
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+}
+
+/// What one thread measured.
+pub struct ThreadResult {
+    pub counters: Counters,
+    pub handshake: Hist,
+    pub rtt: Hist,
+}
+
+struct Ctx {
+    spec: Spec,
+    counters: RefCell<Counters>,
+    hs: RefCell<Hist>,
+    rtt: RefCell<Hist>,
+    progress: Arc<Progress>,
+    /// Connect pacing: the next instant a handshake may start.
+    next_connect: Cell<Option<Instant>>,
+    /// Devices whose first connection attempt has finished.
+    ramp_done: Cell<u64>,
+    ramp_total: u64,
+    ramp_ev: LocalEvent,
+    steady: Cell<Option<(Instant, Instant)>>,
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The message device `idx` sends as its `k`-th: identifies itself, then a pattern.
+pub fn payload(idx: u64, k: u64, len: usize) -> Vec<u8> {
+    let mut v: Vec<u8> = (0..len).map(|i| (splitmix(idx ^ (k << 20)) as usize + i) as u8).collect();
+    let head = [idx.to_le_bytes(), k.to_le_bytes()].concat();
+    let n = head.len().min(len);
+    v[..n].copy_from_slice(&head[..n]);
+    v
+}
+
+impl Ctx {
+    fn error(&self, kind: String) {
+        *self.counters.borrow_mut().errors.entry(kind).or_insert(0) += 1;
+    }
+
+    fn error_of(&self, e: &usmp::rt::Error) {
+        let kind = match e {
+            usmp::rt::Error::Io(io) => format!("io:{:?}", io.kind()),
+            other => other.kind().class_name().to_string(),
+        };
+        self.error(kind);
+    }
+
+    async fn connect_token(&self) {
+        if self.spec.connect_rate <= 0.0 {
+            return;
+        }
+        let gap = Duration::from_secs_f64(1.0 / self.spec.connect_rate);
+        let now = Instant::now();
+        let at = self.next_connect.get().map_or(now, |t| t.max(now));
+        self.next_connect.set(Some(at + gap));
+        monoio::time::sleep_until(at).await;
+    }
+
+    fn config(&self, idx: u64) -> ClientConfig {
+        let id = (self.spec.device_id_base.wrapping_add(idx) & 0xffff_ffff_ffff).to_be_bytes();
+        let device_id: [u8; 6] = id[2..].try_into().expect("6 bytes");
+        let psk = match &self.spec.keys {
+            Keys::One(k) => k.clone(),
+            Keys::Registry(r) => r.raw_key(&device_id).map(<[u8]>::to_vec).unwrap_or_default(),
+        };
+        let bind = (!self.spec.source_ips.is_empty())
+            .then(|| SocketAddr::new(self.spec.source_ips[idx as usize % self.spec.source_ips.len()], 0));
+        ClientConfig {
+            addr: self.spec.target,
+            psk,
+            device_id: Some(device_id),
+            connect_timeout: self.spec.connect_timeout,
+            keepalive: self.spec.keepalive,
+            bind,
+            transport: self.spec.transport,
+        }
+    }
+
+    /// One handshake; its latency is measured from `intended` (open loop) and recorded.
+    async fn connect(&self, idx: u64, intended: Instant) -> Option<Client> {
+        match Client::connect(&self.config(idx)).await {
+            Ok(c) => {
+                let _ = self.hs.borrow_mut().record(intended.elapsed().as_micros().max(1) as u64);
+                self.counters.borrow_mut().handshakes_ok += 1;
+                Some(c)
+            }
+            Err(e) => {
+                self.counters.borrow_mut().handshakes_failed += 1;
+                self.error_of(&e);
+                None
+            }
+        }
+    }
+
+    fn ramp_finished_one(&self) {
+        self.ramp_done.set(self.ramp_done.get() + 1);
+        if self.ramp_done.get() == self.ramp_total {
+            let start = Instant::now();
+            self.steady.set(Some((start, start + self.spec.duration)));
+        }
+        self.ramp_ev.notify();
+    }
+
+    async fn steady_window(&self) -> (Instant, Instant) {
+        loop {
+            let w = self.ramp_ev.wait();
+            if let Some(s) = self.steady.get() {
+                return s;
+            }
+            w.await;
+        }
+    }
+}
+
+/// Run `devices` on this thread; returns its measurements.
+pub async fn run_thread(spec: Spec, devices: Vec<u64>, progress: Arc<Progress>) -> ThreadResult {
+    let ctx = Rc::new(Ctx {
+        ramp_total: devices.len() as u64,
+        spec,
+        counters: RefCell::new(Counters { devices_requested: devices.len() as u64, ..Default::default() }),
+        hs: RefCell::new(new_hist()),
+        rtt: RefCell::new(new_hist()),
+        progress,
+        next_connect: Cell::new(None),
+        ramp_done: Cell::new(0),
+        ramp_ev: LocalEvent::default(),
+        steady: Cell::new(None),
+    });
+    if devices.is_empty() {
+        ctx.steady.set(Some((Instant::now(), Instant::now())));
+    }
+    let handles: Vec<_> = devices.into_iter().map(|idx| monoio::spawn(device(ctx.clone(), idx))).collect();
+    for h in handles {
+        h.await;
+    }
+    let ctx = Rc::try_unwrap(ctx).ok().expect("all device tasks ended");
+    ThreadResult {
+        counters: ctx.counters.into_inner(),
+        handshake: ctx.hs.into_inner(),
+        rtt: ctx.rtt.into_inner(),
+    }
+}
+
+async fn device(ctx: Rc<Ctx>, idx: u64) {
+    // Ramp-up: one paced handshake (retried with backoff under --reconnect).
+    ctx.connect_token().await;
+    let mut client = ctx.connect(idx, Instant::now()).await;
+    if client.is_some() {
+        ctx.counters.borrow_mut().devices_connected += 1;
+        ctx.progress.connected.fetch_add(1, Ordering::Relaxed);
+    }
+    ctx.ramp_finished_one();
+    let (start, end) = ctx.steady_window().await;
+    if client.is_none() && ctx.spec.reconnect {
+        client = reconnect(&ctx, idx, end).await;
+        if client.is_some() {
+            ctx.counters.borrow_mut().devices_connected += 1;
+            ctx.progress.connected.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    if client.is_none() {
+        ctx.counters.borrow_mut().devices_failed += 1;
+        return;
+    }
+    if ctx.spec.echo {
+        echo(&ctx, idx, client, start, end).await;
+    } else {
+        if let Some(c) = client.take() {
+            c.disconnect().await;
+        }
+        handshakes(&ctx, idx, start, end).await;
+    }
+}
+
+/// Reconnect with backoff (1 s, 2 s, … 30 s, jittered) until `until`.
+async fn reconnect(ctx: &Ctx, idx: u64, until: Instant) -> Option<Client> {
+    let mut delay = Duration::from_millis(250 + splitmix(idx) % 750);
+    while Instant::now() + delay < until {
+        monoio::time::sleep(delay).await;
+        ctx.connect_token().await;
+        if let Some(c) = ctx.connect(idx, Instant::now()).await {
+            return Some(c);
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+    None
+}
+
+/// Open-loop echo traffic (or closed loop when the rate is 0), then drain and BYE.
+async fn echo(ctx: &Rc<Ctx>, idx: u64, mut client: Option<Client>, start: Instant, end: Instant) {
+    let rate = ctx.spec.rate;
+    let interval = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
+    let phase = interval.map_or(Duration::ZERO, |i| i.mul_f64((splitmix(idx) % 10_000) as f64 / 10_000.0));
+    let mut k = 0u64;
+    while let Some(c) = client.take() {
+        let c = Rc::new(c);
+        let outstanding: Rc<RefCell<VecDeque<(u64, Instant)>>> = Rc::default();
+        let done = Rc::new(LocalEvent::default());
+        let rx = monoio::spawn(receive(ctx.clone(), idx, c.clone(), outstanding.clone(), done.clone()));
+        let mut lost_session = false;
+        loop {
+            let intended = match interval {
+                Some(i) => start + phase + i.mul_f64(k as f64),
+                None => Instant::now(),
+            };
+            if intended >= end {
+                break;
+            }
+            monoio::time::sleep_until(intended).await;
+            outstanding.borrow_mut().push_back((k, intended));
+            if let Err(e) = c.send(&payload(idx, k, ctx.spec.payload)).await {
+                outstanding.borrow_mut().pop_back();
+                ctx.error_of(&e);
+                lost_session = true;
+                break;
+            }
+            ctx.counters.borrow_mut().messages_sent += 1;
+            ctx.progress.sent.fetch_add(1, Ordering::Relaxed);
+            k += 1;
+            if interval.is_none() {
+                // Closed loop: the next message leaves when this one is back.
+                while !outstanding.borrow().is_empty() && c.close_reason().is_none() {
+                    let w = done.wait();
+                    if outstanding.borrow().is_empty() {
+                        break;
+                    }
+                    let _ = monoio::time::timeout(Duration::from_secs(1), w).await;
+                }
+            }
+            if c.close_reason().is_some() {
+                lost_session = true;
+                break;
+            }
+        }
+        // Drain: give replies up to 5 s, then say BYE; whatever is missing is lost.
+        let drain_until = Instant::now() + Duration::from_secs(5);
+        while !outstanding.borrow().is_empty() && c.close_reason().is_none() && Instant::now() < drain_until {
+            let w = done.wait();
+            let _ = monoio::time::timeout(Duration::from_millis(100), w).await;
+        }
+        ctx.counters.borrow_mut().messages_lost += outstanding.borrow().len() as u64;
+        outstanding.borrow_mut().clear();
+        if c.close_reason().is_some() {
+            lost_session = true;
+        }
+        c.bye().await;
+        rx.await;
+        if lost_session && ctx.spec.reconnect && Instant::now() < end {
+            ctx.error("session_lost".into());
+            client = reconnect(ctx, idx, end).await;
+        }
+    }
+}
+
+async fn receive(
+    ctx: Rc<Ctx>,
+    idx: u64,
+    c: Rc<Client>,
+    outstanding: Rc<RefCell<VecDeque<(u64, Instant)>>>,
+    done: Rc<LocalEvent>,
+) {
+    // Holding an Rc keeps the client alive; stop once the session ends.
+    loop {
+        let m = match c.recv().await {
+            Ok(m) => m,
+            Err(_) => break,
+        };
+        let Some((k, intended)) = outstanding.borrow_mut().pop_front() else {
+            ctx.error("unexpected_message".into());
+            continue;
+        };
+        if m != payload(idx, k, ctx.spec.payload) {
+            ctx.error("echo_mismatch".into());
+        }
+        let _ = ctx.rtt.borrow_mut().record(intended.elapsed().as_micros().max(1) as u64);
+        ctx.counters.borrow_mut().messages_received += 1;
+        ctx.progress.received.fetch_add(1, Ordering::Relaxed);
+        done.notify();
+    }
+    drop(c);
+    done.notify();
+}
+
+/// Handshake mode: `rate` handshakes per second per device (0 = back to back), each timed
+/// from its intended start, each followed by BYE.
+async fn handshakes(ctx: &Ctx, idx: u64, start: Instant, end: Instant) {
+    let interval = (ctx.spec.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / ctx.spec.rate));
+    let phase = interval.map_or(Duration::ZERO, |i| i.mul_f64((splitmix(idx) % 10_000) as f64 / 10_000.0));
+    let mut k = 0u64;
+    loop {
+        let intended = match interval {
+            Some(i) => start + phase + i.mul_f64(k as f64),
+            None => Instant::now(),
+        };
+        if intended >= end {
+            return;
+        }
+        monoio::time::sleep_until(intended).await;
+        if let Some(c) = ctx.connect(idx, intended).await {
+            c.disconnect().await;
+        }
+        k += 1;
+    }
+}
