@@ -31,6 +31,8 @@ use crate::rt::{now, wire, Error};
 
 /// Receives kept in flight on io_uring (epoll wakes only one waiter per socket).
 const URING_RECEIVERS: usize = 4;
+/// Sends kept in flight on io_uring: one at a time caps a shard at one datagram per loop turn.
+const URING_SENDERS: usize = 16;
 /// Handshake datagrams buffered per peer before more are dropped.
 const HS_INBOX: usize = 8;
 
@@ -91,8 +93,12 @@ where
     H: Fn(Session) -> F + Send + Sync + 'static,
     F: Future<Output = ()> + 'static,
 {
-    monoio::spawn(send_loop(udp.sock.clone(), udp.out.clone()));
-    let receivers = if monoio::utils::is_legacy() { 1 } else { URING_RECEIVERS };
+    // epoll wakes one waiter per socket direction, io_uring keeps many operations in flight.
+    let (senders, receivers) =
+        if monoio::utils::is_legacy() { (1, 1) } else { (URING_SENDERS, URING_RECEIVERS) };
+    for _ in 0..senders {
+        monoio::spawn(send_loop(udp.sock.clone(), udp.out.clone()));
+    }
     for _ in 0..receivers {
         monoio::spawn(recv_loop(shard.clone(), udp.clone(), handler.clone()));
     }

@@ -123,6 +123,9 @@ pub struct Conn {
     pub(crate) ack_ev: LocalEvent,
     /// Closed without BYE: stop retransmitting at once.
     pub(crate) abandon: Cell<bool>,
+    /// UDP: when the peer last retransmitted a frame we had already accepted (our UTACK was
+    /// lost): UTACKs then go out twice for a while.
+    pub(crate) ack_loss_seen: Cell<Option<Duration>>,
 }
 
 /// What one received frame did to the session.
@@ -148,6 +151,7 @@ impl Conn {
             arq: RefCell::new(Arq::default()),
             ack_ev: LocalEvent::default(),
             abandon: Cell::new(false),
+            ack_loss_seen: Cell::new(None),
             session: RefCell::new(session),
             peer,
             out: RefCell::new(Vec::new()),

@@ -22,6 +22,15 @@ impl LocalEvent {
         }
     }
 
+    /// Wake one waiter (work queues with several consumers: no thundering herd).
+    pub fn notify_one(&self) {
+        self.version.set(self.version.get().wrapping_add(1));
+        let w = self.waiters.borrow_mut().pop();
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+
     /// A future that completes at the next [`LocalEvent::notify`] after this call.
     pub fn wait(&self) -> Wait<'_> {
         Wait { ev: self, seen: self.version.get() }

@@ -22,10 +22,13 @@ use crate::proto::ErrorKind;
 const MAX_QUEUED: usize = 65_536;
 /// Spare buffers kept for reuse.
 const MAX_POOLED: usize = 4096;
-/// Copies of each session-phase UTACK sent: on a link losing a fraction `p` of datagrams an
-/// attempt then fails with about `p + p²` instead of `2p`, and `(p + p²)^5` is what loses a
-/// session (at 10 % loss: 1.5e-5 per frame instead of 2.5e-4).
+/// Copies of each session-phase UTACK once the peer has shown it loses them: on a link losing
+/// a fraction `p` of datagrams an attempt then fails with about `p + p²` instead of `2p`, and
+/// `(p + p²)^5` is what loses a session (at 10 % loss: 1.5e-5 per frame instead of 2.5e-4).
+/// On a clean link one copy is sent: the second costs a syscall per frame on both sides.
 pub const UTACK_COPIES: usize = 2;
+/// How long after the last sign of UTACK loss the copies keep going out.
+pub const ACK_LOSS_MEMORY: std::time::Duration = std::time::Duration::from_secs(30);
 /// How many of the final transmissions are sent as two copies. With loss `p` per datagram a
 /// frame is then lost for good with about `(p+p²)^3 · (p²)^2` instead of `(p+p²)^5`:
 /// at 10 % loss 1.3e-7 per frame instead of 1.5e-5.
@@ -62,7 +65,7 @@ impl UdpOut {
         b.extend_from_slice(bytes);
         q.push_back((b, to));
         drop(q);
-        self.ev.notify();
+        self.ev.notify_one();
     }
 
     /// Let the sender task finish once the queue is empty.
@@ -70,9 +73,15 @@ impl UdpOut {
         self.stopped.set(true);
         self.ev.notify();
     }
+
+    /// Datagrams waiting to be sent.
+    pub fn queued(&self) -> usize {
+        self.queue.borrow().len()
+    }
 }
 
-/// Drain `out` into `sock` until [`UdpOut::stop`].
+/// Drain `out` into `sock` until [`UdpOut::stop`]. Several of these may drain one queue
+/// (io_uring); each datagram is sent once, by whichever loop takes it.
 pub async fn send_loop(sock: Rc<UdpSocket>, out: Rc<UdpOut>) {
     loop {
         let wait = out.ev.wait();
@@ -181,9 +190,11 @@ pub fn on_session_datagram(conn: &Conn, out: &UdpOut, d: &mut [u8], peer: Socket
     let key = *conn.session().rx_key_bytes();
     let ack = |out: &UdpOut| {
         let (b, n) = encode_utack(ptype as u8, seq, Some(&key));
-        // Twice: a lost UTACK costs the sender a retransmission, and five lost attempts
-        // end the session. Senders ignore UTACKs that match nothing, so the copy is free.
-        for _ in 0..UTACK_COPIES {
+        // A lost UTACK costs the sender a retransmission, and five lost attempts end the
+        // session: once this peer has shown ACK loss, send copies (senders ignore UTACKs
+        // that match nothing, so a copy is harmless).
+        let lossy = conn.ack_loss_seen.get().is_some_and(|t| now().saturating_sub(t) < ACK_LOSS_MEMORY);
+        for _ in 0..if lossy { UTACK_COPIES } else { 1 } {
             out.send(&b[..n], peer);
         }
     };
@@ -198,6 +209,7 @@ pub fn on_session_datagram(conn: &Conn, out: &UdpOut, d: &mut [u8], peer: Socket
         }
         FrameOutcome::Rejected(ErrorKind::Sequence) if conn.session().verify_duplicate(d) => {
             // A retransmission whose UTACK was lost: acknowledge again, deliver nothing.
+            conn.ack_loss_seen.set(Some(now()));
             ack(out);
             Inbound::Handled
         }
