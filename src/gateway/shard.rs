@@ -463,10 +463,12 @@ where
     let started = now();
     let device = Cell::new(None);
     let mut deframer = Deframer::new();
-    let hs = monoio::time::timeout(
+    // Boxed: the handshake's state (keys, buffers, timer) is freed when it ends instead of
+    // sizing this task's future for the whole session.
+    let hs = Box::pin(monoio::time::timeout(
         shard.shared.cfg.handshake_timeout,
         server_handshake(&shard, &mut stream, peer, &mut deframer, &device),
-    )
+    ))
     .await;
     shard.handshakes.set(shard.handshakes.get() - 1);
     let outcome = match hs {
