@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod fuzzing;
 pub mod gateway;
 pub mod ops;
 pub mod proto;

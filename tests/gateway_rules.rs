@@ -296,3 +296,59 @@ fn python_client_disconnect_is_a_bye_at_the_gateway() {
     assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap().as_deref(), Some("peer_bye"));
     gw.shutdown();
 }
+
+#[test]
+fn stalled_handshakes_are_evicted_under_pressure() {
+    // 8 slots; a flood of 8 idle sockets fills them. Without eviction a real device would be
+    // refused until the 10 s handshake timeout frees them.
+    let gw = gateway_with(
+        Gateway::builder().shards(1).max_handshakes_per_shard(8).handshake_timeout(Duration::from_secs(10)),
+    );
+    let addr = gw.local_addr();
+    let idle: Vec<TcpStream> = (0..8).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    let ok = usmp::rt::block_on(async {
+        // From another address: the idle sockets' evictions count as timeouts and lock 127.0.0.1.
+        let cfg = ClientConfig {
+            connect_timeout: Duration::from_secs(2),
+            bind: Some("127.0.0.2:0".parse().unwrap()),
+            ..ClientConfig::new(addr, PSK)
+        };
+        loop {
+            if let Ok(c) = Client::connect(&cfg).await {
+                c.disconnect().await;
+                return true;
+            }
+            if t.elapsed() > Duration::from_secs(5) {
+                return false;
+            }
+            monoio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    assert!(ok, "a real device must get in well before the 10 s timeout");
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    let s = gw.handle().stats();
+    assert!(s.handshakes_evicted >= 8, "{s:?}");
+    assert!(s.handshakes_timeout >= 8, "evictions count as timeouts (lockout rule): {s:?}");
+    drop(idle);
+    gw.shutdown();
+}
+
+#[test]
+fn x25519_runs_within_the_per_shard_budget() {
+    let gw = gateway_with(Gateway::builder().shards(1).handshake_rate_per_shard(2.0));
+    let addr = gw.local_addr();
+    usmp::rt::block_on(async {
+        let cfg = ClientConfig::new(addr, PSK);
+        Client::connect(&cfg).await.unwrap().disconnect().await;
+        assert!(Client::connect(&cfg).await.is_err(), "second handshake within 0.5 s is over budget");
+        monoio::time::sleep(Duration::from_millis(600)).await;
+        Client::connect(&cfg).await.unwrap().disconnect().await;
+    });
+    let s = gw.handle().stats();
+    assert_eq!(s.refused_over_limit, 1, "{s:?}");
+    assert_eq!(s.handshakes_ok, 2);
+    assert_eq!(s.handshakes_bad_key + s.handshakes_malformed, 0, "a budget refusal is no failure: {s:?}");
+    gw.shutdown();
+}

@@ -77,6 +77,9 @@ struct Args {
     /// UDP: HELLOs answered per second per source IP (fleets behind NAT) [default: 1000].
     #[arg(long, value_name = "N")]
     cookie_rate_per_ip: Option<f64>,
+    /// Handshakes (X25519) started per second per shard, 0 = unlimited [default: 20000].
+    #[arg(long, value_name = "N")]
+    handshake_rate: Option<f64>,
 }
 
 impl Args {
@@ -99,6 +102,7 @@ impl Args {
             admin_token: self.admin_token.clone(),
             log_format: self.log_format,
             cookie_rate_per_ip: self.cookie_rate_per_ip,
+            handshake_rate: self.handshake_rate,
         }
     }
 

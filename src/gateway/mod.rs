@@ -102,6 +102,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// I/O driver: io_uring (falling back to epoll where unavailable), or epoll only.
     pub io_driver: crate::rt::Driver,
+    /// X25519 computations started per second per shard (0 = unlimited): under a flood of
+    /// valid-looking HELLOs the rest of the shard's cycles stay with live sessions.
+    pub handshake_rate_per_shard: f64,
     /// UDP cookie path: HELLOs answered per second per source IP (burst: one second's worth,
     /// at least 10). The reference allows 5/s, which stalls a fleet behind one NAT address.
     pub cookie_rate_per_ip: f64,
@@ -124,6 +127,7 @@ impl Default for Config {
             on_timeout: None,
             shutdown_grace: Duration::from_secs(5),
             cookie_rate_per_ip: 1000.0,
+            handshake_rate_per_shard: 20_000.0,
             io_driver: if std::env::var_os("USMP_FORCE_EPOLL").is_some_and(|v| v == "1") {
                 crate::rt::Driver::Legacy
             } else {
@@ -205,6 +209,11 @@ impl GatewayBuilder {
     /// Lockout policy.
     pub fn lockout(mut self, p: LockoutPolicy) -> Self {
         self.cfg.lockout = p;
+        self
+    }
+    /// Handshakes (X25519) started per second per shard, 0 = unlimited (default 20 000).
+    pub fn handshake_rate_per_shard(mut self, r: f64) -> Self {
+        self.cfg.handshake_rate_per_shard = r;
         self
     }
     /// UDP HELLOs answered per second per source IP (default 1000).

@@ -112,7 +112,23 @@ pub(super) struct Shard {
     pub(super) stopping: crate::rt::event::LocalEvent,
     /// Refusal log lines left in the current second (a flood must not flood the logs).
     refusal_log: Cell<(Duration, u32, u64)>,
+    /// Handshakes in progress (both transports), oldest evictable under pressure.
+    pub(super) pending: RefCell<Slab<Pending>>,
+    /// X25519 budget: the time before which no new handshake computation may start.
+    crypto_budget: Cell<Duration>,
 }
+
+/// A handshake in progress: when it started and how to stop it.
+pub(super) struct Pending {
+    pub(super) id: u64,
+    pub(super) started: Duration,
+    pub(super) evict: Rc<dyn Fn()>,
+}
+
+/// Under pressure (handshake table more than half full), handshakes older than this are
+/// evicted: legitimate devices finish in a few round trips; a flood of idle or never-finishing
+/// handshakes otherwise holds the slots for the whole handshake timeout.
+pub const EVICT_AFTER: Duration = Duration::from_secs(1);
 
 /// Refusals logged per shard per second; the rest are summed into one line.
 const REFUSAL_LOG_PER_SEC: u32 = 10;
@@ -177,6 +193,39 @@ impl Shard {
         }
     }
 
+    /// Take one X25519 from the per-shard budget (`handshake_rate` per second, 0 = unlimited).
+    pub(super) fn crypto_allowed(&self) -> bool {
+        let rate = self.shared.cfg.handshake_rate_per_shard;
+        if rate <= 0.0 {
+            return true;
+        }
+        let t = now();
+        let gap = Duration::from_secs_f64(1.0 / rate);
+        // Allow a burst of one tenth of a second's budget (at least one).
+        let burst = (rate / 10.0).max(1.0).floor();
+        let floor = t.saturating_sub(gap.mul_f64(burst - 1.0));
+        let next = self.crypto_budget.get().max(floor);
+        if next > t {
+            return false;
+        }
+        self.crypto_budget.set(next + gap);
+        true
+    }
+
+    /// Register a handshake in progress; returns its ticket for [`Shard::unregister_pending`].
+    pub(super) fn register_pending(&self, evict: Rc<dyn Fn()>) -> (usize, u64) {
+        let id = self.shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        (self.pending.borrow_mut().insert(Pending { id, started: now(), evict }), id)
+    }
+
+    /// The handshake ended (either way). The id guards against a slot reused after eviction.
+    pub(super) fn unregister_pending(&self, (key, id): (usize, u64)) {
+        let mut p = self.pending.borrow_mut();
+        if p.get(key).is_some_and(|e| e.id == id) {
+            p.remove(key);
+        }
+    }
+
     pub(super) fn locked(&self, key: &LockoutKey) -> bool {
         self.lockout.borrow().check(key, now()).is_some()
     }
@@ -218,6 +267,8 @@ pub(super) fn run<H, F>(
         rng: SystemRandom::new(),
         stopping: Default::default(),
         refusal_log: Cell::new((Duration::ZERO, 0, 0)),
+        pending: RefCell::new(Slab::new()),
+        crypto_budget: Cell::new(Duration::ZERO),
     });
     let preferred = shard.shared.cfg.io_driver;
     let (_, driver) = crate::rt::run_with(preferred, shard_main(shard, sockets, inbox, handler));
@@ -240,6 +291,7 @@ async fn shard_main<H, F>(
     );
     monoio::spawn(inbox_loop(shard.clone(), inbox));
     monoio::spawn(sweeper(shard.clone()));
+    monoio::spawn(evictor(shard.clone()));
     let udp = match sockets.udp.map(|u| wire::random::<32>(&shard.rng).map(|secret| (u, secret))) {
         Some(Ok((u, secret))) => {
             match super::udp::UdpShard::new(u, secret, shard.shared.cfg.cookie_rate_per_ip) {
@@ -374,6 +426,37 @@ fn live_conn(shard: &Shard, device_id: &[u8; 6]) -> Option<Rc<Conn>> {
     shard.sessions.borrow().get(key).map(|l| l.conn.clone())
 }
 
+/// Under pressure, evict handshakes pending for longer than [`EVICT_AFTER`].
+async fn evictor(shard: Rc<Shard>) {
+    let max = shard.shared.cfg.max_handshakes_per_shard;
+    while !shard.is_stopping() {
+        monoio::time::sleep(Duration::from_millis(100)).await;
+        if shard.pending.borrow().len() * 2 <= max {
+            continue;
+        }
+        let t = now();
+        let old: Vec<((usize, u64), Rc<dyn Fn()>)> = shard
+            .pending
+            .borrow()
+            .iter()
+            .filter(|(_, p)| t.saturating_sub(p.started) > EVICT_AFTER)
+            .map(|(k, p)| ((k, p.id), p.evict.clone()))
+            .collect();
+        if !old.is_empty() {
+            tracing::info!(
+                shard = shard.idx,
+                evicted = old.len(),
+                "handshake table under pressure: evicting stalled handshakes"
+            );
+        }
+        for (k, evict) in old {
+            ShardStats::inc(&shard.stats().handshakes_evicted);
+            shard.unregister_pending(k);
+            evict();
+        }
+    }
+}
+
 /// The watchdog for every session of the shard, plus lockout pruning.
 async fn sweeper(shard: Rc<Shard>) {
     let timeout = shard.shared.cfg.session_timeout;
@@ -463,15 +546,31 @@ where
     let started = now();
     let device = Cell::new(None);
     let mut deframer = Deframer::new();
+    let canceller = Rc::new(RefCell::new(Some(monoio::io::Canceller::new())));
+    let cancel = canceller.borrow().as_ref().map(|c| c.handle());
+    let pending = {
+        let c = canceller.clone();
+        shard.register_pending(Rc::new(move || {
+            if let Some(c) = c.borrow_mut().take() {
+                c.cancel();
+            }
+        }))
+    };
     // Boxed: the handshake's state (keys, buffers, timer) is freed when it ends instead of
     // sizing this task's future for the whole session.
     let hs = Box::pin(monoio::time::timeout(
         shard.shared.cfg.handshake_timeout,
-        server_handshake(&shard, &mut stream, peer, &mut deframer, &device),
+        server_handshake(&shard, &mut stream, peer, &mut deframer, &device, cancel),
     ))
     .await;
     shard.handshakes.set(shard.handshakes.get() - 1);
+    shard.unregister_pending(pending);
+    let evicted = canceller.borrow().is_none();
     let outcome = match hs {
+        Ok(Err(_)) if evicted => Err(Failure {
+            error: Error::timeout("handshake evicted: stalled under pressure"),
+            device: device.get(),
+        }),
         Ok(r) => r,
         Err(_) => Err(Failure { error: Error::timeout("handshake timed out"), device: device.get() }),
     };
@@ -496,7 +595,7 @@ pub(super) fn record_failure(shard: &Shard, peer: SocketAddr, f: Failure) {
     let counted = match kind {
         ErrorKind::Auth => Some(&s.handshakes_bad_key),
         ErrorKind::Timeout => Some(&s.handshakes_timeout),
-        // A refused device (locked out) is not a new failure.
+        // A refused handshake (locked out, over budget) is not a new failure; it was counted.
         ErrorKind::NotConnected => None,
         ErrorKind::Handshake if matches!(&f.error, Error::Protocol(e) if e.detail() == UNREGISTERED) => {
             Some(&s.handshakes_unknown_device)
@@ -507,7 +606,9 @@ pub(super) fn record_failure(shard: &Shard, peer: SocketAddr, f: Failure) {
     let silent_close = matches!(&f.error, Error::Protocol(e) if e.kind() == ErrorKind::ConnectionClosed)
         && f.device.is_none();
     let Some(counter) = counted else {
-        ShardStats::inc(&s.refused_locked_out);
+        if matches!(&f.error, Error::Protocol(e) if e.detail() == "device locked out") {
+            ShardStats::inc(&s.refused_locked_out);
+        }
         return;
     };
     ShardStats::inc(counter);
@@ -529,10 +630,11 @@ async fn server_handshake(
     peer: SocketAddr,
     deframer: &mut Deframer,
     device: &Cell<Option<[u8; 6]>>,
+    cancel: Option<monoio::io::CancelHandle>,
 ) -> Result<ProtoSession, Failure> {
     let fail = |error: Error| Failure { error, device: device.get() };
     // Step 1: HELLO.
-    let f = wire::read_frame(stream, deframer).await.map_err(fail)?;
+    let f = wire::read_frame_cancelable(stream, deframer, cancel.clone()).await.map_err(fail)?;
     let hello = Frame::decode(&f).and_then(|f| decode_hello(&f)).map_err(|e| fail(e.into()))?;
     device.set(Some(hello.device_id));
     if shard.locked(&LockoutKey::Device(peer.ip(), hello.device_id)) {
@@ -545,6 +647,11 @@ async fn server_handshake(
     let psk = psk.ok_or_else(|| {
         fail(Error::Protocol(crate::proto::Error::misbehaved(ErrorKind::Handshake, UNREGISTERED)))
     })?;
+    // X25519 only within the shard's budget: a flood cannot take every cycle from live sessions.
+    if !shard.crypto_allowed() {
+        ShardStats::inc(&shard.stats().refused_over_limit);
+        return Err(fail(Error::misuse(ErrorKind::NotConnected, "handshake budget exhausted")));
+    }
     // Step 2: CHALLENGE with a fresh key pair and nonce.
     let seed = wire::random::<32>(&shard.rng).map_err(fail)?;
     let nonce = wire::random::<32>(&shard.rng).map_err(fail)?;
@@ -554,7 +661,7 @@ async fn server_handshake(
     let n = expect.encode_challenge(&mut buf).map_err(|e| fail(e.into()))?;
     wire::write_all(stream, buf[..n].to_vec()).await.map_err(fail)?;
     // Step 3: HELLO_ACK, verified in constant time.
-    let f = wire::read_frame(stream, deframer).await.map_err(fail)?;
+    let f = wire::read_frame_cancelable(stream, deframer, cancel).await.map_err(fail)?;
     Frame::decode(&f).and_then(|f| expect.verify_hello_ack(&f)).map_err(|e| fail(e.into()))?;
     // Step 4: SESSION_OK (limits were reserved at accept, so they hold before this point).
     let session_id = wire::random::<16>(&shard.rng).map_err(fail)?;

@@ -39,6 +39,8 @@ counters! {
     handshakes_malformed,
     /// Handshakes from unknown devices (no key).
     handshakes_unknown_device,
+    /// Handshakes evicted because they stalled while the handshake table was under pressure.
+    handshakes_evicted,
     /// Connections refused because the source was locked out.
     refused_locked_out,
     /// Connections refused by a session or handshake limit.

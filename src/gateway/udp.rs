@@ -38,6 +38,8 @@ const HS_INBOX: usize = 8;
 
 /// A handshake in progress with one address.
 struct Handshake {
+    /// Evicted under pressure (stalled): give up at once.
+    evicted: std::cell::Cell<bool>,
     /// The cookie that opened it: its retransmitted HELLO is re-ACKed by the task, any other
     /// HELLO from the address starts over on the cookie path.
     cookie: [u8; 16],
@@ -246,7 +248,12 @@ where
         ShardStats::inc(&s.refused_over_limit);
         return;
     }
-    let hs = Rc::new(Handshake { cookie, inbox: RefCell::new(VecDeque::new()), ev: LocalEvent::default() });
+    let hs = Rc::new(Handshake {
+        evicted: std::cell::Cell::new(false),
+        cookie,
+        inbox: RefCell::new(VecDeque::new()),
+        ev: LocalEvent::default(),
+    });
     udp.peers.borrow_mut().entry(from).or_default().hs = Some(hs.clone());
     send_utack(udp, PacketType::Hello as u8, hello.seq, from);
     shard.handshakes.set(shard.handshakes.get() + 1);
@@ -291,8 +298,16 @@ async fn handshake_task<H, F>(
 {
     let timeout = shard.shared.cfg.handshake_timeout;
     let started = now();
+    let pending = {
+        let h = hs.clone();
+        shard.register_pending(Rc::new(move || {
+            h.evicted.set(true);
+            h.ev.notify();
+        }))
+    };
     let res = monoio::time::timeout(timeout, until_hello_ack(&shard, &udp, &hs, &hello, from)).await;
     shard.handshakes.set(shard.handshakes.get() - 1);
+    shard.unregister_pending(pending);
     let (expect, mut arq) = match res {
         Ok(Ok(x)) => x,
         Ok(Err(f)) => return fail(&shard, &udp, &hs, from, f),
@@ -374,6 +389,10 @@ async fn until_hello_ack(
     from: SocketAddr,
 ) -> Result<(ServerExpectHelloAck, Arq), Failure> {
     let fail = |error: Error| Failure { error, device: Some(hello.device_id) };
+    if !shard.crypto_allowed() {
+        ShardStats::inc(&shard.stats().refused_over_limit);
+        return Err(fail(Error::misuse(ErrorKind::NotConnected, "handshake budget exhausted")));
+    }
     let psk = match shard.shared.cfg.psk.as_ref() {
         Some(src) => src.lookup(hello.device_id).await,
         None => None,
@@ -391,7 +410,11 @@ async fn until_hello_ack(
     arq.on_send(ExpectedAck::new(PacketType::Challenge as u8, 0, None), now());
     udp.out.send(&challenge[..n], from);
     loop {
-        let Some(d) = next(hs, arq.poll_timeout().or(Some(now() + Duration::from_secs(3600)))).await else {
+        let got = next(hs, arq.poll_timeout().or(Some(now() + Duration::from_secs(3600)))).await;
+        if hs.evicted.get() {
+            return Err(fail(Error::timeout("handshake evicted: stalled under pressure")));
+        }
+        let Some(d) = got else {
             match arq.handle_timeout(now()) {
                 ArqAction::Wait => continue,
                 ArqAction::Retransmit(_) => {

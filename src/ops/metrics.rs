@@ -37,6 +37,7 @@ pub fn render(h: &GatewayHandle) -> String {
         ("unknown_device", s.handshakes_unknown_device),
         ("locked_out", s.refused_locked_out),
         ("over_limit", s.refused_over_limit),
+        ("evicted", s.handshakes_evicted),
     ] {
         let _ = writeln!(o, "usmp_handshakes_total{{outcome=\"{outcome}\"}} {v}");
     }

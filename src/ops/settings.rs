@@ -83,6 +83,8 @@ pub struct Settings {
     pub log_format: Option<LogFormat>,
     /// `--cookie-rate-per-ip`
     pub cookie_rate_per_ip: Option<f64>,
+    /// `--handshake-rate`
+    pub handshake_rate: Option<f64>,
 }
 
 /// Settings resolved into a gateway configuration plus what the binary needs around it.
@@ -175,6 +177,7 @@ impl Settings {
             admin_token: top.admin_token.or(self.admin_token),
             log_format: top.log_format.or(self.log_format),
             cookie_rate_per_ip: top.cookie_rate_per_ip.or(self.cookie_rate_per_ip),
+            handshake_rate: top.handshake_rate.or(self.handshake_rate),
         }
     }
 
@@ -237,6 +240,12 @@ impl Settings {
                 return Err(ConfigError::new(named("cookie-rate-per-ip"), "must be a positive rate"));
             }
             config.cookie_rate_per_ip = r;
+        }
+        if let Some(r) = self.handshake_rate {
+            if !(r.is_finite() && r >= 0.0) {
+                return Err(ConfigError::new(named("handshake-rate"), "must be ≥ 0 (0 = unlimited)"));
+            }
+            config.handshake_rate_per_shard = r;
         }
         if let Some(t) = &self.admin_token {
             if t.len() < 16 {

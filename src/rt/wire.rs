@@ -2,7 +2,7 @@
 //! randomness. (After the handshake, [`crate::rt::conn`] owns the socket.)
 
 use monoio::buf::SliceMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt, CancelHandle, CancelableAsyncReadRent};
 use monoio::net::TcpStream;
 use ring::rand::{SecureRandom, SystemRandom};
 
@@ -13,12 +13,26 @@ use crate::proto::ErrorKind;
 /// Read until the deframer yields one complete, CRC-checked frame; returns a copy of it
 /// (handshake frames are small). EOF is `ConnectionClosed`.
 pub async fn read_frame(stream: &mut TcpStream, d: &mut Deframer) -> Result<Vec<u8>, Error> {
+    read_frame_cancelable(stream, d, None).await
+}
+
+/// [`read_frame`] whose pending read a [`monoio::io::Canceller`] can cancel (handshake
+/// eviction under a flood); a cancelled read is an error.
+pub async fn read_frame_cancelable(
+    stream: &mut TcpStream,
+    d: &mut Deframer,
+    cancel: Option<CancelHandle>,
+) -> Result<Vec<u8>, Error> {
     loop {
         if let Some(f) = d.next_frame()? {
             return Ok(f.to_vec());
         }
         let (buf, range) = d.take_buffer();
-        let (res, slice) = stream.read(SliceMut::new(buf, range.start, range.end)).await;
+        let slice = SliceMut::new(buf, range.start, range.end);
+        let (res, slice) = match &cancel {
+            Some(c) => stream.cancelable_read(slice, c.clone()).await,
+            None => stream.read(slice).await,
+        };
         let buf = slice.into_inner();
         match res {
             Ok(0) => {
