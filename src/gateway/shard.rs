@@ -118,6 +118,9 @@ pub(super) struct Shard {
     crypto_budget: Cell<Duration>,
 }
 
+/// Identifies a registered handshake: slab key plus a unique id.
+pub(super) type Ticket = (usize, u64);
+
 /// A handshake in progress: when it started and how to stop it.
 pub(super) struct Pending {
     pub(super) id: u64,
@@ -213,13 +216,13 @@ impl Shard {
     }
 
     /// Register a handshake in progress; returns its ticket for [`Shard::unregister_pending`].
-    pub(super) fn register_pending(&self, evict: Rc<dyn Fn()>) -> (usize, u64) {
+    pub(super) fn register_pending(&self, evict: Rc<dyn Fn()>) -> Ticket {
         let id = self.shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
         (self.pending.borrow_mut().insert(Pending { id, started: now(), evict }), id)
     }
 
     /// The handshake ended (either way). The id guards against a slot reused after eviction.
-    pub(super) fn unregister_pending(&self, (key, id): (usize, u64)) {
+    pub(super) fn unregister_pending(&self, (key, id): Ticket) {
         let mut p = self.pending.borrow_mut();
         if p.get(key).is_some_and(|e| e.id == id) {
             p.remove(key);
@@ -320,7 +323,12 @@ async fn shard_main<H, F>(
             }
         }
     }
-    // Graceful shutdown: BYE to every session, wait for them (bounded), then exit.
+    // Graceful shutdown: handshakes in progress are abandoned, every session gets BYE, and
+    // we wait for them (bounded), then exit.
+    let pending: Vec<Rc<dyn Fn()>> = shard.pending.borrow().iter().map(|(_, p)| p.evict.clone()).collect();
+    for evict in pending {
+        evict();
+    }
     let conns: Vec<Rc<Conn>> = shard.sessions.borrow().iter().map(|(_, l)| l.conn.clone()).collect();
     for c in &conns {
         c.close(CloseReason::Shutdown, true);
@@ -435,7 +443,7 @@ async fn evictor(shard: Rc<Shard>) {
             continue;
         }
         let t = now();
-        let old: Vec<((usize, u64), Rc<dyn Fn()>)> = shard
+        let old: Vec<(Ticket, Rc<dyn Fn()>)> = shard
             .pending
             .borrow()
             .iter()
