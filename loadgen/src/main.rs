@@ -35,6 +35,10 @@ enum Mode {
     Echo,
     /// Repeated handshakes (connect, BYE).
     Handshake,
+    /// Attack: valid-looking HELLOs (fresh device id and key each) that never finish.
+    HelloFlood,
+    /// Attack: random bytes instead of frames.
+    GarbageFlood,
 }
 
 /// Emulate USMP devices and measure a gateway.
@@ -65,7 +69,8 @@ struct Args {
     /// What each device does.
     #[arg(long, value_enum, default_value = "echo")]
     mode: Mode,
-    /// Messages (echo) or handshakes (handshake mode) per second per device; 0 = closed loop.
+    /// Messages (echo), handshakes (handshake mode) or attack attempts (floods) per second per
+    /// device; 0 = closed loop.
     #[arg(long, value_name = "R", default_value = "1")]
     rate: f64,
     /// Message size, 0..=1808 bytes.
@@ -182,6 +187,11 @@ fn run_worker(a: &Args, index: usize, count: usize) -> ExitCode {
         keys: keys(a).expect("validated"),
         device_id_base: u64::from_str_radix(&a.device_id_base, 16).expect("validated"),
         echo: a.mode == Mode::Echo,
+        flood: match a.mode {
+            Mode::HelloFlood => Some(worker::Flood::Hello),
+            Mode::GarbageFlood => Some(worker::Flood::Garbage),
+            _ => None,
+        },
         rate: a.rate,
         payload: a.payload,
         duration: Duration::from_secs_f64(a.duration),
