@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use usmp::client::{Client, ClientConfig};
 
+mod common;
+use common::child::ChildGuard;
+
 const BIN: &str = env!("CARGO_BIN_EXE_usmp-gateway");
 
 #[test]
@@ -27,12 +30,14 @@ fn bad_configuration_exits_2_naming_the_flag() {
 
 #[test]
 fn generated_key_works_and_sigterm_says_bye() {
-    let mut child = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--shards", "2"])
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = ChildGuard(
+        Command::new(BIN)
+            .args(["--listen", "127.0.0.1:0", "--shards", "2"])
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut key = None;
     let mut addr = None;
@@ -75,16 +80,18 @@ fn generated_key_works_and_sigterm_says_bye() {
 
 /// Start the binary on a free port (`--listen 127.0.0.1:0`) and read the bound address from
 /// its startup log line.
-fn start(args: &[&str]) -> (std::process::Child, std::net::SocketAddr) {
-    let mut child = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--shards", "1", "--psk", "binary-test-key-0123"])
-        .args(args)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+fn start(args: &[&str]) -> (ChildGuard, std::net::SocketAddr) {
+    let mut child = ChildGuard(
+        Command::new(BIN)
+            .args(["--listen", "127.0.0.1:0", "--shards", "1", "--psk", "binary-test-key-0123"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let addr = listening_addr(&mut lines);
     std::thread::spawn(move || for _ in lines {});

@@ -5,7 +5,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,10 +17,6 @@ use usmp::proto::ErrorKind;
 use usmp::psk::{PskSource, Registry};
 
 const PSK: &[u8] = b"integration-test-key-0123";
-
-fn hexs(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
 
 async fn echo(s: Session) {
     while let Ok(m) = s.recv().await {
@@ -48,18 +43,7 @@ fn gateway(shards: usize) -> Gateway {
 }
 
 fn py_client(addr: SocketAddr, script: &str, psk: &[u8], extra: &[&str]) -> Value {
-    let out = Command::new(common::pyref::python())
-        .arg(common::pyref::script("ref_client.py"))
-        .args(["--host", "127.0.0.1", "--port", &addr.port().to_string(), "--protocol", "tcp"])
-        .args(["--psk-hex", &hexs(psk), "--script", script, "--timeout", "30"])
-        .args(extra)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or_else(|| {
-        panic!("no JSON from ref_client {script}: {stdout} {}", String::from_utf8_lossy(&out.stderr))
-    });
-    serde_json::from_str(line).unwrap()
+    common::pyref::client("tcp", addr.port(), psk, script, extra)
 }
 
 #[test]
@@ -100,43 +84,9 @@ fn gateway_bye_reaches_the_python_client() {
     gw.shutdown();
 }
 
-struct PyServer {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl PyServer {
-    fn start(mode: &str) -> PyServer {
-        let mut child = Command::new(common::pyref::python())
-            .arg(common::pyref::script("ref_server.py"))
-            .args(["--host", "127.0.0.1", "--port", "0", "--protocol", "tcp", "--psk-hex", &hexs(PSK)])
-            .args(["--mode", mode])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut out = child.stdout.take().unwrap();
-        let mut line = Vec::new();
-        let mut b = [0u8; 1];
-        while out.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
-            line.push(b[0]);
-        }
-        let line = String::from_utf8(line).unwrap();
-        let port: u16 = line.strip_prefix("READY ").expect("READY line").trim().parse().unwrap();
-        PyServer { child, addr: SocketAddr::from(([127, 0, 0, 1], port)) }
-    }
-}
-
-impl Drop for PyServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn our_client_against_the_python_server() {
-    let srv = PyServer::start("rekey-echo");
+    let srv = common::pyref::RefServer::start("tcp", PSK, "rekey-echo");
     usmp::rt::block_on(async {
         let c = Client::connect(&ClientConfig::new(srv.addr, PSK)).await.unwrap();
         assert_eq!(c.session_id().len(), 32);
@@ -165,7 +115,7 @@ fn our_client_against_the_python_server() {
             Client::connect(&ClientConfig::new(srv.addr, &b"not-the-right-key-000"[..])).await.err().unwrap();
         assert!(matches!(e.kind(), ErrorKind::ConnectionClosed | ErrorKind::Handshake), "{e}");
     });
-    let srv = PyServer::start("bye-after-echo");
+    let srv = common::pyref::RefServer::start("tcp", PSK, "bye-after-echo");
     usmp::rt::block_on(async {
         let c = Client::connect(&ClientConfig::new(srv.addr, PSK)).await.unwrap();
         c.send(b"one").await.unwrap();

@@ -4,7 +4,6 @@
 mod common;
 
 use std::net::{SocketAddr, UdpSocket};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::proxy::LossyProxy;
@@ -45,19 +44,7 @@ fn gateway(shards: usize) -> Gateway {
 }
 
 fn py_client(port: u16, script: &str, extra: &[&str]) -> Value {
-    let out = Command::new(common::pyref::python())
-        .arg(common::pyref::script("ref_client.py"))
-        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--protocol", "udp"])
-        .args(["--psk-hex", &PSK.iter().map(|b| format!("{b:02x}")).collect::<String>()])
-        .args(["--script", script, "--timeout", "60"])
-        .args(extra)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or_else(|| {
-        panic!("no JSON from ref_client {script}: {stdout} {}", String::from_utf8_lossy(&out.stderr))
-    });
-    serde_json::from_str(line).unwrap()
+    common::pyref::client("udp", port, PSK, script, extra)
 }
 
 fn udp(addr: SocketAddr) -> ClientConfig {

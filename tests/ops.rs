@@ -231,9 +231,10 @@ fn admin_api_downlink_broadcast_kick_and_token() {
 
 const BIN: &str = env!("CARGO_BIN_EXE_usmp-gateway");
 
-fn start_binary(args: &[&str]) -> (std::process::Child, SocketAddr, std::sync::mpsc::Receiver<String>) {
-    let mut child =
-        Command::new(BIN).args(args).env("RUST_LOG", "info").stderr(Stdio::piped()).spawn().unwrap();
+fn start_binary(args: &[&str]) -> (common::child::ChildGuard, SocketAddr, std::sync::mpsc::Receiver<String>) {
+    let mut child = common::child::ChildGuard(
+        Command::new(BIN).args(args).env("RUST_LOG", "info").stderr(Stdio::piped()).spawn().unwrap(),
+    );
     let (tx, rx) = std::sync::mpsc::channel();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut addr = None;
@@ -352,21 +353,23 @@ fn config_file_errors_name_the_key_and_flags_override_it() {
 
 #[test]
 fn json_logs_one_event_per_decision_with_fields() {
-    let mut child = Command::new(BIN)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--shards",
-            "1",
-            "--psk",
-            "json-log-key-0123456789",
-            "--log-format",
-            "json",
-        ])
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = common::child::ChildGuard(
+        Command::new(BIN)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--shards",
+                "1",
+                "--psk",
+                "json-log-key-0123456789",
+                "--log-format",
+                "json",
+            ])
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
     let stderr = child.stderr.take().unwrap();
     std::thread::spawn(move || {

@@ -2,9 +2,7 @@
 
 mod common;
 
-use std::io::Read;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use usmp::client::{Client, ClientConfig};
@@ -12,51 +10,13 @@ use usmp::proto::{ErrorKind, Transport};
 
 const PSK: &[u8] = b"udp-interop-key-0123456789";
 
-fn hexs(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-struct PyServer {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl PyServer {
-    fn start(mode: &str) -> PyServer {
-        let mut child = Command::new(common::pyref::python())
-            .arg(common::pyref::script("ref_server.py"))
-            .args(["--host", "127.0.0.1", "--port", "0", "--protocol", "udp", "--psk-hex", &hexs(PSK)])
-            .args(["--mode", mode])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut out = child.stdout.take().unwrap();
-        let mut line = Vec::new();
-        let mut b = [0u8; 1];
-        while out.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
-            line.push(b[0]);
-        }
-        let line = String::from_utf8(line).unwrap();
-        let port: u16 = line.strip_prefix("READY ").expect("READY line").trim().parse().unwrap();
-        PyServer { child, addr: SocketAddr::from(([127, 0, 0, 1], port)) }
-    }
-}
-
-impl Drop for PyServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn udp(addr: SocketAddr) -> ClientConfig {
     ClientConfig { transport: Transport::Udp, ..ClientConfig::new(addr, PSK) }
 }
 
 #[test]
 fn our_udp_client_against_the_python_udp_server() {
-    let srv = PyServer::start("rekey-echo");
+    let srv = common::pyref::RefServer::start("udp", PSK, "rekey-echo");
     usmp::rt::block_on(async {
         let c = Client::connect(&udp(srv.addr)).await.unwrap();
         for n in [0usize, 1, 452, 453, 1808] {
@@ -85,7 +45,7 @@ fn our_udp_client_against_the_python_udp_server() {
         assert_eq!(c.recv_timeout(Duration::from_secs(10)).await.unwrap(), b"after their rekey");
         c.disconnect().await;
     });
-    let srv = PyServer::start("bye-after-echo");
+    let srv = common::pyref::RefServer::start("udp", PSK, "bye-after-echo");
     usmp::rt::block_on(async {
         let c = Client::connect(&udp(srv.addr)).await.unwrap();
         c.send(b"one").await.unwrap();

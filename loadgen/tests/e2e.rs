@@ -6,10 +6,9 @@
 #[allow(dead_code)]
 mod pyref;
 
-use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use usmp::gateway::{Gateway, Session};
 use usmp::psk::PskSource;
@@ -124,24 +123,10 @@ fn hundreds_of_devices_over_tcp_and_udp() {
 
 #[test]
 fn against_the_reference_python_server() {
-    let mut child = Command::new(pyref::python())
-        .arg(pyref::script("ref_server.py"))
-        .args(["--host", "127.0.0.1", "--port", "0", "--protocol", "tcp"])
-        .args(["--psk-hex", &PSK.bytes().map(|b| format!("{b:02x}")).collect::<String>(), "--mode", "echo"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    while out.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
-        line.push(b[0]);
-    }
-    let port: u16 = String::from_utf8(line).unwrap().strip_prefix("READY ").unwrap().trim().parse().unwrap();
+    let srv = pyref::RefServer::start("tcp", PSK.as_bytes(), "echo");
     let dir = tmpdir("ref");
     let v = run(
-        SocketAddr::from(([127, 0, 0, 1], port)),
+        srv.addr,
         &[
             "--devices",
             "4",
@@ -157,8 +142,7 @@ fn against_the_reference_python_server() {
         ],
         &dir,
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(srv);
     check_complete(&v, 4);
     check_hist_dir(&dir);
     let _ = std::fs::remove_dir_all(&dir);

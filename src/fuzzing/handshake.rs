@@ -143,8 +143,8 @@ impl Harness {
         let (nonce, pub_s) = (&p.challenge[12..44], &p.challenge[44..76]);
         let h = &p.hello;
         let proof = hmac_oracle(p.psk, &[&[0xCD, 0xAB, 0x02, 0x03], nonce, &h.device_id, &h.pub_c, pub_s]);
-        let correct = Frame::decode(f).is_ok_and(|fr| fr.packet_type() == PacketType::HelloAck)
-            && f.get(12..) == Some(&proof[..]);
+        let correct = Frame::decode(f)
+            .is_ok_and(|fr| fr.packet_type() == PacketType::HelloAck && fr.payload() == proof);
         if let Err(e) = Frame::decode(f).and_then(|fr| p.expect.verify_hello_ack(&fr)) {
             assert!(!correct, "a correct HELLO_ACK was refused: {e}");
             check_error(&e);

@@ -135,14 +135,28 @@ impl<'a> Input<'a> {
     }
 }
 
-/// Bit-by-bit CRC-16/MODBUS over several parts (the oracle for the table-driven one).
+/// CRC-16/MODBUS byte table, built bit by bit at compile time (independent of `proto::crc16`).
+const CRC_TABLE: [u16; 256] = {
+    let mut t = [0u16; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut crc = i as u16;
+        let mut k = 0;
+        while k < 8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xA001 } else { crc >> 1 };
+            k += 1;
+        }
+        t[i] = crc;
+        i += 1;
+    }
+    t
+};
+
+/// Byte-wise CRC-16/MODBUS over several parts (the oracle for the slicing-by-8 one).
 pub(crate) fn crc16_oracle(parts: &[&[u8]]) -> u16 {
     let mut crc = 0xFFFFu16;
     for b in parts.iter().flat_map(|p| p.iter()) {
-        crc ^= u16::from(*b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xA001 } else { crc >> 1 };
-        }
+        crc = (crc >> 8) ^ CRC_TABLE[usize::from((crc ^ u16::from(*b)) as u8)];
     }
     crc
 }

@@ -67,6 +67,23 @@ pub(super) fn bind_sockets(
     n: usize,
     t: super::Transports,
 ) -> std::io::Result<Vec<ShardSockets>> {
+    // With port 0 the number the first socket gets may be taken for the other transport:
+    // try again, keeping the failed attempts' sockets open so the next number differs.
+    let mut burned = Vec::new();
+    loop {
+        match bind_sockets_once(addr, n, t, &mut burned) {
+            Err(e) if addr.port() == 0 && e.kind() == std::io::ErrorKind::AddrInUse && burned.len() < 64 => {}
+            other => return other,
+        }
+    }
+}
+
+fn bind_sockets_once(
+    addr: SocketAddr,
+    n: usize,
+    t: super::Transports,
+    burned: &mut Vec<Socket>,
+) -> std::io::Result<Vec<ShardSockets>> {
     let mut out = Vec::with_capacity(n);
     let mut addr = addr;
     for _ in 0..n {
@@ -81,7 +98,13 @@ pub(super) fn bind_sockets(
             None
         };
         let udp = if t.udp() {
-            let s = reuseport_socket(addr, Type::DGRAM, Protocol::UDP)?;
+            let s = match reuseport_socket(addr, Type::DGRAM, Protocol::UDP) {
+                Ok(s) => s,
+                Err(e) => {
+                    burned.extend(tcp.map(Socket::from));
+                    return Err(e);
+                }
+            };
             // Room for bursts from tens of thousands of devices between two receive rounds.
             let _ = s.set_recv_buffer_size(8 << 20);
             let _ = s.set_send_buffer_size(8 << 20);
@@ -292,14 +315,17 @@ async fn shard_main<H, F>(
         driver = if monoio::utils::is_legacy() { "epoll" } else { "io_uring" },
         "shard started"
     );
-    monoio::spawn(inbox_loop(shard.clone(), inbox));
-    monoio::spawn(sweeper(shard.clone()));
-    monoio::spawn(evictor(shard.clone()));
+    // Background tasks are awaited at shutdown: a runtime dropped with pending tasks leaks them.
+    let mut background = vec![
+        monoio::spawn(inbox_loop(shard.clone(), inbox)),
+        monoio::spawn(sweeper(shard.clone())),
+        monoio::spawn(evictor(shard.clone())),
+    ];
     let udp = match sockets.udp.map(|u| wire::random::<32>(&shard.rng).map(|secret| (u, secret))) {
         Some(Ok((u, secret))) => {
             match super::udp::UdpShard::new(u, secret, shard.shared.cfg.cookie_rate_per_ip) {
                 Ok(udp) => {
-                    super::udp::start(&shard, &udp, handler.clone());
+                    background.extend(super::udp::start(&shard, &udp, handler.clone()));
                     Some(udp)
                 }
                 Err(e) => {
@@ -340,6 +366,13 @@ async fn shard_main<H, F>(
     if let Some(udp) = &udp {
         super::udp::stop(udp);
     }
+    // Every background task watches `stopping`; give them a bounded moment to return.
+    let _ = monoio::time::timeout(Duration::from_secs(2), async {
+        for t in background {
+            t.await;
+        }
+    })
+    .await;
 }
 
 async fn accept_loop<H, F>(shard: &Rc<Shard>, listener: TcpListener, handler: &Arc<H>)
@@ -437,8 +470,15 @@ fn live_conn(shard: &Shard, device_id: &[u8; 6]) -> Option<Rc<Conn>> {
 /// Under pressure, evict handshakes pending for longer than [`EVICT_AFTER`].
 async fn evictor(shard: Rc<Shard>) {
     let max = shard.shared.cfg.max_handshakes_per_shard;
-    while !shard.is_stopping() {
-        monoio::time::sleep(Duration::from_millis(100)).await;
+    loop {
+        let stop = shard.stopping.wait();
+        if shard.is_stopping() {
+            return;
+        }
+        monoio::select! {
+            _ = monoio::time::sleep(Duration::from_millis(100)) => {},
+            _ = stop => continue,
+        }
         if shard.pending.borrow().len() * 2 <= max {
             continue;
         }
@@ -471,7 +511,14 @@ async fn sweeper(shard: Rc<Shard>) {
     let tick = (timeout / 20).clamp(Duration::from_millis(20), Duration::from_secs(1));
     let mut last_prune = now();
     loop {
-        monoio::time::sleep(tick).await;
+        let stop = shard.stopping.wait();
+        if shard.is_stopping() && shard.sessions.borrow().is_empty() {
+            return;
+        }
+        monoio::select! {
+            _ = monoio::time::sleep(tick) => {},
+            _ = stop => {},
+        }
         let t = now();
         let expired: Vec<Rc<Conn>> = shard
             .sessions

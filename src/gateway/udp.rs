@@ -89,8 +89,12 @@ fn unix_bucket() -> u64 {
     CookieJar::bucket(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
 }
 
-/// Start the socket's tasks: the sender and the receivers.
-pub(super) fn start<H, F>(shard: &Rc<Shard>, udp: &Rc<UdpShard>, handler: Arc<H>)
+/// Start the socket's tasks: the senders and the receivers (their handles, to await at shutdown).
+pub(super) fn start<H, F>(
+    shard: &Rc<Shard>,
+    udp: &Rc<UdpShard>,
+    handler: Arc<H>,
+) -> Vec<monoio::task::JoinHandle<()>>
 where
     H: Fn(Session) -> F + Send + Sync + 'static,
     F: Future<Output = ()> + 'static,
@@ -98,12 +102,14 @@ where
     // epoll wakes one waiter per socket direction, io_uring keeps many operations in flight.
     let (senders, receivers) =
         if monoio::utils::is_legacy() { (1, 1) } else { (URING_SENDERS, URING_RECEIVERS) };
+    let mut tasks = Vec::new();
     for _ in 0..senders {
-        monoio::spawn(send_loop(udp.sock.clone(), udp.out.clone()));
+        tasks.push(monoio::spawn(send_loop(udp.sock.clone(), udp.out.clone())));
     }
     for _ in 0..receivers {
-        monoio::spawn(recv_loop(shard.clone(), udp.clone(), handler.clone()));
+        tasks.push(monoio::spawn(recv_loop(shard.clone(), udp.clone(), handler.clone())));
     }
+    tasks
 }
 
 /// Stop the socket's tasks (shutdown).
@@ -122,9 +128,19 @@ where
         if shard.is_stopping() && udp.peer_count() == 0 {
             return;
         }
-        let (res, b) = monoio::select! {
-            r = udp.sock.recv_from(buf) => r,
-            _ = stop => { buf = vec![0u8; RECV_BUF_LEN]; continue }
+        let (res, b) = if shard.is_stopping() {
+            // Shutting down: sessions still need their last UTACKs, so keep receiving, but wake
+            // up regularly to notice the last one leave (a receive dropped here only loses a
+            // datagram during shutdown).
+            monoio::select! {
+                r = udp.sock.recv_from(buf) => r,
+                _ = monoio::time::sleep(Duration::from_millis(100)) => { buf = vec![0u8; RECV_BUF_LEN]; continue }
+            }
+        } else {
+            monoio::select! {
+                r = udp.sock.recv_from(buf) => r,
+                _ = stop => { buf = vec![0u8; RECV_BUF_LEN]; continue }
+            }
         };
         buf = b;
         if let Ok((n, from)) = res {

@@ -1,4 +1,5 @@
 #![allow(dead_code)]
+pub mod child;
 pub mod proxy;
 pub mod pyref;
 pub mod raw;

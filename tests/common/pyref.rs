@@ -235,3 +235,64 @@ pub fn unhex(s: &str) -> Vec<u8> {
     assert!(s.len() % 2 == 0, "odd-length hex string");
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("invalid hex")).collect()
 }
+
+/// A reference-SDK server (`tests/pyref/ref_server.py`) on a free port; killed on drop.
+pub struct RefServer {
+    child: std::process::Child,
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+}
+
+impl RefServer {
+    /// Start `ref_server.py --protocol <protocol> --mode <mode>` with the hex of `psk`.
+    pub fn start(protocol: &str, psk: &[u8], mode: &str) -> RefServer {
+        use std::io::Read;
+        let hex: String = psk.iter().map(|b| format!("{b:02x}")).collect();
+        let mut child = Command::new(python())
+            .arg(script("ref_server.py"))
+            .args(["--host", "127.0.0.1", "--port", "0", "--protocol", protocol, "--psk-hex", &hex])
+            .args(["--mode", mode])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start ref_server.py");
+        let mut out = child.stdout.take().expect("piped stdout");
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while out.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
+            line.push(b[0]);
+        }
+        let line = String::from_utf8_lossy(&line).to_string();
+        let port: u16 = line
+            .strip_prefix("READY ")
+            .unwrap_or_else(|| panic!("ref_server.py did not start: {line:?}"))
+            .trim()
+            .parse()
+            .expect("port");
+        RefServer { child, addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)) }
+    }
+}
+
+impl Drop for RefServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run `tests/pyref/ref_client.py --script <script>` against `port` and return its last JSON line.
+pub fn client(protocol: &str, port: u16, psk: &[u8], script_name: &str, extra: &[&str]) -> serde_json::Value {
+    let hex: String = psk.iter().map(|b| format!("{b:02x}")).collect();
+    let out = Command::new(python())
+        .arg(script("ref_client.py"))
+        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--protocol", protocol])
+        .args(["--psk-hex", &hex, "--script", script_name, "--timeout", "60"])
+        .args(extra)
+        .output()
+        .expect("run ref_client.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or_else(|| {
+        panic!("no JSON from ref_client {script_name}: {stdout} {}", String::from_utf8_lossy(&out.stderr))
+    });
+    serde_json::from_str(line).expect("JSON line")
+}
