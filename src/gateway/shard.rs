@@ -33,6 +33,8 @@ use crate::rt::{now, wire, Error};
 
 const LISTEN_BACKLOG: i32 = 4096;
 pub(super) const UNREGISTERED: &str = "device not registered";
+/// Detail of a handshake evicted under pressure: counted as a timeout, never toward lockout.
+pub(super) const EVICTED: &str = "handshake evicted: stalled under pressure";
 
 /// One shard's sockets.
 pub(super) struct ShardSockets {
@@ -622,10 +624,7 @@ where
     shard.unregister_pending(pending);
     let evicted = canceller.borrow().is_none();
     let outcome = match hs {
-        Ok(Err(_)) if evicted => Err(Failure {
-            error: Error::timeout("handshake evicted: stalled under pressure"),
-            device: device.get(),
-        }),
+        Ok(Err(_)) if evicted => Err(Failure { error: Error::timeout(EVICTED), device: device.get() }),
         Ok(r) => r,
         Err(_) => Err(Failure { error: Error::timeout("handshake timed out"), device: device.get() }),
     };
@@ -668,7 +667,10 @@ pub(super) fn record_failure(shard: &Shard, peer: SocketAddr, f: Failure) {
     };
     ShardStats::inc(counter);
     tracing::info!(%peer, device = ?f.device.map(|d| format_device_id(&d)), reason = %f.error, "handshake failed");
-    if silent_close {
+    // An eviction follows from our load, not from the peer's key: during a reconnect storm
+    // it must not lock a NAT address full of healthy devices out.
+    let evicted = matches!(&f.error, Error::Protocol(e) if e.detail() == EVICTED);
+    if silent_close || evicted {
         return;
     }
     let key = match f.device {
@@ -721,6 +723,8 @@ async fn server_handshake(
     // Step 4: SESSION_OK (limits were reserved at accept, so they hold before this point).
     let session_id = wire::random::<16>(&shard.rng).map_err(fail)?;
     let (est, n) = expect.finish(session_id, &mut buf).map_err(|e| fail(e.into()))?;
+    // Counted before SESSION_OK leaves, so a device never sees a session the metrics miss.
+    ShardStats::inc(&shard.stats().handshakes_ok);
     wire::write_all(stream, buf[..n].to_vec()).await.map_err(fail)?;
     Ok(ProtoSession::new(&est, Transport::Tcp))
 }
@@ -742,7 +746,6 @@ pub(super) async fn run_session<H, F, D>(
     let session_id = conn.session_id();
     let transport = conn.transport();
     let conn_id = shard.shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
-    ShardStats::inc(&shard.stats().handshakes_ok);
     shard.lockout_event(LockoutKey::Device(peer.ip(), device_id), false);
     let info = SessionInfo {
         device_id,

@@ -346,6 +346,7 @@ async fn handshake_task<H, F>(
         old.close(CloseReason::Replaced, false);
     }
     arq.on_send(ExpectedAck::new(PacketType::SessionOk as u8, 0, None), now());
+    ShardStats::inc(&shard.stats().handshakes_ok);
     udp.out.send(&ok[..n], from);
     shard.shared.hs_latency[shard.idx].record(now().saturating_sub(started));
     let session_task = {
@@ -428,7 +429,7 @@ async fn until_hello_ack(
     loop {
         let got = next(hs, arq.poll_timeout().or(Some(now() + Duration::from_secs(3600)))).await;
         if hs.evicted.get() {
-            return Err(fail(Error::timeout("handshake evicted: stalled under pressure")));
+            return Err(fail(Error::timeout(super::shard::EVICTED)));
         }
         let Some(d) = got else {
             match arq.handle_timeout(now()) {
