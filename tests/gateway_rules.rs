@@ -326,8 +326,9 @@ fn stalled_handshakes_are_evicted_under_pressure() {
     assert!(ok, "a real device must get in well before the 10 s timeout");
     assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
     let s = gw.handle().stats();
-    assert!(s.handshakes_evicted >= 8, "{s:?}");
-    assert!(s.handshakes_timeout >= 8, "evictions are counted as timeouts: {s:?}");
+    // 8 of 8 slots taken (≥ ⅞): the oldest are evicted down to ¾, i.e. at least 2.
+    assert!(s.handshakes_evicted >= 2, "{s:?}");
+    assert!(s.handshakes_timeout >= 2, "evictions are counted as timeouts: {s:?}");
     assert_eq!(s.lockouts_started, 0, "…but never toward lockout: {s:?}");
     drop(idle);
     gw.shutdown();

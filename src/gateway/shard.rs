@@ -153,8 +153,7 @@ pub(super) struct Pending {
     pub(super) evict: Rc<dyn Fn()>,
 }
 
-/// Under pressure (handshake table more than half full), handshakes older than this are
-/// evicted: legitimate devices finish in a few round trips; a flood of idle or never-finishing
+/// Under pressure (handshake table ⅞ full), handshakes older than this may be evicted: legitimate devices finish in a few round trips; a flood of idle or never-finishing
 /// handshakes otherwise holds the slots for the whole handshake timeout.
 pub const EVICT_AFTER: Duration = Duration::from_secs(1);
 
@@ -469,9 +468,13 @@ fn live_conn(shard: &Shard, device_id: &[u8; 6]) -> Option<Rc<Conn>> {
     shard.sessions.borrow().get(key).map(|l| l.conn.clone())
 }
 
-/// Under pressure, evict handshakes pending for longer than [`EVICT_AFTER`].
+/// Under pressure (the handshake table ⅞ full), evict the oldest handshakes pending for longer
+/// than [`EVICT_AFTER`] until it is ¾ full. Only near the limit, and only as many as needed:
+/// a reconnect storm on a busy shard has many slow but legitimate handshakes, and evicting them
+/// throws away the X25519 already spent on them.
 async fn evictor(shard: Rc<Shard>) {
     let max = shard.shared.cfg.max_handshakes_per_shard;
+    let (high, low) = ((max * 7).div_ceil(8), (max * 3) / 4);
     loop {
         let stop = shard.stopping.wait();
         if shard.is_stopping() {
@@ -481,17 +484,20 @@ async fn evictor(shard: Rc<Shard>) {
             _ = monoio::time::sleep(Duration::from_millis(100)) => {},
             _ = stop => continue,
         }
-        if shard.pending.borrow().len() * 2 <= max {
+        let len = shard.pending.borrow().len();
+        if len < high.max(1) {
             continue;
         }
         let t = now();
-        let old: Vec<(Ticket, Rc<dyn Fn()>)> = shard
+        let mut old: Vec<(Duration, Ticket, Rc<dyn Fn()>)> = shard
             .pending
             .borrow()
             .iter()
             .filter(|(_, p)| t.saturating_sub(p.started) > EVICT_AFTER)
-            .map(|(k, p)| ((k, p.id), p.evict.clone()))
+            .map(|(k, p)| (p.started, (k, p.id), p.evict.clone()))
             .collect();
+        old.sort_by_key(|(started, _, _)| *started);
+        old.truncate(len.saturating_sub(low));
         if !old.is_empty() {
             tracing::info!(
                 shard = shard.idx,
@@ -499,9 +505,9 @@ async fn evictor(shard: Rc<Shard>) {
                 "handshake table under pressure: evicting stalled handshakes"
             );
         }
-        for (k, evict) in old {
+        for (_, ticket, evict) in old {
             ShardStats::inc(&shard.stats().handshakes_evicted);
-            shard.unregister_pending(k);
+            shard.unregister_pending(ticket);
             evict();
         }
     }
