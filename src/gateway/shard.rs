@@ -146,6 +146,9 @@ pub(super) struct Shard {
 /// Identifies a registered handshake: slab key plus a unique id.
 pub(super) type Ticket = (usize, u64);
 
+/// A pending handshake as the evictor sees it: start time, ticket, how to stop it.
+type Evictable = (Duration, Ticket, Rc<dyn Fn()>);
+
 /// A handshake in progress: when it started and how to stop it.
 pub(super) struct Pending {
     pub(super) id: u64,
@@ -489,7 +492,7 @@ async fn evictor(shard: Rc<Shard>) {
             continue;
         }
         let t = now();
-        let mut old: Vec<(Duration, Ticket, Rc<dyn Fn()>)> = shard
+        let mut old: Vec<Evictable> = shard
             .pending
             .borrow()
             .iter()
