@@ -1,0 +1,6 @@
+//! cargo-fuzz target: see `usmp::fuzzing::deframe` for the input format and the invariants.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    usmp::fuzzing::deframe(data);
+});
