@@ -320,3 +320,39 @@ fn send_to_and_broadcast_cross_shards_and_shutdown_says_bye() {
     gw.wait();
     assert_eq!(h.session_count(), 0);
 }
+
+#[test]
+fn idle_sessions_park_their_keys_and_wake_on_the_next_frame() {
+    let gw = Gateway::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .park_keys_after(Duration::from_millis(100))
+        .psk(PskSource::single(PSK).unwrap())
+        .serve(echo)
+        .unwrap();
+    let h = gw.handle();
+    let addr = gw.local_addr();
+    usmp::rt::block_on(async move {
+        let tcp = ClientConfig::new(addr, PSK);
+        let udp = ClientConfig { transport: usmp::proto::Transport::Udp, ..ClientConfig::new(addr, PSK) };
+        let clients = [Client::connect(&tcp).await.unwrap(), Client::connect(&udp).await.unwrap()];
+        for round in 0..3u8 {
+            // Idle: the sweeper (1 s tick at most) parks both sessions' keys.
+            let t = Instant::now();
+            while h.stats().sessions_parked < 2 && t.elapsed() < Duration::from_secs(10) {
+                monoio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(h.stats().sessions_parked, 2, "round {round}: {:?}", h.stats());
+            // Both directions still work: the server opens with re-expanded rx keys and
+            // seals the echo with re-expanded tx keys.
+            for c in &clients {
+                c.send(&[round; 100]).await.unwrap();
+                assert_eq!(c.recv_timeout(Duration::from_secs(5)).await.unwrap(), vec![round; 100]);
+            }
+        }
+        for c in clients {
+            c.disconnect().await;
+        }
+    });
+    gw.shutdown();
+}

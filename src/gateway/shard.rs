@@ -531,13 +531,20 @@ async fn sweeper(shard: Rc<Shard>) {
             _ = stop => {},
         }
         let t = now();
-        let expired: Vec<Rc<Conn>> = shard
-            .sessions
-            .borrow()
-            .iter()
-            .filter(|(_, l)| l.conn.close_reason().is_none() && t.saturating_sub(l.conn.last_rx()) > timeout)
-            .map(|(_, l)| l.conn.clone())
-            .collect();
+        let park_after = shard.shared.cfg.park_keys_after;
+        let mut parked = 0u64;
+        let mut expired: Vec<Rc<Conn>> = Vec::new();
+        for (_, l) in shard.sessions.borrow().iter() {
+            if l.conn.close_reason().is_some() {
+                continue;
+            }
+            if t.saturating_sub(l.conn.last_rx()) > timeout {
+                expired.push(l.conn.clone());
+            } else if l.conn.park_if_idle(t, park_after) {
+                parked += 1;
+            }
+        }
+        ShardStats::set(&shard.stats().sessions_parked, parked);
         for c in expired {
             let (dev, sid) = (format_device_id(&c.device_id()), to_hex(&c.session_id()));
             tracing::info!(device = %dev, session = %sid, "session timed out (watchdog)");

@@ -87,6 +87,8 @@ counters! {
     sessions_open_tcp,
     /// Gauge: UDP sessions open.
     sessions_open_udp,
+    /// Gauge: open sessions whose expanded keys are parked (idle).
+    sessions_parked,
     /// Gauge: lockout entries currently locking (this shard's view, shared rule).
     lockouts_active,
     /// Gauge: frames received by sessions still open (closed sessions are in `frames_in`).

@@ -25,6 +25,14 @@ pub fn render(h: &GatewayHandle) -> String {
         let _ = writeln!(o, "usmp_sessions_open{{transport=\"udp\",shard=\"{i}\"}} {}", sh.sessions_open_udp);
     }
 
+    family(
+        &mut o,
+        "usmp_sessions_parked",
+        "gauge",
+        "Open sessions idle long enough to have dropped their expanded keys.",
+    );
+    let _ = writeln!(o, "usmp_sessions_parked {}", s.sessions_parked);
+
     family(&mut o, "usmp_connections_accepted_total", "counter", "TCP connections accepted.");
     let _ = writeln!(o, "usmp_connections_accepted_total {}", s.accepted);
 

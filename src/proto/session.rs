@@ -84,8 +84,9 @@ pub struct Session {
     session_id: [u8; SESSION_ID_LEN],
     tx_key_bytes: [u8; KEY_LEN],
     rx_key_bytes: [u8; KEY_LEN],
-    tx: RecordKey,
-    rx: RecordKey,
+    /// Expanded (tx, rx) AES-GCM keys: about 1.1 KiB, so an idle session drops them
+    /// ([`Session::park`]) and the next frame expands them again from the key bytes.
+    expanded: Option<Box<(RecordKey, RecordKey)>>,
     tx_seq: u32,
     rx_next: u32,
     window: ReplayWindow,
@@ -107,7 +108,7 @@ impl core::fmt::Debug for Session {
 }
 
 impl Session {
-    /// Build the session from a completed handshake. Keys are expanded here, once.
+    /// Build the session from a completed handshake. Keys are expanded on first use.
     pub fn new(est: &Established, transport: Transport) -> Self {
         Session {
             transport,
@@ -116,8 +117,7 @@ impl Session {
             session_id: est.session_id,
             tx_key_bytes: est.tx_key,
             rx_key_bytes: est.rx_key,
-            tx: RecordKey::new(&est.tx_key),
-            rx: RecordKey::new(&est.rx_key),
+            expanded: None,
             tx_seq: 0,
             rx_next: 0,
             window: ReplayWindow::new(),
@@ -168,6 +168,22 @@ impl Session {
     pub fn rx_key_bytes(&self) -> &[u8; KEY_LEN] {
         &self.rx_key_bytes
     }
+    /// Drop the expanded AES-GCM keys (about 1.1 KiB) while the session is idle; the next
+    /// seal or open expands them again (two AES key schedules and GHASH tables, well under a
+    /// microsecond) from the 32-byte key bytes the session keeps anyway.
+    pub fn park(&mut self) {
+        self.expanded = None;
+    }
+    /// The expanded keys are dropped (see [`Session::park`]).
+    pub fn is_parked(&self) -> bool {
+        self.expanded.is_none()
+    }
+
+    fn keys(&mut self) -> &(RecordKey, RecordKey) {
+        let (tx, rx) = (&self.tx_key_bytes, &self.rx_key_bytes);
+        self.expanded.get_or_insert_with(|| Box::new((RecordKey::new(tx), RecordKey::new(rx))))
+    }
+
     /// BYE was sent or received, or the peer's sequence space ran out.
     pub fn is_closed(&self) -> bool {
         self.closed
@@ -188,7 +204,8 @@ impl Session {
         write_header(frame, ptype, seq, payload_len);
         let mut aad = [0u8; AAD_LEN];
         aad.copy_from_slice(&frame[..AAD_LEN]);
-        self.tx.seal_record(gcm_nonce(seq, &self.session_id), &aad, &mut frame[HEADER_LEN..]);
+        let nonce = gcm_nonce(seq, &self.session_id);
+        self.keys().0.seal_record(nonce, &aad, &mut frame[HEADER_LEN..]);
         finish_crc(frame);
         total
     }
@@ -278,8 +295,7 @@ impl Session {
     }
 
     fn install_keys(&mut self, tx: [u8; KEY_LEN], rx: [u8; KEY_LEN]) {
-        self.tx = RecordKey::new(&tx);
-        self.rx = RecordKey::new(&rx);
+        self.expanded = None; // expanded from the new bytes on first use
         self.tx_key_bytes = tx;
         self.rx_key_bytes = rx;
         self.tx_seq = 0;
@@ -304,7 +320,7 @@ impl Session {
     /// For UDP: is `frame` an authentic copy of a frame already accepted (a retransmission
     /// whose UTACK was lost)? Checks the window says "seen" and the AEAD verifies, changing no
     /// state, so the caller may re-ACK it without ever acknowledging a forgery.
-    pub fn verify_duplicate(&self, frame: &mut [u8]) -> bool {
+    pub fn verify_duplicate(&mut self, frame: &mut [u8]) -> bool {
         let Ok(len) = check_header(frame) else { return false };
         if frame.len() != HEADER_LEN + len || self.transport != Transport::Udp {
             return false;
@@ -317,7 +333,8 @@ impl Session {
             return false;
         }
         let (header, payload) = frame.split_at_mut(HEADER_LEN);
-        self.rx.open_record(gcm_nonce(seq, &self.session_id), &header[..AAD_LEN], payload).is_ok()
+        let nonce = gcm_nonce(seq, &self.session_id);
+        self.keys().1.open_record(nonce, &header[..AAD_LEN], payload).is_ok()
     }
 
     /// Open one complete frame in place (from [`crate::proto::deframer::Deframer::next_frame`]
@@ -340,7 +357,8 @@ impl Session {
         let seq = u32::from_le_bytes([frame[4], frame[5], frame[6], frame[7]]);
         self.check_seq(seq)?;
         let (header, payload) = frame.split_at_mut(HEADER_LEN);
-        let range = self.rx.open_record(gcm_nonce(seq, &self.session_id), &header[..AAD_LEN], payload)?;
+        let nonce = gcm_nonce(seq, &self.session_id);
+        let range = self.keys().1.open_record(nonce, &header[..AAD_LEN], payload)?;
         if seq == SPENT_SEQ {
             self.closed = true;
             return Err(Error::left(ErrorKind::Sequence, "peer sequence space spent"));

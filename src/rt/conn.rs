@@ -192,6 +192,21 @@ impl Conn {
     pub fn close_reason(&self) -> Option<CloseReason> {
         self.closing.get()
     }
+    /// Drop the session's expanded AES-GCM keys if nothing arrived for `idle` and nothing is
+    /// waiting to be sent (see [`crate::proto::session::Session::park`]). Returns whether the
+    /// keys are parked now. Sweepers call this so an idle session costs a few hundred bytes.
+    pub fn park_if_idle(&self, t: Duration, idle: Duration) -> bool {
+        let Ok(mut s) = self.session.try_borrow_mut() else { return false };
+        if s.is_parked() {
+            return true;
+        }
+        if t.saturating_sub(self.last_rx.get()) < idle || !self.out.borrow().is_empty() {
+            return false;
+        }
+        s.park();
+        true
+    }
+
     /// The socket is gone and both loops have ended.
     pub fn is_done(&self) -> bool {
         self.done.get()
