@@ -306,6 +306,17 @@ async fn echo(ctx: &Rc<Ctx>, idx: u64, mut client: Option<Client>, start: Instan
                 break;
             }
         }
+        // A device with nothing more to send this phase (low rates) stays connected until the
+        // phase ends, as an idle device would: sessions held open are part of the load.
+        while !lost_session && Instant::now() < end {
+            if c.close_reason().is_some() {
+                lost_session = true;
+                break;
+            }
+            let w = done.wait();
+            let left = end.saturating_duration_since(Instant::now()).min(Duration::from_secs(1));
+            let _ = monoio::time::timeout(left, w).await;
+        }
         // Drain: give replies up to 5 s, then say BYE; whatever is missing is lost.
         let drain_until = Instant::now() + Duration::from_secs(5);
         while !outstanding.borrow().is_empty() && c.close_reason().is_none() && Instant::now() < drain_until {

@@ -615,10 +615,28 @@ where
         return;
     }
     let _ = stream.set_nodelay(true);
+    let mut deframer = Deframer::new();
+    // The handshake's state lives in its own future, freed before the session starts: this
+    // task's future is held for the whole session, so it must only hold what the session needs.
+    let Some(session) = accept_handshake(&shard, &mut stream, peer, &mut deframer).await else {
+        shard.shared.release(ip);
+        return;
+    };
+    let conn = Conn::new(session, peer);
+    run_session(&shard, conn.clone(), peer, handler, move || conn::drive(conn, stream, deframer)).await;
+    shard.shared.release(ip);
+}
+
+/// Run the handshake under its timeout and the eviction hook; failures are recorded here.
+async fn accept_handshake(
+    shard: &Rc<Shard>,
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    deframer: &mut Deframer,
+) -> Option<ProtoSession> {
     shard.handshakes.set(shard.handshakes.get() + 1);
     let started = now();
     let device = Cell::new(None);
-    let mut deframer = Deframer::new();
     let canceller = Rc::new(RefCell::new(Some(monoio::io::Canceller::new())));
     let cancel = canceller.borrow().as_ref().map(|c| c.handle());
     let pending = {
@@ -633,7 +651,7 @@ where
     // sizing this task's future for the whole session.
     let hs = Box::pin(monoio::time::timeout(
         shard.shared.cfg.handshake_timeout,
-        server_handshake(&shard, &mut stream, peer, &mut deframer, &device, cancel),
+        server_handshake(shard, stream, peer, deframer, &device, cancel),
     ))
     .await;
     shard.handshakes.set(shard.handshakes.get() - 1);
@@ -644,19 +662,16 @@ where
         Ok(r) => r,
         Err(_) => Err(Failure { error: Error::timeout("handshake timed out"), device: device.get() }),
     };
-    let session = match outcome {
-        Ok(s) => s,
-        Err(f) => {
-            record_failure(&shard, peer, f);
-            shard.shared.release(ip);
-            return;
+    match outcome {
+        Ok(s) => {
+            shard.shared.hs_latency[shard.idx].record(now().saturating_sub(started));
+            Some(s)
         }
-    };
-    shard.shared.hs_latency[shard.idx].record(now().saturating_sub(started));
-    let conn = Conn::new(session, peer);
-    let driver = conn::drive(conn.clone(), stream, deframer);
-    run_session(&shard, conn, peer, handler, driver).await;
-    shard.shared.release(ip);
+        Err(f) => {
+            record_failure(shard, peer, f);
+            None
+        }
+    }
 }
 
 pub(super) fn record_failure(shard: &Shard, peer: SocketAddr, f: Failure) {
@@ -745,14 +760,17 @@ async fn server_handshake(
     Ok(ProtoSession::new(&est, Transport::Tcp))
 }
 
-/// Register an established session, run its handler on this shard, drive it with `driver`
-/// (the TCP reader/writer or the UDP pump) until it is over, then unregister it.
+/// Register an established session, run its handler on this shard, drive it with the future
+/// `driver` makes (the TCP reader/writer or the UDP pump) until it is over, then unregister it.
+/// `driver` is a constructor so the driver future exists once, at its await point, instead
+/// of once as an argument and once as the awaited value: this future lives as long as the
+/// session, and every byte of it is per-session memory.
 pub(super) async fn run_session<H, F, D>(
     shard: &Rc<Shard>,
     conn: Rc<Conn>,
     peer: SocketAddr,
     handler: Arc<H>,
-    driver: D,
+    driver: impl FnOnce() -> D,
 ) where
     H: Fn(Session) -> F + Send + Sync + 'static,
     F: Future<Output = ()> + 'static,
@@ -791,7 +809,7 @@ pub(super) async fn run_session<H, F, D>(
         }
         c2.close(CloseReason::HandlerDone, true);
     });
-    driver.await;
+    driver().await;
     let reason = conn.close_reason().unwrap_or(CloseReason::PeerClosed);
     let st = conn.stats();
     let s = shard.stats();

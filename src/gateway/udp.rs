@@ -352,8 +352,8 @@ async fn handshake_task<H, F>(
     let session_task = {
         let (shard, udp, conn) = (shard.clone(), udp.clone(), conn.clone());
         async move {
-            let driver = pump(conn.clone(), udp.out.clone(), from);
-            run_session(&shard, conn.clone(), from, handler, driver).await;
+            let (c, out) = (conn.clone(), udp.out.clone());
+            run_session(&shard, conn.clone(), from, handler, move || pump(c, out, from)).await;
             let mut peers = udp.peers.borrow_mut();
             if let Some(p) = peers.get_mut(&from) {
                 if p.conn.as_ref().is_some_and(|c| Rc::ptr_eq(c, &conn)) {

@@ -192,18 +192,26 @@ impl Conn {
     pub fn close_reason(&self) -> Option<CloseReason> {
         self.closing.get()
     }
-    /// Drop the session's expanded AES-GCM keys if nothing arrived for `idle` and nothing is
-    /// waiting to be sent (see [`crate::proto::session::Session::park`]). Returns whether the
-    /// keys are parked now. Sweepers call this so an idle session costs a few hundred bytes.
+    /// Drop the session's expanded AES-GCM keys and its empty buffers' capacity if nothing
+    /// arrived for `idle` and nothing is waiting to be sent (see
+    /// [`crate::proto::session::Session::park`]). Returns whether the keys are parked now.
+    /// Sweepers call this so an idle session costs a few hundred bytes.
     pub fn park_if_idle(&self, t: Duration, idle: Duration) -> bool {
         let Ok(mut s) = self.session.try_borrow_mut() else { return false };
         if s.is_parked() {
             return true;
         }
-        if t.saturating_sub(self.last_rx.get()) < idle || !self.out.borrow().is_empty() {
+        let Ok(mut out) = self.out.try_borrow_mut() else { return false };
+        if t.saturating_sub(self.last_rx.get()) < idle || !out.is_empty() {
             return false;
         }
         s.park();
+        *out = Vec::new();
+        if let Ok(mut inbox) = self.inbox.try_borrow_mut() {
+            if inbox.is_empty() {
+                *inbox = VecDeque::new();
+            }
+        }
         true
     }
 
@@ -512,7 +520,6 @@ async fn read_loop(conn: &Rc<Conn>, mut rd: OwnedReadHalf<TcpStream>, deframer: 
 }
 
 async fn write_loop(conn: Rc<Conn>, mut wr: OwnedWriteHalf<TcpStream>) {
-    let mut buf: Vec<u8> = Vec::new();
     loop {
         let wait = conn.out_ev.wait();
         if conn.out.borrow().is_empty() {
@@ -522,13 +529,19 @@ async fn write_loop(conn: Rc<Conn>, mut wr: OwnedWriteHalf<TcpStream>) {
             wait.await;
             continue;
         }
-        std::mem::swap(&mut *conn.out.borrow_mut(), &mut buf);
-        let (res, b) = wr.write_all(buf).await;
-        buf = b;
+        let buf = std::mem::take(&mut *conn.out.borrow_mut());
+        let (res, mut buf) = wr.write_all(buf).await;
         buf.clear();
         if buf.capacity() > 4 * MAX_SEALED_MESSAGE_LEN {
             buf.shrink_to(MAX_SEALED_MESSAGE_LEN);
         }
+        // Hand the capacity back for the next frames unless some were queued meanwhile; the
+        // writer keeps no buffer of its own, so an idle session's one buffer can be released.
+        let mut out = conn.out.borrow_mut();
+        if out.capacity() == 0 {
+            *out = buf;
+        }
+        drop(out);
         conn.drained_ev.notify();
         if res.is_err() {
             conn.close(CloseReason::Io, false);

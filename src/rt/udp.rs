@@ -104,13 +104,16 @@ pub async fn send_loop(sock: Rc<UdpSocket>, out: Rc<UdpOut>) {
 /// schedule; five silent attempts end the session (`PeerGone`). Returns when the session is
 /// closed and its last frame (BYE) was delivered or abandoned.
 pub async fn pump(conn: Rc<Conn>, out: Rc<UdpOut>, peer: SocketAddr) {
-    let mut cur = Vec::with_capacity(MAX_FRAME_LEN);
+    // This future and `cur` live as long as the session: an idle session holds neither a
+    // frame buffer nor a timer (the timer is boxed, and only exists while a frame is in flight).
+    let mut cur = Vec::new();
     'frames: loop {
         let wait = conn.out_ev_wait();
         let Some(expect) = conn.take_frame(&mut cur) else {
             if conn.close_reason().is_some() {
                 break;
             }
+            cur = Vec::new();
             wait.await;
             continue;
         };
@@ -126,7 +129,7 @@ pub async fn pump(conn: Rc<Conn>, out: Rc<UdpOut>, peer: SocketAddr) {
             let left = deadline.saturating_sub(now());
             if !left.is_zero() {
                 // Dropping an event wait is free: no I/O is lost (unlike a socket read).
-                let _ = monoio::time::timeout(left, acked).await;
+                let _ = Box::pin(monoio::time::timeout(left, acked)).await;
                 continue;
             }
             let action = conn.arq.borrow_mut().handle_timeout(now());
