@@ -94,7 +94,8 @@ struct Args {
     /// Send a PING after this many idle seconds.
     #[arg(long, value_name = "SECS")]
     keepalive: Option<f64>,
-    /// Reconnect with backoff after losing the session, as firmware does.
+    /// Reconnect after losing the session, as firmware does (full-jitter exponential
+    /// backoff: retry n waits a random time up to min(0.5 s · 2^n, 5 s)).
     #[arg(long)]
     reconnect: bool,
     /// Write the JSON summary here.

@@ -93,7 +93,7 @@ struct Ctx {
 /// of half-done handshakes behind its own crypto, so the server sees devices that take
 /// seconds to answer a CHALLENGE. Waiting for a slot counts in the handshake latency (it is
 /// measured from the intended start), so the cap hides nothing.
-const MAX_INFLIGHT_HANDSHAKES: usize = 64;
+const MAX_INFLIGHT_HANDSHAKES: usize = 256;
 
 fn splitmix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -269,18 +269,26 @@ async fn device(ctx: Rc<Ctx>, idx: u64) {
     }
 }
 
-/// Reconnect with backoff (1 s, 2 s, … 30 s, jittered) until `until`.
+/// Reconnect with capped exponential backoff and full jitter, as fleet firmware does: the
+/// n-th retry waits a random time in [0, min(0.5 s · 2ⁿ, 5 s)], so a fleet that lost its
+/// gateway spreads its retries over the window instead of retrying in synchronized waves,
+/// and no device sleeps through a gateway that is already back for long.
 async fn reconnect(ctx: &Ctx, idx: u64, until: Instant) -> Option<Client> {
-    let mut delay = Duration::from_millis(250 + splitmix(idx) % 750);
-    while Instant::now() + delay < until {
+    let mut attempt = 0u32;
+    loop {
+        let cap = Duration::from_millis(500).saturating_mul(1 << attempt.min(8)).min(Duration::from_secs(5));
+        let r = splitmix(idx.wrapping_mul(31).wrapping_add(attempt as u64)) % 10_000;
+        let delay = cap.mul_f64(r as f64 / 10_000.0);
+        if Instant::now() + delay >= until {
+            return None;
+        }
         monoio::time::sleep(delay).await;
         ctx.connect_token().await;
         if let Some(c) = ctx.connect(idx, Instant::now()).await {
             return Some(c);
         }
-        delay = (delay * 2).min(Duration::from_secs(30));
+        attempt += 1;
     }
-    None
 }
 
 /// Open-loop echo traffic (or closed loop when the rate is 0), then drain and BYE.
