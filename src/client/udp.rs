@@ -202,7 +202,7 @@ pub(super) async fn connect(
     *router.conn.borrow_mut() = Some(conn.clone());
     let c2 = conn.clone();
     let driver = monoio::spawn(async move {
-        pump(c2, out.clone(), server).await;
+        pump(c2, out.clone()).await;
         // Give the last UTACKs a moment to leave, then stop both loops.
         monoio::time::sleep(Duration::from_millis(20)).await;
         stop(&router, &out);

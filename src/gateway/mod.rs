@@ -265,12 +265,42 @@ impl GatewayBuilder {
     }
 
     /// Bind every shard's socket, start the shard threads and run `handler` for each session
-    /// on the shard that owns it (the reference's `@server.on_session`).
+    /// on the shard that owns it (the reference's `@server.on_session`): one task per session.
     pub fn serve<H, F>(self, handler: H) -> Result<Gateway, Error>
     where
         H: Fn(Session) -> F + Send + Sync + 'static,
         F: Future<Output = ()> + 'static,
     {
+        self.start(Handler::Task(Box::new(move |s| Box::pin(handler(s)))))
+    }
+
+    /// Like [`GatewayBuilder::serve`], but `on_message` is called inline for each message, on
+    /// the shard that received it, and replies with [`Session::try_send`]. No task, queue or
+    /// copy per session or message: the densest way to run a gateway (the binary's modes use
+    /// it). Input from a device pauses while its replies are not leaving (TCP stops reading,
+    /// UDP leaves frames unacknowledged for the device to retransmit). A panic in `on_message`
+    /// ends that session only.
+    ///
+    /// ```no_run
+    /// use usmp::gateway::Gateway;
+    /// use usmp::psk::PskSource;
+    ///
+    /// let gw = Gateway::builder()
+    ///     .psk(PskSource::single(b"a-key-of-16-bytes-or-more").unwrap())
+    ///     .serve_messages(|session, msg| {
+    ///         let _ = session.try_send(msg);
+    ///     })
+    ///     .unwrap();
+    /// gw.wait();
+    /// ```
+    pub fn serve_messages<M>(self, on_message: M) -> Result<Gateway, Error>
+    where
+        M: Fn(&Session, &[u8]) + Send + Sync + 'static,
+    {
+        self.start(Handler::Inline(Arc::new(on_message)))
+    }
+
+    fn start(self, handler: Handler) -> Result<Gateway, Error> {
         self.validate().map_err(|e| Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
         let cfg = self.cfg;
         let listeners = shard::bind_sockets(cfg.listen, cfg.shards, cfg.transports)?;
@@ -299,6 +329,19 @@ impl GatewayBuilder {
         }
         Ok(Gateway { handle: GatewayHandle { shared }, threads, local_addr })
     }
+}
+
+/// A session handler's future, boxed so shards need not be generic over it.
+type BoxedSessionFuture = std::pin::Pin<Box<dyn Future<Output = ()>>>;
+/// An inline message hook as [`GatewayBuilder::serve_messages`] takes it.
+pub(crate) type MessageFn = Arc<dyn Fn(&Session, &[u8]) + Send + Sync>;
+
+/// How sessions reach the application.
+pub(crate) enum Handler {
+    /// One task per session running the application's future.
+    Task(Box<dyn Fn(Session) -> BoxedSessionFuture + Send + Sync>),
+    /// Each message inline, on the shard that received it.
+    Inline(MessageFn),
 }
 
 /// Commands a shard receives in its inbox.

@@ -47,7 +47,15 @@ impl Session {
     pub async fn send(&self, msg: &[u8]) -> Result<(), Error> {
         self.conn.send(msg).await
     }
-    /// Next message from the device; `ConnectionClosedError` once the session ended.
+    /// Queue one message without waiting: for [`crate::gateway::GatewayBuilder::serve_messages`]
+    /// hooks, which cannot await. Refused (`TimeoutError`) while far more is queued than the
+    /// device takes in; `NotConnectedError` once the session is closing.
+    pub fn try_send(&self, msg: &[u8]) -> Result<(), Error> {
+        self.conn.try_send(msg)
+    }
+    /// Next message from the device; `ConnectionClosedError` once the session ended. Sessions
+    /// of an inline-message gateway ([`crate::gateway::GatewayBuilder::serve_messages`]) never
+    /// queue messages for this.
     pub async fn recv(&self) -> Result<Vec<u8>, Error> {
         self.conn.recv().await
     }
@@ -62,6 +70,10 @@ impl Session {
     /// Rotate the session keys in band (REKEY as initiator).
     pub fn rekey(&self) -> Result<(), Error> {
         self.conn.rekey()
+    }
+    /// Say BYE and close without waiting (from a message hook); see [`Session::bye`].
+    pub fn close(&self) {
+        self.conn.close(CloseReason::LocalBye, true);
     }
     /// Say BYE and close; returns once the socket is closed.
     pub async fn bye(&self) {

@@ -19,7 +19,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use super::directory::SessionInfo;
 use super::session::Session;
 use super::stats::ShardStats;
-use super::{Command, Shared};
+use super::{Command, Handler, Shared};
 use crate::proto::crypto::EphemeralKey;
 use crate::proto::deframer::Deframer;
 use crate::proto::frame::Frame;
@@ -28,7 +28,7 @@ use crate::proto::lockout::{LockoutKey, LockoutTable};
 use crate::proto::session::Session as ProtoSession;
 use crate::proto::{ErrorKind, Transport};
 use crate::psk::{format_device_id, to_hex};
-use crate::rt::conn::{self, CloseReason, Conn};
+use crate::rt::conn::{self, CloseReason, Conn, Links};
 use crate::rt::{now, wire, Error};
 
 const LISTEN_BACKLOG: i32 = 4096;
@@ -123,7 +123,23 @@ fn bind_sockets_once(
 
 pub(super) struct Live {
     conn: Rc<Conn>,
-    info: SessionInfo,
+    /// The directory entry's id (the rest of its info is the connection's).
+    conn_id: u64,
+    since: SystemTime,
+}
+
+impl Live {
+    fn info(&self, shard: usize) -> SessionInfo {
+        SessionInfo {
+            device_id: self.conn.device_id(),
+            session_id: self.conn.session_id(),
+            transport: self.conn.transport(),
+            peer: self.conn.peer(),
+            shard,
+            since: self.since,
+            conn_id: self.conn_id,
+        }
+    }
 }
 
 pub(super) struct Shard {
@@ -141,6 +157,8 @@ pub(super) struct Shard {
     pub(super) pending: RefCell<Slab<Pending>>,
     /// X25519 budget: the time before which no new handshake computation may start.
     crypto_budget: Cell<Duration>,
+    /// What every TCP connection of this shard is wired to (the inline hook, if any).
+    tcp_links: Rc<Links>,
 }
 
 /// Identifies a registered handshake: slab key plus a unique id.
@@ -262,16 +280,13 @@ impl Shard {
 }
 
 /// Thread body of shard `idx`.
-pub(super) fn run<H, F>(
+pub(super) fn run(
     idx: usize,
     shared: Arc<Shared>,
     sockets: ShardSockets,
     inbox: flume::Receiver<Command>,
-    handler: Arc<H>,
-) where
-    H: Fn(Session) -> F + Send + Sync + 'static,
-    F: Future<Output = ()> + 'static,
-{
+    handler: Arc<Handler>,
+) {
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let pick = match &shared.cfg.cpus {
         Some(list) if !list.is_empty() => Some(list[idx % list.len()]),
@@ -299,21 +314,19 @@ pub(super) fn run<H, F>(
         refusal_log: Cell::new((Duration::ZERO, 0, 0)),
         pending: RefCell::new(Slab::new()),
         crypto_budget: Cell::new(Duration::ZERO),
+        tcp_links: links(idx, &handler, None),
     });
     let preferred = shard.shared.cfg.io_driver;
     let (_, driver) = crate::rt::run_with(preferred, shard_main(shard, sockets, inbox, handler));
     tracing::debug!(shard = idx, ?driver, "shard exited");
 }
 
-async fn shard_main<H, F>(
+async fn shard_main(
     shard: Rc<Shard>,
     sockets: ShardSockets,
     inbox: flume::Receiver<Command>,
-    handler: Arc<H>,
-) where
-    H: Fn(Session) -> F + Send + Sync + 'static,
-    F: Future<Output = ()> + 'static,
-{
+    handler: Arc<Handler>,
+) {
     tracing::info!(
         shard = shard.idx,
         driver = if monoio::utils::is_legacy() { "epoll" } else { "io_uring" },
@@ -327,7 +340,13 @@ async fn shard_main<H, F>(
     ];
     let udp = match sockets.udp.map(|u| wire::random::<32>(&shard.rng).map(|secret| (u, secret))) {
         Some(Ok((u, secret))) => {
-            match super::udp::UdpShard::new(u, secret, shard.shared.cfg.cookie_rate_per_ip) {
+            match super::udp::UdpShard::new(
+                u,
+                secret,
+                shard.shared.cfg.cookie_rate_per_ip,
+                shard.idx,
+                &handler,
+            ) {
                 Ok(udp) => {
                     background.extend(super::udp::start(&shard, &udp, handler.clone()));
                     Some(udp)
@@ -368,7 +387,7 @@ async fn shard_main<H, F>(
         monoio::time::sleep(Duration::from_millis(10)).await;
     }
     if let Some(udp) = &udp {
-        super::udp::stop(udp);
+        super::udp::stop(&shard, udp);
     }
     // Every background task watches `stopping`; give them a bounded moment to return.
     let _ = monoio::time::timeout(Duration::from_secs(2), async {
@@ -379,11 +398,7 @@ async fn shard_main<H, F>(
     .await;
 }
 
-async fn accept_loop<H, F>(shard: &Rc<Shard>, listener: TcpListener, handler: &Arc<H>)
-where
-    H: Fn(Session) -> F + Send + Sync + 'static,
-    F: Future<Output = ()> + 'static,
-{
+async fn accept_loop(shard: &Rc<Shard>, listener: TcpListener, handler: &Arc<Handler>) {
     loop {
         let stop = shard.stopping.wait();
         if shard.is_stopping() {
@@ -436,7 +451,7 @@ async fn inbox_loop(shard: Rc<Shard>, inbox: flume::Receiver<Command>) {
                     .map(|(_, l)| {
                         let st = l.conn.stats();
                         super::SessionRow {
-                            info: l.info.clone(),
+                            info: l.info(shard.idx),
                             frames_in: st.frames_in,
                             frames_out: st.frames_out,
                         }
@@ -592,11 +607,7 @@ pub(super) struct Failure {
     pub(super) device: Option<[u8; 6]>,
 }
 
-async fn serve_conn<H, F>(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr, handler: Arc<H>)
-where
-    H: Fn(Session) -> F + Send + Sync + 'static,
-    F: Future<Output = ()> + 'static,
-{
+async fn serve_conn(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr, handler: Arc<Handler>) {
     let ip = peer.ip();
     // Cheapest checks first, before any crypto: lockout, handshake budget, session limits.
     if shard.locked(&LockoutKey::Ip(ip)) {
@@ -622,9 +633,9 @@ where
         shard.shared.release(ip);
         return;
     };
-    let conn = Conn::new(session, peer);
-    run_session(&shard, conn.clone(), peer, handler, move || conn::drive(conn, stream, deframer)).await;
-    shard.shared.release(ip);
+    let conn = Conn::with_links(session, peer, Some(shard.tcp_links.clone()));
+    // The session's limit slot is released by `close_session`.
+    run_session(&shard, conn.clone(), &handler, move || conn::drive(conn, stream, deframer)).await;
 }
 
 /// Run the handshake under its timeout and the eviction hook; failures are recorded here.
@@ -760,56 +771,70 @@ async fn server_handshake(
     Ok(ProtoSession::new(&est, Transport::Tcp))
 }
 
-/// Register an established session, run its handler on this shard, drive it with the future
-/// `driver` makes (the TCP reader/writer or the UDP pump) until it is over, then unregister it.
-/// `driver` is a constructor so the driver future exists once, at its await point, instead
-/// of once as an argument and once as the awaited value: this future lives as long as the
-/// session, and every byte of it is per-session memory.
-pub(super) async fn run_session<H, F, D>(
+/// Register an established session, start its handler (a task, or the inline hook its
+/// connection was built with), drive it with the future `driver` makes (the TCP reader and
+/// writer) until it is over, then unregister it. `driver` is a constructor so the driver future
+/// exists once, at its await point, instead of once as an argument and once as the awaited
+/// value: this future lives as long as the session, and every byte of it is per-session memory.
+pub(super) async fn run_session<D>(
     shard: &Rc<Shard>,
     conn: Rc<Conn>,
-    peer: SocketAddr,
-    handler: Arc<H>,
+    handler: &Handler,
     driver: impl FnOnce() -> D,
 ) where
-    H: Fn(Session) -> F + Send + Sync + 'static,
-    F: Future<Output = ()> + 'static,
     D: Future<Output = ()>,
 {
+    open_session(shard, &conn, handler);
+    driver().await;
+    close_session(shard, &conn);
+}
+
+/// Register an established session on this shard (slab, device index, directory, gauges) and
+/// start its handler task if the handler is not inline. The session's slab key goes in the
+/// connection's tag for [`close_session`].
+pub(super) fn open_session(shard: &Rc<Shard>, conn: &Rc<Conn>, handler: &Handler) {
     let device_id = conn.device_id();
     let session_id = conn.session_id();
     let transport = conn.transport();
+    let peer = conn.peer();
     let conn_id = shard.shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
     shard.lockout_event(LockoutKey::Device(peer.ip(), device_id), false);
-    let info = SessionInfo {
-        device_id,
-        session_id,
-        transport,
-        peer,
-        shard: shard.idx,
-        since: SystemTime::now(),
-        conn_id,
-    };
-    let key = shard.sessions.borrow_mut().insert(Live { conn: conn.clone(), info: info.clone() });
+    let live = Live { conn: conn.clone(), conn_id, since: SystemTime::now() };
+    shard.shared.directory.insert(live.info(shard.idx));
+    let key = shard.sessions.borrow_mut().insert(live);
+    conn.tag.set(key as u32);
     shard.by_device.borrow_mut().insert(device_id, key);
-    shard.shared.directory.insert(info);
-    let open_gauge = match transport {
+    ShardStats::inc(open_gauge(shard, transport));
+    tracing::info!(device = %format_device_id(&device_id), session = %to_hex(&session_id), %peer, ?transport, shard = shard.idx, "session up");
+    if let Handler::Task(make) = handler {
+        let fut = make(Session { conn: conn.clone(), shard: shard.idx, transport });
+        let c2 = conn.clone();
+        monoio::spawn(async move {
+            if crate::rt::CatchUnwind::new(fut).await.is_err() {
+                tracing::error!(device = %format_device_id(&c2.device_id()), "session handler panicked");
+            }
+            c2.close(CloseReason::HandlerDone, true);
+        });
+    }
+}
+
+fn open_gauge(shard: &Shard, transport: Transport) -> &std::sync::atomic::AtomicU64 {
+    match transport {
         Transport::Tcp => &shard.stats().sessions_open_tcp,
         Transport::Udp => &shard.stats().sessions_open_udp,
+    }
+}
+
+/// Unregister a finished session: fold its counters into the shard's, drop it from the slab,
+/// the device index and the directory, and release its limit slot.
+pub(super) fn close_session(shard: &Rc<Shard>, conn: &Rc<Conn>) {
+    let key = conn.tag.get() as usize;
+    let Some(live) =
+        shard.sessions.borrow().get(key).filter(|l| Rc::ptr_eq(&l.conn, conn)).map(|l| l.conn_id)
+    else {
+        return;
     };
-    ShardStats::inc(open_gauge);
-    let dev = format_device_id(&device_id);
-    tracing::info!(device = %dev, session = %to_hex(&session_id), %peer, ?transport, shard = shard.idx, "session up");
-    let app = Session { conn: conn.clone(), shard: shard.idx, transport };
-    let fut = handler(app);
-    let c2 = conn.clone();
-    monoio::spawn(async move {
-        if crate::rt::CatchUnwind::new(fut).await.is_err() {
-            tracing::error!(device = %format_device_id(&c2.device_id()), "session handler panicked");
-        }
-        c2.close(CloseReason::HandlerDone, true);
-    });
-    driver().await;
+    let (device_id, peer) = (conn.device_id(), conn.peer());
     let reason = conn.close_reason().unwrap_or(CloseReason::PeerClosed);
     let st = conn.stats();
     let s = shard.stats();
@@ -822,15 +847,45 @@ pub(super) async fn run_session<H, F, D>(
     s.bytes_in.fetch_add(st.bytes_in, Ordering::Relaxed);
     s.bytes_out.fetch_add(st.bytes_out, Ordering::Relaxed);
     s.udp_retransmits.fetch_add(st.retransmits, Ordering::Relaxed);
-    ShardStats::dec(open_gauge);
-    tracing::info!(device = %dev, %peer, reason = reason.as_str(), detail = ?reason, "session down");
+    ShardStats::dec(open_gauge(shard, conn.transport()));
+    tracing::info!(device = %format_device_id(&device_id), %peer, reason = reason.as_str(), detail = ?reason, "session down");
     shard.sessions.borrow_mut().remove(key);
     let mut by = shard.by_device.borrow_mut();
     if by.get(&device_id) == Some(&key) {
         by.remove(&device_id);
     }
     drop(by);
-    shard.shared.directory.remove(&device_id, conn_id);
+    shard.shared.directory.remove(&device_id, live);
+    shard.shared.release(peer.ip());
     // Move this session's traffic from the live gauges to the totals at once.
     publish_gauges(shard, now());
+}
+
+/// The inline message hook of a shard: builds the application's [`Session`] view for each
+/// message and contains a panic to the session it happened in.
+pub(super) struct InlineHook {
+    pub(super) on_message: super::MessageFn,
+    pub(super) shard: usize,
+}
+
+impl crate::rt::conn::MessageHook for InlineHook {
+    fn on_message(&self, conn: &Rc<Conn>, msg: &[u8]) {
+        let s = Session { conn: conn.clone(), shard: self.shard, transport: conn.transport() };
+        let f = &self.on_message;
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&s, msg))).is_err() {
+            tracing::error!(device = %format_device_id(&conn.device_id()), "message handler panicked");
+            conn.close(CloseReason::HandlerDone, true);
+        }
+    }
+}
+
+/// The links every connection of a shard and transport shares (inline hook, UDP port).
+pub(super) fn links(shard: usize, handler: &Handler, port: Option<Rc<crate::rt::udp::UdpPort>>) -> Rc<Links> {
+    let hook =
+        match handler {
+            Handler::Inline(f) => Some(Box::new(InlineHook { on_message: f.clone(), shard })
+                as Box<dyn crate::rt::conn::MessageHook>),
+            Handler::Task(_) => None,
+        };
+    Rc::new(Links { hook, port })
 }

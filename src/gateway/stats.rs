@@ -81,6 +81,9 @@ counters! {
     dropped_replayed,
     /// Dropped UTACKs that acknowledge nothing outstanding (late, duplicate or forged).
     dropped_stray_ack,
+    /// UDP messages left unacknowledged because the application is not keeping up (the
+    /// device retransmits them later).
+    dropped_busy,
     /// Dropped frames that broke a session rule on UDP (fragment order, control mid-message).
     dropped_violation,
     /// Gauge: TCP sessions open.

@@ -5,7 +5,6 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -13,9 +12,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use monoio::net::udp::UdpSocket;
 
-use super::session::Session;
-use super::shard::{record_failure, run_session, Failure, Shard, UNREGISTERED};
+use super::shard::{close_session, links, open_session, record_failure, Failure, Shard, UNREGISTERED};
 use super::stats::ShardStats;
+use super::Handler;
 use crate::proto::arq::{Arq, ArqAction};
 use crate::proto::crypto::EphemeralKey;
 use crate::proto::frame::{encode_frame, Frame, PacketType};
@@ -24,9 +23,9 @@ use crate::proto::lockout::LockoutKey;
 use crate::proto::session::Session as ProtoSession;
 use crate::proto::udp::{encode_utack, is_utack, CookieError, CookieJar, ExpectedAck, SourceLimiter};
 use crate::proto::{ErrorKind, Transport};
-use crate::rt::conn::{CloseReason, Conn};
+use crate::rt::conn::{CloseReason, Conn, Links};
 use crate::rt::event::LocalEvent;
-use crate::rt::udp::{on_session_datagram, pump, send_loop, Inbound, UdpOut, RECV_BUF_LEN};
+use crate::rt::udp::{on_session_datagram, send_loop, Inbound, UdpOut, UdpPort, RECV_BUF_LEN};
 use crate::rt::{now, wire, Error};
 
 /// Receives kept in flight on io_uring (epoll wakes only one waiter per socket).
@@ -62,16 +61,30 @@ struct Peer {
 pub(super) struct UdpShard {
     sock: Rc<UdpSocket>,
     out: Rc<UdpOut>,
+    /// Drives every session's stop-and-wait sender (no task per session).
+    port: Rc<UdpPort>,
+    /// What every UDP session of the shard is wired to (the port, the inline hook if any).
+    links: Rc<Links>,
     peers: RefCell<HashMap<SocketAddr, Peer>>,
     cookies: RefCell<CookieJar>,
     limiter: RefCell<SourceLimiter>,
 }
 
 impl UdpShard {
-    pub(super) fn new(sock: std::net::UdpSocket, secret: [u8; 32], per_ip: f64) -> std::io::Result<Rc<Self>> {
+    pub(super) fn new(
+        sock: std::net::UdpSocket,
+        secret: [u8; 32],
+        per_ip: f64,
+        shard: usize,
+        handler: &Handler,
+    ) -> std::io::Result<Rc<Self>> {
+        let out = UdpOut::new();
+        let port = UdpPort::new(out.clone());
         Ok(Rc::new(UdpShard {
             sock: Rc::new(UdpSocket::from_std(sock)?),
-            out: UdpOut::new(),
+            links: links(shard, handler, Some(port.clone())),
+            port,
+            out,
             peers: RefCell::new(HashMap::new()),
             cookies: RefCell::new(CookieJar::new(&secret)),
             // Per source: `per_ip`/s with a one-second burst; plus a shard-wide ceiling.
@@ -90,15 +103,11 @@ fn unix_bucket() -> u64 {
 }
 
 /// Start the socket's tasks: the senders and the receivers (their handles, to await at shutdown).
-pub(super) fn start<H, F>(
+pub(super) fn start(
     shard: &Rc<Shard>,
     udp: &Rc<UdpShard>,
-    handler: Arc<H>,
-) -> Vec<monoio::task::JoinHandle<()>>
-where
-    H: Fn(Session) -> F + Send + Sync + 'static,
-    F: Future<Output = ()> + 'static,
-{
+    handler: Arc<Handler>,
+) -> Vec<monoio::task::JoinHandle<()>> {
     // epoll wakes one waiter per socket direction, io_uring keeps many operations in flight.
     let (senders, receivers) =
         if monoio::utils::is_legacy() { (1, 1) } else { (URING_SENDERS, URING_RECEIVERS) };
@@ -109,19 +118,51 @@ where
     for _ in 0..receivers {
         tasks.push(monoio::spawn(recv_loop(shard.clone(), udp.clone(), handler.clone())));
     }
+    tasks.push(monoio::spawn(udp.port.clone().run_timers()));
+    tasks.push(monoio::spawn(reaper(shard.clone(), udp.clone())));
     tasks
 }
 
-/// Stop the socket's tasks (shutdown).
-pub(super) fn stop(udp: &UdpShard) {
+/// Stop the socket's tasks (shutdown): sessions still waiting for their BYE's UTACK are
+/// abandoned and unregistered.
+pub(super) fn stop(shard: &Rc<Shard>, udp: &UdpShard) {
+    let left: Vec<Rc<Conn>> = udp.peers.borrow().values().filter_map(|p| p.conn.clone()).collect();
+    for c in left {
+        c.close(CloseReason::Shutdown, false);
+    }
+    unregister_finished(shard, udp);
+    udp.port.stop();
     udp.out.stop();
 }
 
-async fn recv_loop<H, F>(shard: Rc<Shard>, udp: Rc<UdpShard>, handler: Arc<H>)
-where
-    H: Fn(Session) -> F + Send + Sync + 'static,
-    F: Future<Output = ()> + 'static,
-{
+/// Unregister the sessions whose last frame was delivered or abandoned.
+async fn reaper(shard: Rc<Shard>, udp: Rc<UdpShard>) {
+    loop {
+        udp.port.wait_finished().await;
+        unregister_finished(&shard, &udp);
+        if udp.port.is_stopped() {
+            return;
+        }
+    }
+}
+
+fn unregister_finished(shard: &Rc<Shard>, udp: &UdpShard) {
+    for conn in udp.port.take_finished() {
+        close_session(shard, &conn);
+        let from = conn.peer();
+        let mut peers = udp.peers.borrow_mut();
+        if let Some(p) = peers.get_mut(&from) {
+            if p.conn.as_ref().is_some_and(|c| Rc::ptr_eq(c, &conn)) {
+                p.conn = None;
+            }
+            if p.hs.is_none() && p.conn.is_none() {
+                peers.remove(&from);
+            }
+        }
+    }
+}
+
+async fn recv_loop(shard: Rc<Shard>, udp: Rc<UdpShard>, handler: Arc<Handler>) {
     let mut buf = vec![0u8; RECV_BUF_LEN];
     loop {
         let stop = shard.stopping.wait();
@@ -174,11 +215,13 @@ fn send_utack(udp: &UdpShard, ptype: u8, seq: u32, to: SocketAddr) {
     udp.out.send(&b[..n], to);
 }
 
-fn on_datagram<H, F>(shard: &Rc<Shard>, udp: &Rc<UdpShard>, d: &mut [u8], from: SocketAddr, handler: &Arc<H>)
-where
-    H: Fn(Session) -> F + Send + Sync + 'static,
-    F: Future<Output = ()> + 'static,
-{
+fn on_datagram(
+    shard: &Rc<Shard>,
+    udp: &Rc<UdpShard>,
+    d: &mut [u8],
+    from: SocketAddr,
+    handler: &Arc<Handler>,
+) {
     let peer = udp.peers.borrow().get(&from).cloned().unwrap_or_default();
     // Handshake-phase traffic (types 1–4 and their UTACKs) goes to the handshake in progress.
     let handshake_phase =
@@ -198,6 +241,10 @@ where
         match on_session_datagram(conn, &udp.out, d, from) {
             Inbound::Handled | Inbound::Closed => return,
             Inbound::Dropped(kind) => return dropped_for(shard, kind),
+            Inbound::Busy => {
+                ShardStats::inc(&shard.stats().datagrams_dropped);
+                return ShardStats::inc(&shard.stats().dropped_busy);
+            }
             Inbound::StrayAck => {
                 ShardStats::inc(&shard.stats().datagrams_dropped);
                 return ShardStats::inc(&shard.stats().dropped_stray_ack);
@@ -218,11 +265,7 @@ where
 
 /// Stateless until a valid cookie comes back: HELLO (38 B) → UTACK + HELLO_RETRY; HELLO with
 /// cookie (54 B) → checks, cheapest first, then the handshake task.
-fn cookie_path<H, F>(shard: &Rc<Shard>, udp: &Rc<UdpShard>, d: &[u8], from: SocketAddr, handler: &Arc<H>)
-where
-    H: Fn(Session) -> F + Send + Sync + 'static,
-    F: Future<Output = ()> + 'static,
-{
+fn cookie_path(shard: &Rc<Shard>, udp: &Rc<UdpShard>, d: &[u8], from: SocketAddr, handler: &Arc<Handler>) {
     let Ok(frame) = Frame::decode_exact(d) else { return dropped(shard) };
     let Ok(hello) = decode_hello(&frame) else { return dropped(shard) };
     let s = shard.stats();
@@ -301,17 +344,14 @@ fn forget_handshake(udp: &UdpShard, from: SocketAddr, hs: &Rc<Handshake>) {
     }
 }
 
-async fn handshake_task<H, F>(
+async fn handshake_task(
     shard: Rc<Shard>,
     udp: Rc<UdpShard>,
     hs: Rc<Handshake>,
     hello: Hello,
     from: SocketAddr,
-    handler: Arc<H>,
-) where
-    H: Fn(Session) -> F + Send + Sync + 'static,
-    F: Future<Output = ()> + 'static,
-{
+    handler: Arc<Handler>,
+) {
     let timeout = shard.shared.cfg.handshake_timeout;
     let started = now();
     let pending = {
@@ -340,7 +380,7 @@ async fn handshake_task<H, F>(
     };
     let mut ok = [0u8; 64];
     let (est, n) = expect.finish(sid, &mut ok).expect("SESSION_OK fits");
-    let conn = Conn::new(ProtoSession::new(&est, Transport::Udp), from);
+    let conn = Conn::with_links(ProtoSession::new(&est, Transport::Udp), from, Some(udp.links.clone()));
     let old = udp.peers.borrow_mut().entry(from).or_default().conn.replace(conn.clone());
     if let Some(old) = old {
         old.close(CloseReason::Replaced, false);
@@ -349,25 +389,9 @@ async fn handshake_task<H, F>(
     ShardStats::inc(&shard.stats().handshakes_ok);
     udp.out.send(&ok[..n], from);
     shard.shared.hs_latency[shard.idx].record(now().saturating_sub(started));
-    let session_task = {
-        let (shard, udp, conn) = (shard.clone(), udp.clone(), conn.clone());
-        async move {
-            let (c, out) = (conn.clone(), udp.out.clone());
-            run_session(&shard, conn.clone(), from, handler, move || pump(c, out, from)).await;
-            let mut peers = udp.peers.borrow_mut();
-            if let Some(p) = peers.get_mut(&from) {
-                if p.conn.as_ref().is_some_and(|c| Rc::ptr_eq(c, &conn)) {
-                    p.conn = None;
-                }
-                if p.hs.is_none() && p.conn.is_none() {
-                    peers.remove(&from);
-                }
-            }
-            drop(peers);
-            shard.shared.release(from.ip());
-        }
-    };
-    monoio::spawn(session_task);
+    // From here the session runs without a task of its own: datagrams, the application and
+    // the port's timers drive it, and the reaper unregisters it (and releases its limit slot).
+    open_session(&shard, &conn, &handler);
     // Retransmit SESSION_OK until it is acknowledged (or the device's traffic proves it arrived).
     while arq.is_busy() && conn.close_reason().is_none() && conn.stats().frames_in == 0 {
         match next(&hs, arq.poll_timeout()).await {

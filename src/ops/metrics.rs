@@ -83,6 +83,7 @@ pub fn render(h: &GatewayHandle) -> String {
         ("unauthenticated", s.dropped_unauthenticated),
         ("replayed", s.dropped_replayed),
         ("stray_ack", s.dropped_stray_ack),
+        ("busy", s.dropped_busy),
         ("violation", s.dropped_violation),
         ("cookie_rate_limited", s.cookie_rate_limited),
         ("cookie_refused", s.cookies_refused),

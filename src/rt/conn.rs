@@ -7,7 +7,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::time::Duration;
 
 use monoio::buf::SliceMut;
@@ -17,6 +17,7 @@ use monoio::io::{
 use monoio::net::TcpStream;
 
 use super::event::LocalEvent;
+use super::udp::UdpPort;
 use super::{now, Error};
 use crate::proto::arq::Arq;
 use crate::proto::crypto::REKEY_SALT_LEN;
@@ -26,12 +27,21 @@ use crate::proto::session::{sealed_len, Received, Session, MAX_SEALED_MESSAGE_LE
 use crate::proto::udp::ExpectedAck;
 use crate::proto::{ErrorKind, Reaction, Transport};
 
-/// Outgoing bytes above which `send` waits for the socket to drain.
-const OUT_HIGH_WATER: usize = 64 * 1024;
-/// Messages queued for an application that is not reading before the reader pauses.
-const INBOX_CAP: usize = 256;
+/// Outgoing bytes above which `send` waits for the socket to drain (and an inline-delivering
+/// connection stops taking input until it has).
+pub(crate) const OUT_HIGH_WATER: usize = 64 * 1024;
+/// Outgoing bytes above which `try_send` refuses: a message hook sending far more than it
+/// receives cannot grow the queue without bound.
+const OUT_HARD_LIMIT: usize = 4 * OUT_HIGH_WATER;
+/// Messages queued for an application that is not reading before the reader pauses (TCP) or
+/// new frames are left unacknowledged for the device to retransmit later (UDP).
+pub(crate) const INBOX_CAP: usize = 256;
 /// Room for one control frame (header + nonce + tag).
 const CONTROL_FRAME_LEN: usize = 12 + 28;
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
 
 /// Why a connection ended (for logs, metrics and the application).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,33 +109,61 @@ pub struct ConnStats {
     pub retransmits: u64,
 }
 
+/// Receives each message of a connection inline, on the thread that read it, instead of the
+/// connection queueing it for a task calling [`Conn::recv`]: no task, no queue, no copy.
+pub trait MessageHook {
+    /// One complete message (replies go out with [`Conn::try_send`]).
+    fn on_message(&self, conn: &Rc<Conn>, msg: &[u8]);
+}
+
+/// What one connection is wired to beyond its socket, shared by every connection of a shard
+/// and transport (one pointer per connection).
+#[derive(Default)]
+pub struct Links {
+    /// Deliver messages inline instead of queueing them for `recv`.
+    pub hook: Option<Box<dyn MessageHook>>,
+    /// UDP: drive the stop-and-wait sender inline and from the port's timers instead of
+    /// from a task per connection.
+    pub port: Option<Rc<UdpPort>>,
+}
+
 /// Shared state of one connection; lives in an `Rc` on its shard's thread.
 pub struct Conn {
+    me: Weak<Conn>,
     session: RefCell<Session>,
     peer: SocketAddr,
     out: RefCell<Vec<u8>>,
-    out_ev: LocalEvent,
-    drained_ev: LocalEvent,
-    inbox: RefCell<VecDeque<Vec<u8>>>,
+    /// The side moving bytes (TCP writer, UDP pump) waits here: output queued, a UTACK
+    /// arrived, the connection is closing.
+    drive_ev: LocalEvent,
+    /// The application side waits here: room in the output, the connection finished.
+    app_ev: LocalEvent,
+    /// Messages for `recv`. Boxed on purpose: 8 bytes instead of 32 in every connection, and
+    /// inline-delivering connections never allocate it.
+    #[allow(clippy::box_collection)]
+    inbox: RefCell<Option<Box<VecDeque<Vec<u8>>>>>,
     inbox_ev: LocalEvent,
     closing: Cell<Option<CloseReason>>,
     done: Cell<bool>,
-    done_ev: LocalEvent,
-    last_rx: Cell<Duration>,
+    /// Nanoseconds of [`now`] (times are stored as `u64`: every byte here is per session).
+    last_rx: Cell<u64>,
     stats: Cell<ConnStats>,
-    canceller: RefCell<Option<Canceller>>,
     transport: Transport,
+    links: Option<Rc<Links>>,
+    /// The owner's handle for this connection (the gateway's slab key).
+    pub(crate) tag: Cell<u32>,
     /// UDP: the UTACK each queued frame expects, in `out` order.
     pub(crate) acks: RefCell<VecDeque<ExpectedAck>>,
-    /// UDP: the stop-and-wait state of the frame in flight.
+    /// UDP: the stop-and-wait state of the frame in flight (the first frame of `out`).
     pub(crate) arq: RefCell<Arq>,
-    /// UDP: a UTACK for the frame in flight arrived.
-    pub(crate) ack_ev: LocalEvent,
+    /// UDP (port-driven): the earliest deadline this connection has in the port's timers
+    /// (nanoseconds, 0 = none).
+    timer_at: Cell<u64>,
     /// Closed without BYE: stop retransmitting at once.
     pub(crate) abandon: Cell<bool>,
     /// UDP: when the peer last retransmitted a frame we had already accepted (our UTACK was
-    /// lost): UTACKs then go out twice for a while.
-    pub(crate) ack_loss_seen: Cell<Option<Duration>>,
+    /// lost): UTACKs then go out twice for a while (nanoseconds, 0 = never).
+    ack_loss_seen: Cell<u64>,
 }
 
 /// What one received frame did to the session.
@@ -144,28 +182,47 @@ pub enum FrameOutcome {
 impl Conn {
     /// Wrap an established session talking to `peer`.
     pub fn new(session: Session, peer: SocketAddr) -> Rc<Self> {
+        Self::with_links(session, peer, None)
+    }
+
+    /// Wrap an established session wired to `links` (inline delivery, a UDP port).
+    pub fn with_links(session: Session, peer: SocketAddr, links: Option<Rc<Links>>) -> Rc<Self> {
         let transport = session.transport();
-        Rc::new(Conn {
+        Rc::new_cyclic(|me| Conn {
+            me: me.clone(),
             transport,
+            links,
+            tag: Cell::new(0),
             acks: RefCell::new(VecDeque::new()),
             arq: RefCell::new(Arq::default()),
-            ack_ev: LocalEvent::default(),
+            timer_at: Cell::new(0),
             abandon: Cell::new(false),
-            ack_loss_seen: Cell::new(None),
+            ack_loss_seen: Cell::new(0),
             session: RefCell::new(session),
             peer,
             out: RefCell::new(Vec::new()),
-            out_ev: LocalEvent::default(),
-            drained_ev: LocalEvent::default(),
-            inbox: RefCell::new(VecDeque::new()),
+            drive_ev: LocalEvent::default(),
+            app_ev: LocalEvent::default(),
+            inbox: RefCell::new(None),
             inbox_ev: LocalEvent::default(),
             closing: Cell::new(None),
             done: Cell::new(false),
-            done_ev: LocalEvent::default(),
-            last_rx: Cell::new(now()),
+            last_rx: Cell::new(nanos(now())),
             stats: Cell::new(ConnStats::default()),
-            canceller: RefCell::new(Some(Canceller::new())),
         })
+    }
+
+    fn port(&self) -> Option<&Rc<UdpPort>> {
+        self.links.as_ref()?.port.as_ref()
+    }
+
+    fn hook(&self) -> Option<&dyn MessageHook> {
+        self.links.as_ref()?.hook.as_deref()
+    }
+
+    /// Messages are delivered inline to a hook (not queued for `recv`).
+    pub fn delivers_inline(&self) -> bool {
+        self.hook().is_some()
     }
 
     /// The peer's address.
@@ -182,7 +239,25 @@ impl Conn {
     }
     /// Time of the last authenticated frame (see [`crate::rt::now`]).
     pub fn last_rx(&self) -> Duration {
-        self.last_rx.get()
+        Duration::from_nanos(self.last_rx.get())
+    }
+
+    /// UDP (port-driven): the earliest deadline this connection has in the port's timers.
+    pub(crate) fn timer_at(&self) -> Option<Duration> {
+        Some(self.timer_at.get()).filter(|&n| n != 0).map(Duration::from_nanos)
+    }
+
+    pub(crate) fn set_timer_at(&self, at: Option<Duration>) {
+        self.timer_at.set(at.map_or(0, |t| nanos(t).max(1)));
+    }
+
+    /// UDP: when the peer last showed that one of our UTACKs was lost.
+    pub(crate) fn ack_loss_seen(&self) -> Option<Duration> {
+        Some(self.ack_loss_seen.get()).filter(|&n| n != 0).map(Duration::from_nanos)
+    }
+
+    pub(crate) fn note_ack_loss(&self, t: Duration) {
+        self.ack_loss_seen.set(nanos(t).max(1));
     }
     /// Traffic counters.
     pub fn stats(&self) -> ConnStats {
@@ -202,16 +277,19 @@ impl Conn {
             return true;
         }
         let Ok(mut out) = self.out.try_borrow_mut() else { return false };
-        if t.saturating_sub(self.last_rx.get()) < idle || !out.is_empty() {
+        if t.saturating_sub(self.last_rx()) < idle || !out.is_empty() {
             return false;
         }
         s.park();
         *out = Vec::new();
         if let Ok(mut inbox) = self.inbox.try_borrow_mut() {
-            if inbox.is_empty() {
-                *inbox = VecDeque::new();
+            if inbox.as_ref().is_some_and(|q| q.is_empty()) {
+                *inbox = None;
             }
         }
+        self.drive_ev.shrink();
+        self.app_ev.shrink();
+        self.inbox_ev.shrink();
         true
     }
 
@@ -268,9 +346,34 @@ impl Conn {
                 s.frames_out += frames;
                 s.bytes_out += n as u64;
             });
-            self.out_ev.notify();
+            self.kick();
         }
         res
+    }
+
+    /// Output was queued, a UTACK arrived, or the connection is closing: wake the task moving
+    /// bytes, or (port-driven UDP) move them here and now.
+    pub(crate) fn kick(&self) {
+        let Some(port) = self.port() else {
+            self.drive_ev.notify();
+            return;
+        };
+        let t = now();
+        if super::udp::step(self, port.out(), t) {
+            // `step` may close the connection, which kicks again: hand it over once.
+            if self.finish() {
+                if let Some(me) = self.me.upgrade() {
+                    port.finished(me);
+                }
+            }
+        } else if let Some(at) = self.arq.borrow().poll_timeout() {
+            port.arm(self, at);
+        }
+    }
+
+    /// The weak handle the port's timers hold.
+    pub(crate) fn weak(&self) -> Weak<Conn> {
+        self.me.clone()
     }
 
     /// Send one message (0..=1808 bytes), fragmented as needed. Waits only when the socket
@@ -281,7 +384,7 @@ impl Conn {
         }
         loop {
             self.check_open()?;
-            let wait = self.drained_ev.wait();
+            let wait = self.app_ev.wait();
             if self.out.borrow().len() < OUT_HIGH_WATER {
                 break;
             }
@@ -291,11 +394,36 @@ impl Conn {
         Ok(())
     }
 
+    /// Queue one message without waiting (for message hooks, which cannot wait). Refused
+    /// with `TimeoutError` while far more output is queued than the socket takes.
+    pub fn try_send(&self, msg: &[u8]) -> Result<(), Error> {
+        if msg.len() > crate::proto::reassembly::MAX_MESSAGE_LEN {
+            return Err(Error::misuse(ErrorKind::Payload, "message over 1808 bytes"));
+        }
+        self.check_open()?;
+        if self.out.borrow().len() >= OUT_HARD_LIMIT {
+            return Err(Error::misuse(ErrorKind::Timeout, "send queue full: the peer is not keeping up"));
+        }
+        self.queue(sealed_len(msg.len()), |s, out| s.seal_message(msg, out))?;
+        Ok(())
+    }
+
+    /// Input should wait: the application is not reading, or (inline delivery) its replies
+    /// are not leaving.
+    pub(crate) fn input_blocked(&self) -> bool {
+        if self.delivers_inline() {
+            self.out.borrow().len() >= OUT_HIGH_WATER
+        } else {
+            self.inbox.borrow().as_ref().map_or(0, |q| q.len()) >= INBOX_CAP
+        }
+    }
+
     /// Receive the next message; `ConnectionClosed` once the session ended and the queue is empty.
     pub async fn recv(&self) -> Result<Vec<u8>, Error> {
         loop {
             let wait = self.inbox_ev.wait();
-            if let Some(m) = self.inbox.borrow_mut().pop_front() {
+            let next = self.inbox.borrow_mut().as_mut().and_then(|q| q.pop_front());
+            if let Some(m) = next {
                 self.inbox_ev.notify(); // room for a paused reader
                 return Ok(m);
             }
@@ -345,16 +473,15 @@ impl Conn {
             self.abandon.set(true);
         }
         self.closing.set(Some(reason));
-        self.out_ev.notify();
-        self.ack_ev.notify();
         self.inbox_ev.notify();
-        self.drained_ev.notify();
+        self.app_ev.notify();
+        self.kick();
     }
 
     /// Wait until the socket is closed and both loops ended.
     pub async fn closed(&self) {
         loop {
-            let wait = self.done_ev.wait();
+            let wait = self.app_ev.wait();
             if self.done.get() {
                 return;
             }
@@ -366,17 +493,35 @@ impl Conn {
     pub(crate) fn on_frame(&self, frame: &mut [u8]) -> FrameOutcome {
         let t = now();
         let len = frame.len() as u64;
+        let frame_at = frame.as_ptr() as usize;
         let mut session = self.session.borrow_mut();
         let outcome = match session.open(frame, t) {
             Ok(r) => {
-                self.last_rx.set(t);
+                self.last_rx.set(nanos(t));
                 self.bump(|s| {
                     s.frames_in += 1;
                     s.bytes_in += len;
                 });
                 match r {
+                    Received::Message(m) if self.delivers_inline() => {
+                        // The hook may send, which needs the session: find the message again
+                        // after releasing it. A single-frame message was opened in place in
+                        // `frame`; a reassembled one lives in the session and is copied out.
+                        let (at, n) = (m.as_ptr() as usize, m.len());
+                        let mut copy = [0u8; crate::proto::reassembly::MAX_MESSAGE_LEN];
+                        let inside = at >= frame_at && at + n <= frame_at + len as usize;
+                        if !inside {
+                            copy[..n].copy_from_slice(m);
+                        }
+                        drop(session);
+                        let msg = if inside { &frame[at - frame_at..at - frame_at + n] } else { &copy[..n] };
+                        if let (Some(hook), Some(me)) = (self.hook(), self.me.upgrade()) {
+                            hook.on_message(&me, msg);
+                        }
+                        return FrameOutcome::Accepted;
+                    }
                     Received::Message(m) => {
-                        self.inbox.borrow_mut().push_back(m.to_vec());
+                        self.inbox.borrow_mut().get_or_insert_with(Box::default).push_back(m.to_vec());
                         self.inbox_ev.notify();
                         FrameOutcome::Accepted
                     }
@@ -417,31 +562,53 @@ impl Conn {
         self.session.borrow_mut()
     }
 
-    /// UDP: move the next queued frame into `into`; returns the UTACK it expects.
-    pub(crate) fn take_frame(&self, into: &mut Vec<u8>) -> Option<ExpectedAck> {
-        let mut out = self.out.borrow_mut();
+    /// UDP: the first queued frame (the one in flight once sent) and the UTACK it expects.
+    pub(crate) fn head_frame<R>(&self, f: impl FnOnce(&[u8], Option<ExpectedAck>) -> R) -> Option<R> {
+        let out = self.out.borrow();
         if out.len() < HEADER_LEN {
             return None;
         }
-        let n = HEADER_LEN + u16::from_le_bytes([out[8], out[9]]) as usize;
-        into.clear();
-        into.extend_from_slice(&out[..n]);
-        out.drain(..n);
-        drop(out);
-        self.drained_ev.notify();
-        self.acks.borrow_mut().pop_front()
+        let n = (HEADER_LEN + u16::from_le_bytes([out[8], out[9]]) as usize).min(out.len());
+        let expect = self.acks.borrow().front().copied();
+        Some(f(&out[..n], expect))
     }
 
-    /// A future completing when more output is queued (or the connection starts closing).
-    pub(crate) fn out_ev_wait(&self) -> super::event::Wait<'_> {
-        self.out_ev.wait()
+    /// UDP: the frame in flight was acknowledged: drop it from the queue.
+    pub(crate) fn pop_head(&self) {
+        let mut out = self.out.borrow_mut();
+        if out.len() >= HEADER_LEN {
+            let n = (HEADER_LEN + u16::from_le_bytes([out[8], out[9]]) as usize).min(out.len());
+            out.drain(..n);
+            self.acks.borrow_mut().pop_front();
+        }
+        drop(out);
+        self.app_ev.notify();
+    }
+
+    /// Nothing is queued or in flight.
+    pub(crate) fn is_drained(&self) -> bool {
+        self.out.borrow().is_empty()
+    }
+
+    /// A future completing when the driving side has something to do.
+    pub(crate) fn drive_ev_wait(&self) -> super::event::Wait<'_> {
+        self.drive_ev.wait()
     }
 
     /// Mark the connection finished (all I/O loops ended).
     pub(crate) fn set_done(&self) {
         self.done.set(true);
-        self.done_ev.notify();
+        self.app_ev.notify();
         self.inbox_ev.notify();
+    }
+
+    /// [`Conn::set_done`] once; whether this call did it.
+    fn finish(&self) -> bool {
+        if self.done.get() {
+            return false;
+        }
+        self.set_done();
+        true
     }
 }
 
@@ -449,10 +616,13 @@ impl Conn {
 /// the socket is closed; [`Conn::close_reason`] says why.
 pub async fn drive(conn: Rc<Conn>, stream: TcpStream, mut deframer: Deframer) {
     let (rd, wr) = monoio::io::Splitable::into_split(stream);
-    let writer = monoio::spawn(write_loop(conn.clone(), wr));
+    // The writer cancels the pending read when it is done (the connection is closing).
+    let canceller = Canceller::new();
+    let cancel = canceller.handle();
+    let writer = monoio::spawn(write_loop(conn.clone(), wr, canceller));
     // Frames that arrived together with the last handshake frame.
     if drain_frames(&conn, &mut deframer) {
-        read_loop(&conn, rd, &mut deframer).await;
+        read_loop(&conn, rd, &mut deframer, cancel).await;
     }
     if conn.closing.get().is_none() {
         conn.close(CloseReason::PeerClosed, false);
@@ -477,27 +647,33 @@ fn drain_frames(conn: &Conn, deframer: &mut Deframer) -> bool {
     }
 }
 
-async fn read_loop(conn: &Rc<Conn>, mut rd: OwnedReadHalf<TcpStream>, deframer: &mut Deframer) {
+async fn read_loop(
+    conn: &Rc<Conn>,
+    mut rd: OwnedReadHalf<TcpStream>,
+    deframer: &mut Deframer,
+    cancel: monoio::io::CancelHandle,
+) {
     loop {
-        // Backpressure: an application that does not read pauses us (PINGs wait too, which
-        // is what TCP would do anyway), but closing always wakes us.
+        // Backpressure: an application that does not read, or an inline hook whose replies
+        // do not leave, pauses us (PINGs wait too, which is what TCP would do anyway), but
+        // closing always wakes us.
         loop {
-            let wait = conn.inbox_ev.wait();
+            let (inbox, app) = (conn.inbox_ev.wait(), conn.app_ev.wait());
             if conn.closing.get().is_some() {
                 return;
             }
-            if conn.inbox.borrow().len() < INBOX_CAP {
+            if !conn.input_blocked() {
                 break;
             }
-            wait.await;
+            if conn.delivers_inline() {
+                app.await
+            } else {
+                inbox.await
+            }
         }
-        let handle = match conn.canceller.borrow().as_ref() {
-            Some(c) => c.handle(),
-            None => return,
-        };
         let (buf, range) = deframer.take_buffer();
         let slice = SliceMut::new(buf, range.start, range.end);
-        let (res, slice) = rd.cancelable_read(slice, handle).await;
+        let (res, slice) = rd.cancelable_read(slice, cancel.clone()).await;
         let buf = slice.into_inner();
         match res {
             Ok(0) => {
@@ -519,9 +695,9 @@ async fn read_loop(conn: &Rc<Conn>, mut rd: OwnedReadHalf<TcpStream>, deframer: 
     }
 }
 
-async fn write_loop(conn: Rc<Conn>, mut wr: OwnedWriteHalf<TcpStream>) {
+async fn write_loop(conn: Rc<Conn>, mut wr: OwnedWriteHalf<TcpStream>, canceller: Canceller) {
     loop {
-        let wait = conn.out_ev.wait();
+        let wait = conn.drive_ev.wait();
         if conn.out.borrow().is_empty() {
             if conn.closing.get().is_some() {
                 break;
@@ -542,14 +718,12 @@ async fn write_loop(conn: Rc<Conn>, mut wr: OwnedWriteHalf<TcpStream>) {
             *out = buf;
         }
         drop(out);
-        conn.drained_ev.notify();
+        conn.app_ev.notify();
         if res.is_err() {
             conn.close(CloseReason::Io, false);
             break;
         }
     }
     let _ = wr.shutdown().await;
-    if let Some(c) = conn.canceller.borrow_mut().take() {
-        c.cancel();
-    }
+    canceller.cancel();
 }

@@ -4,9 +4,11 @@
 //! (UTACKs sent only after a frame authenticated; authentic duplicates re-ACKed).
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::net::SocketAddr;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
+use std::time::Duration;
 
 use monoio::net::udp::UdpSocket;
 
@@ -100,58 +102,213 @@ pub async fn send_loop(sock: Rc<UdpSocket>, out: Rc<UdpOut>) {
     }
 }
 
-/// Stop-and-wait sender of one session: one frame in flight, retransmitted on the ARQ's
-/// schedule; five silent attempts end the session (`PeerGone`). Returns when the session is
-/// closed and its last frame (BYE) was delivered or abandoned.
-pub async fn pump(conn: Rc<Conn>, out: Rc<UdpOut>, peer: SocketAddr) {
-    // This future and `cur` live as long as the session: an idle session holds neither a
-    // frame buffer nor a timer (the timer is boxed, and only exists while a frame is in flight).
-    let mut cur = Vec::new();
-    'frames: loop {
-        let wait = conn.out_ev_wait();
-        let Some(expect) = conn.take_frame(&mut cur) else {
-            if conn.close_reason().is_some() {
-                break;
-            }
-            cur = Vec::new();
-            wait.await;
-            continue;
-        };
-        conn.arq.borrow_mut().on_send(expect, now());
-        out.send(&cur, peer);
-        loop {
-            let acked = conn.ack_ev.wait();
-            if conn.abandon.get() {
-                conn.arq.borrow_mut().assume_acked();
-                break 'frames;
-            }
-            let Some(deadline) = conn.arq.borrow().poll_timeout() else { continue 'frames };
-            let left = deadline.saturating_sub(now());
-            if !left.is_zero() {
-                // Dropping an event wait is free: no I/O is lost (unlike a socket read).
-                let _ = Box::pin(monoio::time::timeout(left, acked)).await;
-                continue;
-            }
-            let action = conn.arq.borrow_mut().handle_timeout(now());
-            match action {
-                ArqAction::Wait => {}
-                ArqAction::Retransmit(attempt) => {
-                    conn.bump(|s| s.retransmits += 1);
-                    // The last attempts go out twice, back to back: the same frame (never a
-                    // second one), so a device's one spare datagram slot only ever holds a copy.
-                    let copies = if attempt + LAST_ATTEMPTS_DOUBLED >= MAX_ATTEMPTS { 2 } else { 1 };
-                    for _ in 0..copies {
-                        out.send(&cur, peer);
-                    }
+/// Advance one session's stop-and-wait sender at `t`: retransmit or give up when the frame in
+/// flight is due, send the next queued frame when none is in flight. The frame in flight stays
+/// first in the connection's output until its UTACK arrives, so nothing is copied to keep it.
+/// Returns whether the session is finished: closing with nothing left to deliver.
+pub(crate) fn step(conn: &Conn, out: &UdpOut, t: Duration) -> bool {
+    if conn.abandon.get() {
+        conn.arq.borrow_mut().assume_acked();
+        return true;
+    }
+    let action = conn.arq.borrow_mut().handle_timeout(t);
+    match action {
+        ArqAction::Wait => {}
+        ArqAction::Retransmit(attempt) => {
+            conn.bump(|s| s.retransmits += 1);
+            // The last attempts go out twice, back to back: the same frame (never a second
+            // one), so a device's one spare datagram slot only ever holds a copy.
+            let copies = if attempt + LAST_ATTEMPTS_DOUBLED >= MAX_ATTEMPTS { 2 } else { 1 };
+            conn.head_frame(|f, _| {
+                for _ in 0..copies {
+                    out.send(f, conn.peer());
                 }
-                ArqAction::GiveUp => {
-                    conn.close(CloseReason::PeerGone, false);
-                    break 'frames;
-                }
+            });
+        }
+        ArqAction::GiveUp => {
+            conn.close(CloseReason::PeerGone, false);
+            return true;
+        }
+    }
+    if !conn.arq.borrow().is_busy() {
+        let sent = conn.head_frame(|f, expect| {
+            out.send(f, conn.peer());
+            expect
+        });
+        match sent {
+            Some(Some(expect)) => conn.arq.borrow_mut().on_send(expect, t),
+            // A frame without its expected UTACK cannot be in the queue; never spin on one.
+            Some(None) => conn.pop_head(),
+            None => {}
+        }
+    }
+    conn.close_reason().is_some() && !conn.arq.borrow().is_busy() && conn.is_drained()
+}
+
+/// Stop-and-wait sender of one session as a task (the client's): wakes when output is
+/// queued, a UTACK arrives or the frame in flight is due; five silent attempts end the
+/// session (`PeerGone`). Returns when the session is closed and its last frame (BYE) was
+/// delivered or abandoned.
+pub async fn pump(conn: Rc<Conn>, out: Rc<UdpOut>) {
+    loop {
+        let wait = conn.drive_ev_wait();
+        if step(&conn, &out, now()) {
+            break;
+        }
+        let deadline = conn.arq.borrow().poll_timeout();
+        match deadline {
+            // Dropping an event wait is free: no I/O is lost (unlike a socket read).
+            Some(at) => {
+                let _ = monoio::time::timeout(at.saturating_sub(now()), wait).await;
             }
+            None => wait.await,
         }
     }
     conn.set_done();
+}
+
+/// The session side of one UDP socket shared by all its sessions (the gateway's): the outgoing
+/// queue, one timer queue for every session's frame in flight, and the sessions that finished.
+/// A session then needs no task of its own: datagrams, UTACKs and application sends drive it
+/// inline, and [`UdpPort::run_timers`] drives retransmissions.
+pub struct UdpPort {
+    out: Rc<UdpOut>,
+    timers: RefCell<BinaryHeap<Reverse<Timer>>>,
+    timer_ev: LocalEvent,
+    finished: RefCell<Vec<Rc<Conn>>>,
+    finished_ev: LocalEvent,
+    stopped: Cell<bool>,
+}
+
+struct Timer {
+    at: Duration,
+    conn: Weak<Conn>,
+}
+
+impl PartialEq for Timer {
+    fn eq(&self, o: &Self) -> bool {
+        self.at == o.at
+    }
+}
+impl Eq for Timer {}
+impl PartialOrd for Timer {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Timer {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.at.cmp(&o.at)
+    }
+}
+
+impl UdpPort {
+    /// A port sending through `out`.
+    pub fn new(out: Rc<UdpOut>) -> Rc<Self> {
+        Rc::new(UdpPort {
+            out,
+            timers: RefCell::new(BinaryHeap::new()),
+            timer_ev: LocalEvent::default(),
+            finished: RefCell::new(Vec::new()),
+            finished_ev: LocalEvent::default(),
+            stopped: Cell::new(false),
+        })
+    }
+
+    /// The outgoing queue.
+    pub fn out(&self) -> &UdpOut {
+        &self.out
+    }
+
+    /// Make sure `conn` is looked at no later than `at`. A connection keeps at most one timer
+    /// unless its deadline moves earlier (RTO shrinking): stale timers find nothing due.
+    pub(crate) fn arm(&self, conn: &Conn, at: Duration) {
+        if conn.timer_at().is_some_and(|a| a <= at) {
+            return;
+        }
+        conn.set_timer_at(Some(at));
+        let mut timers = self.timers.borrow_mut();
+        let earliest = timers.peek().map_or(true, |Reverse(top)| at < top.at);
+        timers.push(Reverse(Timer { at, conn: conn.weak() }));
+        drop(timers);
+        if earliest {
+            self.timer_ev.notify();
+        }
+    }
+
+    /// Timers queued (sessions with a frame in flight, plus stale entries).
+    pub fn timers_queued(&self) -> usize {
+        self.timers.borrow().len()
+    }
+
+    /// `conn` has nothing left to deliver and is closed: hand it to [`UdpPort::take_finished`].
+    pub(crate) fn finished(&self, conn: Rc<Conn>) {
+        self.finished.borrow_mut().push(conn);
+        self.finished_ev.notify();
+    }
+
+    /// Sessions finished since the last call (their owner unregisters them).
+    pub fn take_finished(&self) -> Vec<Rc<Conn>> {
+        std::mem::take(&mut *self.finished.borrow_mut())
+    }
+
+    /// Wait until a session finished (or [`UdpPort::stop`]).
+    pub async fn wait_finished(&self) {
+        loop {
+            let wait = self.finished_ev.wait();
+            if !self.finished.borrow().is_empty() || self.stopped.get() {
+                return;
+            }
+            wait.await;
+        }
+    }
+
+    /// Let [`UdpPort::run_timers`] return.
+    pub fn stop(&self) {
+        self.stopped.set(true);
+        self.timer_ev.notify();
+        self.finished_ev.notify();
+    }
+
+    /// Whether [`UdpPort::stop`] was called.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.get()
+    }
+
+    /// Drive every session's retransmissions until [`UdpPort::stop`].
+    pub async fn run_timers(self: Rc<Self>) {
+        loop {
+            let wait = self.timer_ev.wait();
+            if self.stopped.get() {
+                return;
+            }
+            let t = now();
+            loop {
+                let due = {
+                    let mut timers = self.timers.borrow_mut();
+                    match timers.peek() {
+                        Some(Reverse(top)) if top.at <= t => timers.pop().map(|Reverse(x)| x),
+                        _ => None,
+                    }
+                };
+                let Some(timer) = due else { break };
+                let Some(conn) = timer.conn.upgrade() else { continue };
+                if conn.timer_at().is_some_and(|a| a <= timer.at) {
+                    conn.set_timer_at(None);
+                }
+                if !conn.is_done() {
+                    conn.kick();
+                }
+            }
+            let next = self.timers.borrow().peek().map(|Reverse(top)| top.at);
+            match next {
+                Some(at) => {
+                    let _ = monoio::time::timeout(at.saturating_sub(now()), wait).await;
+                }
+                None => wait.await,
+            }
+        }
+    }
 }
 
 /// What a session's datagram turned out to be.
@@ -163,6 +320,9 @@ pub enum Inbound {
     Dropped(ErrorKind),
     /// A UTACK that acknowledges nothing outstanding (late, duplicate, forged).
     StrayAck,
+    /// Left unacknowledged because the application is not keeping up (the device retransmits
+    /// it later: UDP's backpressure).
+    Busy,
     /// A handshake-phase frame (type inside): the caller decides (re-ACK, new handshake).
     Handshake(PacketType),
     /// The session ended with this datagram.
@@ -175,7 +335,8 @@ pub enum Inbound {
 pub fn on_session_datagram(conn: &Conn, out: &UdpOut, d: &mut [u8], peer: SocketAddr) -> Inbound {
     if is_utack(d) {
         if conn.arq.borrow_mut().handle_ack(d, now()) {
-            conn.ack_ev.notify();
+            conn.pop_head();
+            conn.kick();
             return Inbound::Handled;
         }
         return Inbound::StrayAck;
@@ -188,6 +349,10 @@ pub fn on_session_datagram(conn: &Conn, out: &UdpOut, d: &mut [u8], peer: Socket
     if !ptype.is_encrypted() {
         return Inbound::Handshake(ptype);
     }
+    // Only messages wait; control frames (PING, BYE, REKEY) always get through.
+    if matches!(ptype, PacketType::Data | PacketType::DataFrag) && conn.input_blocked() {
+        return Inbound::Busy;
+    }
     // The UTACK's MAC key is the key this frame was sealed with: our rx key *before* opening
     // it (a REKEY switches keys while being opened).
     let key = *conn.session().rx_key_bytes();
@@ -196,7 +361,7 @@ pub fn on_session_datagram(conn: &Conn, out: &UdpOut, d: &mut [u8], peer: Socket
         // A lost UTACK costs the sender a retransmission, and five lost attempts end the
         // session: once this peer has shown ACK loss, send copies (senders ignore UTACKs
         // that match nothing, so a copy is harmless).
-        let lossy = conn.ack_loss_seen.get().is_some_and(|t| now().saturating_sub(t) < ACK_LOSS_MEMORY);
+        let lossy = conn.ack_loss_seen().is_some_and(|t| now().saturating_sub(t) < ACK_LOSS_MEMORY);
         for _ in 0..if lossy { UTACK_COPIES } else { 1 } {
             out.send(&b[..n], peer);
         }
@@ -212,7 +377,7 @@ pub fn on_session_datagram(conn: &Conn, out: &UdpOut, d: &mut [u8], peer: Socket
         }
         FrameOutcome::Rejected(ErrorKind::Sequence) if conn.session().verify_duplicate(d) => {
             // A retransmission whose UTACK was lost: acknowledge again, deliver nothing.
-            conn.ack_loss_seen.set(Some(now()));
+            conn.note_ack_loss(now());
             ack(out);
             Inbound::Handled
         }
