@@ -139,25 +139,26 @@ fn rfc3339(t: SystemTime) -> String {
     )
 }
 
-async fn handle(session: Session, mode: ReplyMode) {
-    while let Ok(msg) = session.recv().await {
-        let sent = match mode {
-            ReplyMode::Echo => session.send(&msg).await,
-            ReplyMode::Ack => session.send(b"ACK").await,
-            ReplyMode::Log => {
-                let line = serde_json::json!({
-                    "device_id": session.device_id(),
-                    "session_id": session.session_id(),
-                    "timestamp": rfc3339(SystemTime::now()),
-                    "payload": base64::engine::general_purpose::STANDARD.encode(&msg),
-                });
-                println!("{line}");
-                Ok(())
-            }
-        };
-        if sent.is_err() {
-            break;
+/// The built-in modes answer inline, on the shard that received the message: no task per
+/// session (see `GatewayBuilder::serve_messages`).
+fn on_message(session: &Session, msg: &[u8], mode: ReplyMode) {
+    let sent = match mode {
+        ReplyMode::Echo => session.try_send(msg),
+        ReplyMode::Ack => session.try_send(b"ACK"),
+        ReplyMode::Log => {
+            let line = serde_json::json!({
+                "device_id": session.device_id(),
+                "session_id": session.session_id(),
+                "timestamp": rfc3339(SystemTime::now()),
+                "payload": base64::engine::general_purpose::STANDARD.encode(msg),
+            });
+            println!("{line}");
+            Ok(())
         }
+    };
+    // Only a device that stopped taking replies for far too long gets here.
+    if sent.is_err() {
+        session.close();
     }
 }
 
@@ -191,7 +192,10 @@ fn main() -> ExitCode {
         Transports::Udp => "udp",
         Transports::Both => "tcp+udp",
     };
-    let gw = match Gateway::builder().config(r.config.clone()).serve(move |s| handle(s, mode)) {
+    let gw = match Gateway::builder()
+        .config(r.config.clone())
+        .serve_messages(move |s, m| on_message(s, m, mode))
+    {
         Ok(g) => g,
         Err(e) => {
             eprintln!("usmp-gateway: error: cannot start on {listen}: {e}");
