@@ -3,8 +3,8 @@
 //! never per frame. Striped by crc32c of the device id to keep lock hold times tiny.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::time::SystemTime;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 
@@ -31,9 +31,50 @@ pub struct SessionInfo {
     pub conn_id: u64,
 }
 
+/// A [`SessionInfo`] as the directory stores it: one entry per live device, so it is packed
+/// (64 bytes with its key instead of 96).
+#[derive(Clone, Copy)]
+struct Entry {
+    conn_id: u64,
+    /// Nanoseconds since the Unix epoch.
+    since: u64,
+    session_id: [u8; 16],
+    ip: IpAddr,
+    port: u16,
+    shard: u16,
+    transport: Transport,
+}
+
+impl Entry {
+    fn pack(i: &SessionInfo) -> Self {
+        let since = i.since.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        Entry {
+            conn_id: i.conn_id,
+            since,
+            session_id: i.session_id,
+            ip: i.peer.ip(),
+            port: i.peer.port(),
+            shard: i.shard as u16,
+            transport: i.transport,
+        }
+    }
+
+    fn unpack(&self, device_id: [u8; 6]) -> SessionInfo {
+        SessionInfo {
+            device_id,
+            session_id: self.session_id,
+            transport: self.transport,
+            peer: SocketAddr::new(self.ip, self.port),
+            shard: self.shard as usize,
+            since: UNIX_EPOCH + Duration::from_nanos(self.since),
+            conn_id: self.conn_id,
+        }
+    }
+}
+
 /// device_id → the newest session of that device.
 pub struct Directory {
-    stripes: Vec<Mutex<HashMap<[u8; 6], SessionInfo>>>,
+    stripes: Vec<Mutex<HashMap<[u8; 6], Entry>>>,
 }
 
 impl Default for Directory {
@@ -43,13 +84,13 @@ impl Default for Directory {
 }
 
 impl Directory {
-    fn stripe(&self, id: &[u8; 6]) -> &Mutex<HashMap<[u8; 6], SessionInfo>> {
+    fn stripe(&self, id: &[u8; 6]) -> &Mutex<HashMap<[u8; 6], Entry>> {
         &self.stripes[crc32c::crc32c(id) as usize % STRIPES]
     }
 
     /// Record a new session (it shadows an older one of the same device).
     pub fn insert(&self, info: SessionInfo) {
-        self.stripe(&info.device_id).lock().insert(info.device_id, info);
+        self.stripe(&info.device_id).lock().insert(info.device_id, Entry::pack(&info));
     }
 
     /// Forget a session, only if it is still the device's current one.
@@ -62,16 +103,56 @@ impl Directory {
 
     /// The device's current session.
     pub fn get(&self, device_id: &[u8; 6]) -> Option<SessionInfo> {
-        self.stripe(device_id).lock().get(device_id).cloned()
+        self.stripe(device_id).lock().get(device_id).map(|e| e.unpack(*device_id))
     }
 
     /// Every current session.
     pub fn snapshot(&self) -> Vec<SessionInfo> {
-        self.stripes.iter().flat_map(|s| s.lock().values().cloned().collect::<Vec<_>>()).collect()
+        self.stripes
+            .iter()
+            .flat_map(|s| s.lock().iter().map(|(id, e)| e.unpack(*id)).collect::<Vec<_>>())
+            .collect()
     }
 
     /// Number of devices with a session.
     pub fn len(&self) -> usize {
         self.stripes.iter().map(|s| s.lock().len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: u8, peer: &str, conn_id: u64) -> SessionInfo {
+        SessionInfo {
+            device_id: [id, 1, 2, 3, 4, 5],
+            session_id: [id; 16],
+            transport: if id % 2 == 0 { Transport::Tcp } else { Transport::Udp },
+            peer: peer.parse().unwrap(),
+            shard: id as usize % 3,
+            since: SystemTime::now(),
+            conn_id,
+        }
+    }
+
+    #[test]
+    fn packed_entries_give_back_what_was_stored() {
+        let d = Directory::default();
+        let a = info(1, "10.1.2.3:4567", 7);
+        let b = info(2, "[2001:db8::5]:9000", 8);
+        d.insert(a.clone());
+        d.insert(b.clone());
+        assert_eq!(d.get(&a.device_id), Some(a.clone()));
+        assert_eq!(d.get(&b.device_id), Some(b.clone()));
+        let mut all = d.snapshot();
+        all.sort_by_key(|i| i.conn_id);
+        assert_eq!(all, vec![a.clone(), b.clone()]);
+        // Only the device's current session is forgotten.
+        d.remove(&a.device_id, 99);
+        assert_eq!(d.len(), 2);
+        d.remove(&a.device_id, 7);
+        assert_eq!(d.get(&a.device_id), None);
+        assert_eq!(d.len(), 1);
     }
 }

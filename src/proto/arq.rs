@@ -17,12 +17,18 @@ pub enum ArqAction {
     GiveUp,
 }
 
+/// Times are kept as nanoseconds (`u64`, half a `Duration`): one of these lives in every UDP
+/// session.
 #[derive(Debug, Clone, Copy)]
 struct Pending {
     expect: ExpectedAck,
-    first_sent: Duration,
+    first_sent: u64,
     attempt: u32,
-    deadline: Duration,
+    deadline: u64,
+}
+
+fn ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// The sender side of one session's (or handshake's) stop-and-wait link.
@@ -45,19 +51,23 @@ impl Arq {
 
     /// Record the first transmission of a frame at `now`.
     pub fn on_send(&mut self, expect: ExpectedAck, now: Duration) {
-        self.pending =
-            Some(Pending { expect, first_sent: now, attempt: 0, deadline: now + self.rto.timeout(0) });
+        self.pending = Some(Pending {
+            expect,
+            first_sent: ns(now),
+            attempt: 0,
+            deadline: ns(now + self.rto.timeout(0)),
+        });
     }
 
     /// When the runtime must call [`Arq::handle_timeout`] next.
     pub fn poll_timeout(&self) -> Option<Duration> {
-        self.pending.map(|p| p.deadline)
+        self.pending.map(|p| Duration::from_nanos(p.deadline))
     }
 
     /// Advance time: retransmit when the deadline has come, give up after the fifth attempt.
     pub fn handle_timeout(&mut self, now: Duration) -> ArqAction {
         let Some(p) = self.pending.as_mut() else { return ArqAction::Wait };
-        if now < p.deadline {
+        if ns(now) < p.deadline {
             return ArqAction::Wait;
         }
         if p.attempt + 1 >= MAX_ATTEMPTS {
@@ -65,7 +75,7 @@ impl Arq {
             return ArqAction::GiveUp;
         }
         p.attempt += 1;
-        p.deadline = now + self.rto.timeout(p.attempt);
+        p.deadline = ns(now + self.rto.timeout(p.attempt));
         ArqAction::Retransmit(p.attempt)
     }
 
@@ -74,7 +84,7 @@ impl Arq {
         match self.pending {
             Some(p) if p.expect.matches(datagram) => {
                 if p.attempt == 0 {
-                    self.rto.on_sample(now.saturating_sub(p.first_sent));
+                    self.rto.on_sample(now.saturating_sub(Duration::from_nanos(p.first_sent)));
                 }
                 self.pending = None;
                 true

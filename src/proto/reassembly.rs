@@ -15,7 +15,8 @@ pub const MAX_MESSAGE_LEN: usize = MAX_PLAINTEXT_LEN * MAX_MESSAGE_FRAMES;
 #[derive(Debug, Default)]
 pub struct Reassembly {
     buf: Vec<u8>,
-    frames: usize,
+    /// At most 4 (`u8`: one of these lives in every session).
+    frames: u8,
     next_seq: u32,
     /// The buffer holds a delivered message the caller may still be reading.
     delivered: bool,
@@ -65,7 +66,7 @@ impl Reassembly {
             self.clear();
             return Err(Error::misbehaved(ErrorKind::Payload, "fragment over 452 bytes"));
         }
-        if self.frames + 1 >= MAX_MESSAGE_FRAMES {
+        if usize::from(self.frames) + 1 >= MAX_MESSAGE_FRAMES {
             self.clear();
             return Err(Error::misbehaved(ErrorKind::Payload, "message exceeds 4 frames"));
         }

@@ -34,17 +34,20 @@ pub fn sealed_len(len: usize) -> usize {
 /// Counts control frames in one-second windows, as the reference does.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct FloodGuard {
-    window_start: Option<Duration>,
+    /// Nanoseconds of the window's start plus one; 0 = no window yet (16 bytes instead of
+    /// 24: two of these live in every session).
+    window_start: u64,
     count: u32,
 }
 
 impl FloodGuard {
     /// Count one frame at `now`; `false` once more than 8 fell in the current window.
     pub fn hit(&mut self, now: Duration) -> bool {
-        match self.window_start {
+        let start = self.window_start.checked_sub(1).map(Duration::from_nanos);
+        match start {
             Some(start) if now.saturating_sub(start) <= Duration::from_secs(1) => {}
             _ => {
-                self.window_start = Some(now);
+                self.window_start = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX - 1) + 1;
                 self.count = 0;
             }
         }

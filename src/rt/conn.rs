@@ -127,33 +127,70 @@ pub struct Links {
     pub port: Option<Rc<UdpPort>>,
 }
 
+/// [`ConnStats`] as a connection stores them: the rare counters in 32 bits (they saturate).
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    frames_in: u64,
+    frames_out: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    dropped: u32,
+    retransmits: u32,
+}
+
+impl From<Counters> for ConnStats {
+    fn from(c: Counters) -> Self {
+        ConnStats {
+            frames_in: c.frames_in,
+            frames_out: c.frames_out,
+            bytes_in: c.bytes_in,
+            bytes_out: c.bytes_out,
+            dropped: c.dropped.into(),
+            retransmits: c.retransmits.into(),
+        }
+    }
+}
+
+impl From<ConnStats> for Counters {
+    fn from(s: ConnStats) -> Self {
+        Counters {
+            frames_in: s.frames_in,
+            frames_out: s.frames_out,
+            bytes_in: s.bytes_in,
+            bytes_out: s.bytes_out,
+            dropped: u32::try_from(s.dropped).unwrap_or(u32::MAX),
+            retransmits: u32::try_from(s.retransmits).unwrap_or(u32::MAX),
+        }
+    }
+}
+
 /// Shared state of one connection; lives in an `Rc` on its shard's thread.
 pub struct Conn {
     me: Weak<Conn>,
     session: RefCell<Session>,
     peer: SocketAddr,
     out: RefCell<Vec<u8>>,
-    /// The side moving bytes (TCP writer, UDP pump) waits here: output queued, a UTACK
-    /// arrived, the connection is closing.
-    drive_ev: LocalEvent,
-    /// The application side waits here: room in the output, the connection finished.
-    app_ev: LocalEvent,
-    /// Messages for `recv`. Boxed on purpose: 8 bytes instead of 32 in every connection, and
-    /// inline-delivering connections never allocate it.
+    /// Every waiter of this connection waits here (the TCP writer or UDP pump for output,
+    /// UTACKs and closing; the application for messages, room to send and the end; a paused
+    /// reader for room). One event, not one per condition: each is 32 bytes of every session,
+    /// and every wait re-checks its own condition, so a wake meant for another costs a poll.
+    ev: LocalEvent,
+    /// Messages for `recv`. Boxed on purpose: 8 bytes instead of 40 in every connection, and
+    /// inline-delivering connections never allocate it. Taken out while touched.
     #[allow(clippy::box_collection)]
-    inbox: RefCell<Option<Box<VecDeque<Vec<u8>>>>>,
-    inbox_ev: LocalEvent,
+    inbox: Cell<Option<Box<VecDeque<Vec<u8>>>>>,
     closing: Cell<Option<CloseReason>>,
     done: Cell<bool>,
     /// Nanoseconds of [`now`] (times are stored as `u64`: every byte here is per session).
     last_rx: Cell<u64>,
-    stats: Cell<ConnStats>,
+    stats: Cell<Counters>,
     transport: Transport,
     links: Option<Rc<Links>>,
     /// The owner's handle for this connection (the gateway's slab key).
     pub(crate) tag: Cell<u32>,
     /// UDP: the UTACK each queued frame expects, in `out` order.
-    pub(crate) acks: RefCell<VecDeque<ExpectedAck>>,
+    /// Taken out while touched (a `Cell`: no borrow flag in every session).
+    acks: Cell<VecDeque<ExpectedAck>>,
     /// UDP: the stop-and-wait state of the frame in flight (the first frame of `out`).
     pub(crate) arq: RefCell<Arq>,
     /// UDP (port-driven): the earliest deadline this connection has in the port's timers
@@ -193,7 +230,7 @@ impl Conn {
             transport,
             links,
             tag: Cell::new(0),
-            acks: RefCell::new(VecDeque::new()),
+            acks: Cell::new(VecDeque::new()),
             arq: RefCell::new(Arq::default()),
             timer_at: Cell::new(0),
             abandon: Cell::new(false),
@@ -201,14 +238,12 @@ impl Conn {
             session: RefCell::new(session),
             peer,
             out: RefCell::new(Vec::new()),
-            drive_ev: LocalEvent::default(),
-            app_ev: LocalEvent::default(),
-            inbox: RefCell::new(None),
-            inbox_ev: LocalEvent::default(),
+            ev: LocalEvent::default(),
+            inbox: Cell::new(None),
             closing: Cell::new(None),
             done: Cell::new(false),
             last_rx: Cell::new(nanos(now())),
-            stats: Cell::new(ConnStats::default()),
+            stats: Cell::new(Counters::default()),
         })
     }
 
@@ -261,7 +296,14 @@ impl Conn {
     }
     /// Traffic counters.
     pub fn stats(&self) -> ConnStats {
-        self.stats.get()
+        self.stats.get().into()
+    }
+
+    fn inbox_len(&self) -> usize {
+        let q = self.inbox.take();
+        let n = q.as_ref().map_or(0, |q| q.len());
+        self.inbox.set(q);
+        n
     }
     /// Why the connection is closing or closed, if it is.
     pub fn close_reason(&self) -> Option<CloseReason> {
@@ -282,14 +324,13 @@ impl Conn {
         }
         s.park();
         *out = Vec::new();
-        if let Ok(mut inbox) = self.inbox.try_borrow_mut() {
-            if inbox.as_ref().is_some_and(|q| q.is_empty()) {
-                *inbox = None;
-            }
+        let q = self.inbox.take().filter(|q| !q.is_empty());
+        self.inbox.set(q);
+        let acks = self.acks.take();
+        if !acks.is_empty() {
+            self.acks.set(acks);
         }
-        self.drive_ev.shrink();
-        self.app_ev.shrink();
-        self.inbox_ev.shrink();
+        self.ev.shrink();
         true
     }
 
@@ -299,9 +340,9 @@ impl Conn {
     }
 
     pub(crate) fn bump(&self, f: impl FnOnce(&mut ConnStats)) {
-        let mut s = self.stats.get();
+        let mut s = self.stats.get().into();
         f(&mut s);
-        self.stats.set(s);
+        self.stats.set(Counters::from(s));
     }
 
     fn check_open(&self) -> Result<(), Error> {
@@ -329,7 +370,7 @@ impl Conn {
         out.truncate(at + n);
         // Walk the frames just sealed: count them, and on UDP note the UTACK each expects.
         let mut frames = 0u64;
-        let mut acks = self.acks.borrow_mut();
+        let mut acks = self.acks.take();
         let mut i = at;
         while i + HEADER_LEN <= out.len() {
             if self.transport == Transport::Udp {
@@ -339,7 +380,7 @@ impl Conn {
             frames += 1;
             i += HEADER_LEN + u16::from_le_bytes([out[i + 8], out[i + 9]]) as usize;
         }
-        drop(acks);
+        self.acks.set(acks);
         drop(out);
         if n > 0 {
             self.bump(|s| {
@@ -355,7 +396,7 @@ impl Conn {
     /// bytes, or (port-driven UDP) move them here and now.
     pub(crate) fn kick(&self) {
         let Some(port) = self.port() else {
-            self.drive_ev.notify();
+            self.ev.notify();
             return;
         };
         let t = now();
@@ -384,7 +425,7 @@ impl Conn {
         }
         loop {
             self.check_open()?;
-            let wait = self.app_ev.wait();
+            let wait = self.ev.wait();
             if self.out.borrow().len() < OUT_HIGH_WATER {
                 break;
             }
@@ -414,17 +455,19 @@ impl Conn {
         if self.delivers_inline() {
             self.out.borrow().len() >= OUT_HIGH_WATER
         } else {
-            self.inbox.borrow().as_ref().map_or(0, |q| q.len()) >= INBOX_CAP
+            self.inbox_len() >= INBOX_CAP
         }
     }
 
     /// Receive the next message; `ConnectionClosed` once the session ended and the queue is empty.
     pub async fn recv(&self) -> Result<Vec<u8>, Error> {
         loop {
-            let wait = self.inbox_ev.wait();
-            let next = self.inbox.borrow_mut().as_mut().and_then(|q| q.pop_front());
+            let wait = self.ev.wait();
+            let mut q = self.inbox.take();
+            let next = q.as_mut().and_then(|q| q.pop_front());
+            self.inbox.set(q);
             if let Some(m) = next {
-                self.inbox_ev.notify(); // room for a paused reader
+                self.ev.notify(); // room for a paused reader
                 return Ok(m);
             }
             if self.closing.get().is_some() {
@@ -469,19 +512,18 @@ impl Conn {
             let _ = self.queue(CONTROL_FRAME_LEN, |s, out| s.seal_bye(out));
         } else {
             self.out.borrow_mut().clear();
-            self.acks.borrow_mut().clear();
+            self.acks.set(VecDeque::new());
             self.abandon.set(true);
         }
         self.closing.set(Some(reason));
-        self.inbox_ev.notify();
-        self.app_ev.notify();
+        self.ev.notify();
         self.kick();
     }
 
     /// Wait until the socket is closed and both loops ended.
     pub async fn closed(&self) {
         loop {
-            let wait = self.app_ev.wait();
+            let wait = self.ev.wait();
             if self.done.get() {
                 return;
             }
@@ -521,8 +563,10 @@ impl Conn {
                         return FrameOutcome::Accepted;
                     }
                     Received::Message(m) => {
-                        self.inbox.borrow_mut().get_or_insert_with(Box::default).push_back(m.to_vec());
-                        self.inbox_ev.notify();
+                        let mut q = self.inbox.take().unwrap_or_default();
+                        q.push_back(m.to_vec());
+                        self.inbox.set(Some(q));
+                        self.ev.notify();
                         FrameOutcome::Accepted
                     }
                     Received::Ping => {
@@ -569,7 +613,9 @@ impl Conn {
             return None;
         }
         let n = (HEADER_LEN + u16::from_le_bytes([out[8], out[9]]) as usize).min(out.len());
-        let expect = self.acks.borrow().front().copied();
+        let acks = self.acks.take();
+        let expect = acks.front().copied();
+        self.acks.set(acks);
         Some(f(&out[..n], expect))
     }
 
@@ -579,10 +625,12 @@ impl Conn {
         if out.len() >= HEADER_LEN {
             let n = (HEADER_LEN + u16::from_le_bytes([out[8], out[9]]) as usize).min(out.len());
             out.drain(..n);
-            self.acks.borrow_mut().pop_front();
+            let mut acks = self.acks.take();
+            acks.pop_front();
+            self.acks.set(acks);
         }
         drop(out);
-        self.app_ev.notify();
+        self.ev.notify();
     }
 
     /// Nothing is queued or in flight.
@@ -590,16 +638,15 @@ impl Conn {
         self.out.borrow().is_empty()
     }
 
-    /// A future completing when the driving side has something to do.
-    pub(crate) fn drive_ev_wait(&self) -> super::event::Wait<'_> {
-        self.drive_ev.wait()
+    /// A future completing at the next change of the connection's state.
+    pub(crate) fn ev_wait(&self) -> super::event::Wait<'_> {
+        self.ev.wait()
     }
 
     /// Mark the connection finished (all I/O loops ended).
     pub(crate) fn set_done(&self) {
         self.done.set(true);
-        self.app_ev.notify();
-        self.inbox_ev.notify();
+        self.ev.notify();
     }
 
     /// [`Conn::set_done`] once; whether this call did it.
@@ -658,18 +705,14 @@ async fn read_loop(
         // do not leave, pauses us (PINGs wait too, which is what TCP would do anyway), but
         // closing always wakes us.
         loop {
-            let (inbox, app) = (conn.inbox_ev.wait(), conn.app_ev.wait());
+            let wait = conn.ev.wait();
             if conn.closing.get().is_some() {
                 return;
             }
             if !conn.input_blocked() {
                 break;
             }
-            if conn.delivers_inline() {
-                app.await
-            } else {
-                inbox.await
-            }
+            wait.await
         }
         let (buf, range) = deframer.take_buffer();
         let slice = SliceMut::new(buf, range.start, range.end);
@@ -697,7 +740,7 @@ async fn read_loop(
 
 async fn write_loop(conn: Rc<Conn>, mut wr: OwnedWriteHalf<TcpStream>, canceller: Canceller) {
     loop {
-        let wait = conn.drive_ev.wait();
+        let wait = conn.ev.wait();
         if conn.out.borrow().is_empty() {
             if conn.closing.get().is_some() {
                 break;
@@ -718,7 +761,7 @@ async fn write_loop(conn: Rc<Conn>, mut wr: OwnedWriteHalf<TcpStream>, canceller
             *out = buf;
         }
         drop(out);
-        conn.app_ev.notify();
+        conn.ev.notify();
         if res.is_err() {
             conn.close(CloseReason::Io, false);
             break;
@@ -726,4 +769,17 @@ async fn write_loop(conn: Rc<Conn>, mut wr: OwnedWriteHalf<TcpStream>, canceller
     }
     let _ = wr.shutdown().await;
     canceller.cancel();
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    /// Every idle session holds one of these: 512 bytes with the `Rc` counts is one allocator
+    /// size class (the next is 640). A field added here must pay for itself elsewhere.
+    #[test]
+    fn connection_state_fits_512_bytes_with_its_rc() {
+        assert!(std::mem::size_of::<Conn>() + 16 <= 512, "Conn is {} bytes", std::mem::size_of::<Conn>());
+        assert_eq!(std::mem::size_of::<LocalEvent>(), 32);
+    }
 }

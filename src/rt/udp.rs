@@ -22,8 +22,9 @@ use crate::proto::ErrorKind;
 
 /// Datagrams queued per socket before new ones are dropped (UDP semantics under overload).
 const MAX_QUEUED: usize = 65_536;
-/// Spare buffers kept for reuse.
-const MAX_POOLED: usize = 4096;
+/// Spare buffers kept for reuse: enough for a busy loop turn; a burst's worth beyond this is
+/// freed rather than held for the life of the socket.
+const MAX_POOLED: usize = 512;
 /// Copies of each session-phase UTACK once the peer has shown it loses them: on a link losing
 /// a fraction `p` of datagrams an attempt then fails with about `p + p²` instead of `2p`, and
 /// `(p + p²)^5` is what loses a session (at 10 % loss: 1.5e-5 per frame instead of 2.5e-4).
@@ -151,7 +152,7 @@ pub(crate) fn step(conn: &Conn, out: &UdpOut, t: Duration) -> bool {
 /// delivered or abandoned.
 pub async fn pump(conn: Rc<Conn>, out: Rc<UdpOut>) {
     loop {
-        let wait = conn.drive_ev_wait();
+        let wait = conn.ev_wait();
         if step(&conn, &out, now()) {
             break;
         }
