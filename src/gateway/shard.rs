@@ -829,7 +829,7 @@ fn open_gauge(shard: &Shard, transport: Transport) -> &std::sync::atomic::Atomic
 /// the device index and the directory, and release its limit slot.
 pub(super) fn close_session(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     let key = conn.tag.get() as usize;
-    let Some(live) =
+    let Some(conn_id) =
         shard.sessions.borrow().get(key).filter(|l| Rc::ptr_eq(&l.conn, conn)).map(|l| l.conn_id)
     else {
         return;
@@ -855,7 +855,7 @@ pub(super) fn close_session(shard: &Rc<Shard>, conn: &Rc<Conn>) {
         by.remove(&device_id);
     }
     drop(by);
-    shard.shared.directory.remove(&device_id, live);
+    shard.shared.directory.remove(&device_id, conn_id);
     shard.shared.release(peer.ip());
     // Move this session's traffic from the live gauges to the totals at once.
     publish_gauges(shard, now());

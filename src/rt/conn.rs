@@ -550,13 +550,18 @@ impl Conn {
                         // after releasing it. A single-frame message was opened in place in
                         // `frame`; a reassembled one lives in the session and is copied out.
                         let (at, n) = (m.as_ptr() as usize, m.len());
-                        let mut copy = [0u8; crate::proto::reassembly::MAX_MESSAGE_LEN];
                         let inside = at >= frame_at && at + n <= frame_at + len as usize;
-                        if !inside {
-                            copy[..n].copy_from_slice(m);
-                        }
+                        // Only a reassembled message pays for the 1808-byte stack copy.
+                        let copy = (!inside).then(|| {
+                            let mut c = [0u8; crate::proto::reassembly::MAX_MESSAGE_LEN];
+                            c[..n].copy_from_slice(m);
+                            c
+                        });
                         drop(session);
-                        let msg = if inside { &frame[at - frame_at..at - frame_at + n] } else { &copy[..n] };
+                        let msg = match &copy {
+                            Some(c) => &c[..n],
+                            None => &frame[at - frame_at..at - frame_at + n],
+                        };
                         if let (Some(hook), Some(me)) = (self.hook(), self.me.upgrade()) {
                             hook.on_message(&me, msg);
                         }

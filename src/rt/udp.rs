@@ -237,11 +237,6 @@ impl UdpPort {
         }
     }
 
-    /// Timers queued (sessions with a frame in flight, plus stale entries).
-    pub fn timers_queued(&self) -> usize {
-        self.timers.borrow().len()
-    }
-
     /// `conn` has nothing left to deliver and is closed: hand it to [`UdpPort::take_finished`].
     pub(crate) fn finished(&self, conn: Rc<Conn>) {
         self.finished.borrow_mut().push(conn);
