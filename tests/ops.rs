@@ -289,6 +289,8 @@ fn key_rotation_with_sighup_keeps_the_fleet_and_revokes_removed_devices() {
         connect_timeout: Duration::from_secs(5),
         ..ClientConfig::new(addr, key.as_bytes().to_vec())
     };
+    // Whoever reads the "listening" line may signal at once: the handler must already be in.
+    hup(&logs, "key registry reloaded");
     usmp::rt::block_on(async {
         let one = Client::connect(&cfg(1, "device-one-key-0123")).await.unwrap();
         assert!(Client::connect(&cfg(2, "device-two-key-0123")).await.is_err(), "not registered yet");

@@ -220,16 +220,20 @@ fn main() -> ExitCode {
             }
         }
     };
+    // Handlers go in before the "listening" line: whoever reads that line may signal at once,
+    // and a SIGHUP that beats the handler would kill the process (its default action).
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("usmp-gateway: error: cannot install signal handlers: {e}");
+            handle.shutdown();
+            gw.wait();
+            return ExitCode::from(1);
+        }
+    };
     tracing::info!(address = %gw.local_addr(), shards, transports, mode = ?mode, "usmp-gateway listening");
     std::thread::spawn(move || {
-        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-        let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot install signal handlers");
-                return;
-            }
-        };
         for sig in signals.forever() {
             if sig == SIGHUP {
                 match handle.reload_keys() {
