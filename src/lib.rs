@@ -1,6 +1,6 @@
 //! USMP gateway library: the sans-IO protocol core ([`proto`]) and, on top of it, the
 //! thread-per-core io_uring runtime (gateway server and client).
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod client;

@@ -81,6 +81,35 @@ impl Deframer {
         self.commit(n);
     }
 
+    /// Whether the deframer holds storage to read into (see [`Deframer::release_storage`]).
+    pub fn has_storage(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    /// Give the storage up while no byte is buffered, so an idle connection holds no buffer;
+    /// `None` (and the storage kept) while a frame is incomplete.
+    pub fn release_storage(&mut self) -> Option<Vec<u8>> {
+        if self.start != self.end || self.buf.is_empty() {
+            return None;
+        }
+        self.start = 0;
+        self.end = 0;
+        Some(core::mem::take(&mut self.buf))
+    }
+
+    /// Install storage (at least [`MAX_FRAME_LEN`] bytes, else it is grown) into a deframer
+    /// that released its own; a deframer that still has storage keeps it and drops `buf`.
+    pub fn install_storage(&mut self, mut buf: Vec<u8>) {
+        if self.has_storage() {
+            return;
+        }
+        let len = buf.capacity().max(MAX_FRAME_LEN);
+        buf.resize(len, 0);
+        self.buf = buf;
+        self.start = 0;
+        self.end = 0;
+    }
+
     /// Copy bytes in (for tests, fuzzing and non-io_uring callers); returns how many fit.
     pub fn push(&mut self, data: &[u8]) -> usize {
         let spare = self.spare_mut();
@@ -149,6 +178,24 @@ mod tests {
             }
             assert_eq!(seqs, (0..20).collect::<Vec<_>>(), "chunk {chunk}");
         }
+    }
+
+    #[test]
+    fn storage_is_released_only_between_frames() {
+        let f = frame(7, 100);
+        let mut d = Deframer::new();
+        d.push(&f[..50]);
+        assert!(d.release_storage().is_none(), "half a frame keeps its buffer");
+        d.push(&f[50..]);
+        assert_eq!(Frame::decode(d.next_frame().unwrap().unwrap()).unwrap().seq(), 7);
+        let buf = d.release_storage().expect("nothing buffered");
+        assert!(!d.has_storage() && d.release_storage().is_none());
+        assert_eq!(d.next_frame().unwrap(), None);
+        d.install_storage(Vec::with_capacity(10)); // grown to one maximal frame
+        assert!(d.spare_mut().len() >= MAX_FRAME_LEN);
+        d.install_storage(buf); // already has storage: ignored
+        assert_eq!(d.push(&f), f.len());
+        assert_eq!(Frame::decode(d.next_frame().unwrap().unwrap()).unwrap().seq(), 7);
     }
 
     #[test]

@@ -1,8 +1,9 @@
-//! One established TCP connection on one thread: a reader loop that opens frames in place,
-//! answers PINGs and refreshes the watchdog clock whether or not the application reads, and a
-//! writer task that drains one outgoing buffer. The application side (`send`, `recv`, `ping`,
-//! `rekey`, `bye`) only touches buffers and events, so its frames can never interleave with a
-//! PONG inside a fragmented message. Used by both the gateway and the client.
+//! One established connection on one thread. TCP: one future ([`drive`]) waits for
+//! readiness, reads into a buffer lent only while frames are open, opens frames in place,
+//! answers PINGs and refreshes the watchdog clock whether or not the application reads, and
+//! sends the one outgoing buffer without waiting. The application side (`send`, `recv`,
+//! `ping`, `rekey`, `bye`) only touches buffers and events, so its frames can never
+//! interleave with a PONG inside a fragmented message. Used by both the gateway and the client.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -10,10 +11,9 @@ use std::net::SocketAddr;
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
-use monoio::buf::SliceMut;
-use monoio::io::{
-    AsyncWriteRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller, OwnedReadHalf, OwnedWriteHalf,
-};
+use std::future::Future;
+use std::task::Poll;
+
 use monoio::net::TcpStream;
 
 use super::event::LocalEvent;
@@ -664,23 +664,210 @@ impl Conn {
     }
 }
 
-/// Run a connection until it closes: the reader inline, the writer as a task. Returns once
-/// the socket is closed; [`Conn::close_reason`] says why.
-pub async fn drive(conn: Rc<Conn>, stream: TcpStream, mut deframer: Deframer) {
-    let (rd, wr) = monoio::io::Splitable::into_split(stream);
-    // The writer cancels the pending read when it is done (the connection is closing).
-    let canceller = Canceller::new();
-    let cancel = canceller.handle();
-    let writer = monoio::spawn(write_loop(conn.clone(), wr, canceller));
-    // Frames that arrived together with the last handshake frame.
-    if drain_frames(&conn, &mut deframer) {
-        read_loop(&conn, rd, &mut deframer, cancel).await;
+/// Read storage lent to this thread's TCP connections: a connection holds a buffer only
+/// while one of its frames is incomplete, so an idle connection costs no read buffer.
+const READ_BUF_LEN: usize = 2048;
+/// Spare read buffers a thread keeps (one is enough unless frames are left incomplete).
+const READ_BUFS_KEPT: usize = 64;
+
+thread_local! {
+    static READ_BUFS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn lend_read_buf(d: &mut Deframer) {
+    if !d.has_storage() {
+        let buf = READ_BUFS.with(|p| p.borrow_mut().pop()).unwrap_or_else(|| vec![0; READ_BUF_LEN]);
+        d.install_storage(buf);
     }
+}
+
+fn return_read_buf(d: &mut Deframer) {
+    if let Some(buf) = d.release_storage() {
+        if buf.len() == READ_BUF_LEN {
+            READ_BUFS.with(|p| {
+                let mut p = p.borrow_mut();
+                if p.len() < READ_BUFS_KEPT {
+                    p.push(buf);
+                }
+            });
+        }
+    }
+}
+
+/// What woke [`drive`].
+enum Woke {
+    Readable(std::io::Result<()>),
+    Writable(std::io::Result<()>),
+    Event,
+}
+
+/// Run a connection until it closes, as one future with no buffer of its own while idle: it
+/// waits for readiness (an io_uring poll, not a read holding a buffer), then reads what is
+/// there into a lent buffer and opens the frames in place; queued output is sent at once
+/// without waiting, and only a full socket buffer waits for writability. Returns once the
+/// socket is closed; [`Conn::close_reason`] says why.
+pub async fn drive(conn: Rc<Conn>, stream: TcpStream, mut deframer: Deframer) {
+    let fd = super::fd::borrow(&stream);
+    let sock = socket2::SockRef::from(&fd);
+    // Reads and writes below are non-blocking calls made after a readiness poll (the handshake
+    // before used io_uring reads, which a blocking descriptor suits).
+    if sock.set_nonblocking(true).is_err() {
+        conn.close(CloseReason::Io, false);
+    }
+    // Kept across wake-ups: re-arming a poll for every event would cost a cancel and a submit.
+    let mut readable = std::pin::pin!(Some(stream.readable(false)));
+    let mut writable = std::pin::pin!(Some(stream.writable(false)));
+    writable.set(None);
+    // Frames that arrived together with the last handshake frame.
+    let mut reading = drain_frames(&conn, &mut deframer);
+    return_read_buf(&mut deframer);
+    let mut write_blocked = false;
+    loop {
+        if !write_blocked {
+            match flush(&conn, &sock) {
+                Ok(blocked) => write_blocked = blocked,
+                Err(_) => {
+                    conn.close(CloseReason::Io, false);
+                    break;
+                }
+            }
+        }
+        if conn.closing.get().is_some() {
+            if !write_blocked {
+                break; // the last frames (BYE) are out
+            }
+            reading = false;
+        }
+        // Backpressure: an application that does not read, or an inline hook whose replies
+        // do not leave, pauses reading (PINGs wait too, which is what TCP would do anyway).
+        let read_now = reading && !conn.input_blocked();
+        if read_now && readable.is_none() {
+            readable.set(Some(stream.readable(false)));
+        }
+        if write_blocked && writable.is_none() {
+            writable.set(Some(stream.writable(false)));
+        }
+        // Created after every check above: nothing can notify in between on this thread.
+        let mut event = conn.ev.wait();
+        let woke = std::future::poll_fn(|cx| {
+            if read_now {
+                if let Some(Poll::Ready(r)) = readable.as_mut().as_pin_mut().map(|f| f.poll(cx)) {
+                    return Poll::Ready(Woke::Readable(r));
+                }
+            }
+            if write_blocked {
+                if let Some(Poll::Ready(r)) = writable.as_mut().as_pin_mut().map(|f| f.poll(cx)) {
+                    return Poll::Ready(Woke::Writable(r));
+                }
+            }
+            std::pin::Pin::new(&mut event).poll(cx).map(|()| Woke::Event)
+        })
+        .await;
+        match woke {
+            Woke::Event => {}
+            Woke::Writable(r) => {
+                writable.set(None);
+                write_blocked = false;
+                if r.is_err() {
+                    conn.close(CloseReason::Io, false);
+                    break;
+                }
+            }
+            Woke::Readable(r) => {
+                readable.set(None);
+                reading = r.is_ok() && read_ready(&conn, &sock, &mut deframer);
+                if r.is_err() && conn.closing.get().is_none() {
+                    conn.close(CloseReason::Io, false);
+                }
+            }
+        }
+    }
+    // Cancel the polls; they hold the descriptor until the kernel confirms, so the peer gets
+    // our FIN now from the half-close rather than whenever the descriptor is finally closed.
+    readable.set(None);
+    writable.set(None);
     if conn.closing.get().is_none() {
         conn.close(CloseReason::PeerClosed, false);
     }
-    writer.await;
+    let _ = sock.shutdown(std::net::Shutdown::Write);
+    return_read_buf(&mut deframer);
     conn.set_done();
+}
+
+/// The socket is readable: read what is there and handle its frames. False once the
+/// connection must read no more (closed by the peer, an error, a BYE).
+fn read_ready(conn: &Conn, sock: &socket2::Socket, deframer: &mut Deframer) -> bool {
+    lend_read_buf(deframer);
+    let more = loop {
+        let spare = deframer.spare_mut();
+        let want = spare.len();
+        let n = match std::io::Read::read(&mut &*sock, spare) {
+            Ok(0) => {
+                if conn.closing.get().is_none() {
+                    conn.close(CloseReason::PeerClosed, false);
+                }
+                break false;
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break true,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => {
+                if conn.closing.get().is_none() {
+                    conn.close(CloseReason::Io, false);
+                }
+                break false;
+            }
+        };
+        deframer.commit(n);
+        if !drain_frames(conn, deframer) {
+            break false;
+        }
+        // A short read drained the socket (the next poll says if more came); stop early
+        // under backpressure.
+        if n < want || conn.input_blocked() {
+            break true;
+        }
+    };
+    return_read_buf(deframer);
+    more
+}
+
+/// Send the queued bytes without waiting. `Ok(true)` if the socket's buffer is full and
+/// bytes are left for when it is writable.
+fn flush(conn: &Conn, sock: &socket2::Socket) -> std::io::Result<bool> {
+    let mut out = conn.out.borrow_mut();
+    let mut off = 0;
+    let mut result = Ok(false);
+    while off < out.len() {
+        // No SIGPIPE for a peer that left: an embedding application may not ignore it.
+        let e = match sock.send_with_flags(&out[off..], libc::MSG_NOSIGNAL) {
+            Ok(n) => {
+                off += n;
+                continue;
+            }
+            Err(e) => e,
+        };
+        match e.kind() {
+            std::io::ErrorKind::WouldBlock => {
+                result = Ok(true);
+                break;
+            }
+            std::io::ErrorKind::Interrupted => {}
+            _ => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    if off > 0 {
+        out.drain(..off);
+        if out.capacity() > 4 * MAX_SEALED_MESSAGE_LEN && out.len() <= MAX_SEALED_MESSAGE_LEN {
+            out.shrink_to(MAX_SEALED_MESSAGE_LEN);
+        }
+        drop(out);
+        conn.ev.notify(); // room for senders and a paused reader
+    }
+    result
 }
 
 fn drain_frames(conn: &Conn, deframer: &mut Deframer) -> bool {
@@ -697,83 +884,6 @@ fn drain_frames(conn: &Conn, deframer: &mut Deframer) -> bool {
             }
         }
     }
-}
-
-async fn read_loop(
-    conn: &Rc<Conn>,
-    mut rd: OwnedReadHalf<TcpStream>,
-    deframer: &mut Deframer,
-    cancel: monoio::io::CancelHandle,
-) {
-    loop {
-        // Backpressure: an application that does not read, or an inline hook whose replies
-        // do not leave, pauses us (PINGs wait too, which is what TCP would do anyway), but
-        // closing always wakes us.
-        loop {
-            let wait = conn.ev.wait();
-            if conn.closing.get().is_some() {
-                return;
-            }
-            if !conn.input_blocked() {
-                break;
-            }
-            wait.await
-        }
-        let (buf, range) = deframer.take_buffer();
-        let slice = SliceMut::new(buf, range.start, range.end);
-        let (res, slice) = rd.cancelable_read(slice, cancel.clone()).await;
-        let buf = slice.into_inner();
-        match res {
-            Ok(0) => {
-                deframer.restore_buffer(buf, 0);
-                return;
-            }
-            Ok(n) => deframer.restore_buffer(buf, n),
-            Err(_) => {
-                deframer.restore_buffer(buf, 0);
-                if conn.closing.get().is_none() {
-                    conn.close(CloseReason::Io, false);
-                }
-                return;
-            }
-        }
-        if !drain_frames(conn, deframer) {
-            return;
-        }
-    }
-}
-
-async fn write_loop(conn: Rc<Conn>, mut wr: OwnedWriteHalf<TcpStream>, canceller: Canceller) {
-    loop {
-        let wait = conn.ev.wait();
-        if conn.out.borrow().is_empty() {
-            if conn.closing.get().is_some() {
-                break;
-            }
-            wait.await;
-            continue;
-        }
-        let buf = std::mem::take(&mut *conn.out.borrow_mut());
-        let (res, mut buf) = wr.write_all(buf).await;
-        buf.clear();
-        if buf.capacity() > 4 * MAX_SEALED_MESSAGE_LEN {
-            buf.shrink_to(MAX_SEALED_MESSAGE_LEN);
-        }
-        // Hand the capacity back for the next frames unless some were queued meanwhile; the
-        // writer keeps no buffer of its own, so an idle session's one buffer can be released.
-        let mut out = conn.out.borrow_mut();
-        if out.capacity() == 0 {
-            *out = buf;
-        }
-        drop(out);
-        conn.ev.notify();
-        if res.is_err() {
-            conn.close(CloseReason::Io, false);
-            break;
-        }
-    }
-    let _ = wr.shutdown().await;
-    canceller.cancel();
 }
 
 #[cfg(test)]

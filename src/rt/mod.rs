@@ -5,6 +5,7 @@
 pub mod conn;
 pub mod error;
 pub mod event;
+mod fd;
 pub mod udp;
 pub mod wire;
 
