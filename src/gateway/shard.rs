@@ -4,7 +4,6 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -635,7 +634,10 @@ async fn serve_conn(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr, h
     };
     let conn = Conn::with_links(session, peer, Some(shard.tcp_links.clone()));
     // The session's limit slot is released by `close_session`.
-    run_session(&shard, conn.clone(), &handler, move || conn::drive(conn, stream, deframer)).await;
+    open_session(&shard, &conn, &handler);
+    // The session runs as a task of its own, sized for what it holds: this task's handshake
+    // state and its arguments end here instead of living as long as the session.
+    monoio::spawn(conn::drive_then(conn, stream, deframer, move |c| close_session(&shard, c)));
 }
 
 /// Run the handshake under its timeout and the eviction hook; failures are recorded here.
@@ -769,24 +771,6 @@ async fn server_handshake(
     ShardStats::inc(&shard.stats().handshakes_ok);
     wire::write_all(stream, buf[..n].to_vec()).await.map_err(fail)?;
     Ok(ProtoSession::new(&est, Transport::Tcp))
-}
-
-/// Register an established session, start its handler (a task, or the inline hook its
-/// connection was built with), drive it with the future `driver` makes (the TCP reader and
-/// writer) until it is over, then unregister it. `driver` is a constructor so the driver future
-/// exists once, at its await point, instead of once as an argument and once as the awaited
-/// value: this future lives as long as the session, and every byte of it is per-session memory.
-pub(super) async fn run_session<D>(
-    shard: &Rc<Shard>,
-    conn: Rc<Conn>,
-    handler: &Handler,
-    driver: impl FnOnce() -> D,
-) where
-    D: Future<Output = ()>,
-{
-    open_session(shard, &conn, handler);
-    driver().await;
-    close_session(shard, &conn);
 }
 
 /// Register an established session on this shard (slab, device index, directory, gauges) and

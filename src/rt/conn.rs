@@ -706,92 +706,111 @@ enum Woke {
 /// there into a lent buffer and opens the frames in place; queued output is sent at once
 /// without waiting, and only a full socket buffer waits for writability. Returns once the
 /// socket is closed; [`Conn::close_reason`] says why.
-pub async fn drive(conn: Rc<Conn>, stream: TcpStream, mut deframer: Deframer) {
-    let fd = super::fd::borrow(&stream);
-    let sock = socket2::SockRef::from(&fd);
-    // Reads and writes below are non-blocking calls made after a readiness poll (the handshake
-    // before used io_uring reads, which a blocking descriptor suits).
-    if sock.set_nonblocking(true).is_err() {
-        conn.close(CloseReason::Io, false);
-    }
-    // Kept across wake-ups: re-arming a poll for every event would cost a cancel and a submit.
-    let mut readable = std::pin::pin!(Some(stream.readable(false)));
-    let mut writable = std::pin::pin!(Some(stream.writable(false)));
-    writable.set(None);
-    // Frames that arrived together with the last handshake frame.
-    let mut reading = drain_frames(&conn, &mut deframer);
-    return_read_buf(&mut deframer);
-    let mut write_blocked = false;
-    loop {
-        if !write_blocked {
-            match flush(&conn, &sock) {
-                Ok(blocked) => write_blocked = blocked,
-                Err(_) => {
-                    conn.close(CloseReason::Io, false);
-                    break;
-                }
-            }
+pub fn drive(conn: Rc<Conn>, stream: TcpStream, deframer: Deframer) -> impl Future<Output = ()> {
+    drive_then(conn, stream, deframer, |_| {})
+}
+
+/// [`drive`], then `then(&conn)` in the same future (the gateway unregisters the session there).
+/// Written as a function returning an `async move` block that uses its captures in place:
+/// an `async fn` would keep a second copy of its arguments, and this future is held for a
+/// connection's whole life, so every byte of it is per-connection memory.
+// Not an `async fn` on purpose (see above); the size test below holds it to that.
+#[allow(clippy::manual_async_fn)]
+pub fn drive_then<F: FnOnce(&Rc<Conn>)>(
+    conn: Rc<Conn>,
+    stream: TcpStream,
+    mut deframer: Deframer,
+    then: F,
+) -> impl Future<Output = ()> {
+    async move {
+        let fd = super::fd::borrow(&stream);
+        let sock = socket2::SockRef::from(&fd);
+        // Reads and writes below are non-blocking calls made after a readiness poll (the handshake
+        // before used io_uring reads, which a blocking descriptor suits).
+        if sock.set_nonblocking(true).is_err() {
+            conn.close(CloseReason::Io, false);
         }
-        if conn.closing.get().is_some() {
+        // Kept across wake-ups: re-arming a poll for every event would cost a cancel and a submit.
+        let mut readable = std::pin::pin!(Some(stream.readable(false)));
+        // Boxed, and only while a full socket buffer makes us wait: a rare state.
+        let mut writable: Option<std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + '_>>> = None;
+        // Frames that arrived together with the last handshake frame.
+        let mut reading = drain_frames(&conn, &mut deframer);
+        return_read_buf(&mut deframer);
+        let mut write_blocked = false;
+        loop {
             if !write_blocked {
-                break; // the last frames (BYE) are out
-            }
-            reading = false;
-        }
-        // Backpressure: an application that does not read, or an inline hook whose replies
-        // do not leave, pauses reading (PINGs wait too, which is what TCP would do anyway).
-        let read_now = reading && !conn.input_blocked();
-        if read_now && readable.is_none() {
-            readable.set(Some(stream.readable(false)));
-        }
-        if write_blocked && writable.is_none() {
-            writable.set(Some(stream.writable(false)));
-        }
-        // Created after every check above: nothing can notify in between on this thread.
-        let mut event = conn.ev.wait();
-        let woke = std::future::poll_fn(|cx| {
-            if read_now {
-                if let Some(Poll::Ready(r)) = readable.as_mut().as_pin_mut().map(|f| f.poll(cx)) {
-                    return Poll::Ready(Woke::Readable(r));
+                match flush(&conn, &sock) {
+                    Ok(blocked) => write_blocked = blocked,
+                    Err(_) => {
+                        conn.close(CloseReason::Io, false);
+                        break;
+                    }
                 }
             }
-            if write_blocked {
-                if let Some(Poll::Ready(r)) = writable.as_mut().as_pin_mut().map(|f| f.poll(cx)) {
-                    return Poll::Ready(Woke::Writable(r));
+            if conn.closing.get().is_some() {
+                if !write_blocked {
+                    break; // the last frames (BYE) are out
                 }
+                reading = false;
             }
-            std::pin::Pin::new(&mut event).poll(cx).map(|()| Woke::Event)
-        })
-        .await;
-        match woke {
-            Woke::Event => {}
-            Woke::Writable(r) => {
-                writable.set(None);
-                write_blocked = false;
-                if r.is_err() {
-                    conn.close(CloseReason::Io, false);
-                    break;
+            // Backpressure: an application that does not read, or an inline hook whose replies
+            // do not leave, pauses reading (PINGs wait too, which is what TCP would do anyway).
+            let read_now = reading && !conn.input_blocked();
+            if read_now && readable.is_none() {
+                readable.set(Some(stream.readable(false)));
+            }
+            if write_blocked && writable.is_none() {
+                writable = Some(Box::pin(stream.writable(false)));
+            }
+            // Created after every check above: nothing can notify in between on this thread.
+            let mut event = conn.ev.wait();
+            let (rd, wr) = (&mut readable, &mut writable);
+            let woke = std::future::poll_fn(move |cx| {
+                if read_now {
+                    if let Some(Poll::Ready(r)) = rd.as_mut().as_pin_mut().map(|f| f.poll(cx)) {
+                        return Poll::Ready(Woke::Readable(r));
+                    }
                 }
-            }
-            Woke::Readable(r) => {
-                readable.set(None);
-                reading = r.is_ok() && read_ready(&conn, &sock, &mut deframer);
-                if r.is_err() && conn.closing.get().is_none() {
-                    conn.close(CloseReason::Io, false);
+                if write_blocked {
+                    if let Some(Poll::Ready(r)) = wr.as_mut().map(|f| f.as_mut().poll(cx)) {
+                        return Poll::Ready(Woke::Writable(r));
+                    }
+                }
+                std::pin::Pin::new(&mut event).poll(cx).map(|()| Woke::Event)
+            })
+            .await;
+            match woke {
+                Woke::Event => {}
+                Woke::Writable(r) => {
+                    writable = None;
+                    write_blocked = false;
+                    if r.is_err() {
+                        conn.close(CloseReason::Io, false);
+                        break;
+                    }
+                }
+                Woke::Readable(r) => {
+                    readable.set(None);
+                    reading = r.is_ok() && read_ready(&conn, &sock, &mut deframer);
+                    if r.is_err() && conn.closing.get().is_none() {
+                        conn.close(CloseReason::Io, false);
+                    }
                 }
             }
         }
+        // Cancel the polls; they hold the descriptor until the kernel confirms, so the peer gets
+        // our FIN now from the half-close rather than whenever the descriptor is finally closed.
+        readable.set(None);
+        drop(writable);
+        if conn.closing.get().is_none() {
+            conn.close(CloseReason::PeerClosed, false);
+        }
+        let _ = sock.shutdown(std::net::Shutdown::Write);
+        return_read_buf(&mut deframer);
+        conn.set_done();
+        then(&conn);
     }
-    // Cancel the polls; they hold the descriptor until the kernel confirms, so the peer gets
-    // our FIN now from the half-close rather than whenever the descriptor is finally closed.
-    readable.set(None);
-    writable.set(None);
-    if conn.closing.get().is_none() {
-        conn.close(CloseReason::PeerClosed, false);
-    }
-    let _ = sock.shutdown(std::net::Shutdown::Write);
-    return_read_buf(&mut deframer);
-    conn.set_done();
 }
 
 /// The socket is readable: read what is there and handle its frames. False once the
@@ -896,5 +915,18 @@ mod size_tests {
     fn connection_state_fits_512_bytes_with_its_rc() {
         assert!(std::mem::size_of::<Conn>() + 16 <= 512, "Conn is {} bytes", std::mem::size_of::<Conn>());
         assert_eq!(std::mem::size_of::<LocalEvent>(), 32);
+    }
+
+    fn returned_size<A, B, C, D, R>(_: fn(A, B, C, D) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// An idle TCP connection is this state, a monoio task around the driver (48 bytes of
+    /// header and trailer) and nothing else: 384 bytes is its allocator size class (the next
+    /// is 448). The gateway's `then` holds one `Rc`, as a function pointer does.
+    #[test]
+    fn tcp_driver_task_fits_384_bytes() {
+        let future = returned_size(drive_then::<fn(&Rc<Conn>)>);
+        assert!(future + 48 <= 384, "the driver future is {future} bytes");
     }
 }

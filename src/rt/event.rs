@@ -72,6 +72,11 @@ impl Future for Wait<'_> {
         }
         let mut w = self.ev.waiters.take();
         if !w.iter().any(|x| x.will_wake(cx.waker())) {
+            // Most events have one waiter (an idle connection's task): 16 bytes, not the
+            // four slots a first push would allocate.
+            if w.capacity() == 0 {
+                w.reserve_exact(1);
+            }
             w.push(cx.waker().clone());
         }
         self.ev.waiters.set(w);
