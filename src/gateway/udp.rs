@@ -266,6 +266,12 @@ fn on_datagram(
 /// Stateless until a valid cookie comes back: HELLO (38 B) → UTACK + HELLO_RETRY; HELLO with
 /// cookie (54 B) → checks, cheapest first, then the handshake task.
 fn cookie_path(shard: &Rc<Shard>, udp: &Rc<UdpShard>, d: &[u8], from: SocketAddr, handler: &Arc<Handler>) {
+    if is_utack(d) {
+        // Devices acknowledge both copies of HELLO_RETRY, which left no state to match them
+        // against: expected, and not malformed.
+        ShardStats::inc(&shard.stats().datagrams_dropped);
+        return ShardStats::inc(&shard.stats().dropped_stray_ack);
+    }
     let Ok(frame) = Frame::decode_exact(d) else { return dropped(shard) };
     let Ok(hello) = decode_hello(&frame) else { return dropped(shard) };
     let s = shard.stats();
