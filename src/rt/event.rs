@@ -71,7 +71,10 @@ impl Future for Wait<'_> {
             return Poll::Ready(());
         }
         let mut w = self.ev.waiters.take();
-        if !w.iter().any(|x| x.will_wake(cx.waker())) {
+        // A task polled again before a notify is usually the last to register: checking only
+        // the last entry keeps this O(1) with thousands of waiters (a duplicate further back
+        // costs one spurious wake-up; the list is emptied by every notify).
+        if !w.last().is_some_and(|x| x.will_wake(cx.waker())) {
             // Most events have one waiter (an idle connection's task): 16 bytes, not the
             // four slots a first push would allocate.
             if w.capacity() == 0 {
