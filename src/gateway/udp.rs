@@ -200,14 +200,19 @@ fn dropped(shard: &Shard) {
 
 /// Count a dropped datagram under its reason.
 fn dropped_for(shard: &Shard, kind: ErrorKind) {
-    let s = shard.stats();
-    ShardStats::inc(&s.datagrams_dropped);
-    ShardStats::inc(match kind {
+    dropped_as(shard, |s| match kind {
         ErrorKind::Crypto => &s.dropped_unauthenticated,
         ErrorKind::Sequence => &s.dropped_replayed,
         ErrorKind::Payload | ErrorKind::Handshake | ErrorKind::Auth => &s.dropped_violation,
         _ => &s.dropped_malformed,
     });
+}
+
+/// Count a dropped datagram in the total and under the reason `reason` picks.
+fn dropped_as(shard: &Shard, reason: impl FnOnce(&ShardStats) -> &std::sync::atomic::AtomicU64) {
+    let s = shard.stats();
+    ShardStats::inc(&s.datagrams_dropped);
+    ShardStats::inc(reason(s));
 }
 
 fn send_utack(udp: &UdpShard, ptype: u8, seq: u32, to: SocketAddr) {
@@ -241,14 +246,8 @@ fn on_datagram(
         match on_session_datagram(conn, &udp.out, d, from) {
             Inbound::Handled | Inbound::Closed => return,
             Inbound::Dropped(kind) => return dropped_for(shard, kind),
-            Inbound::Busy => {
-                ShardStats::inc(&shard.stats().datagrams_dropped);
-                return ShardStats::inc(&shard.stats().dropped_busy);
-            }
-            Inbound::StrayAck => {
-                ShardStats::inc(&shard.stats().datagrams_dropped);
-                return ShardStats::inc(&shard.stats().dropped_stray_ack);
-            }
+            Inbound::Busy => return dropped_as(shard, |s| &s.dropped_busy),
+            Inbound::StrayAck => return dropped_as(shard, |s| &s.dropped_stray_ack),
             Inbound::Handshake(PacketType::HelloAck) => {
                 // Our UTACK of HELLO_ACK was lost: acknowledge again, process nothing.
                 if let Ok(f) = Frame::decode_exact(d) {
@@ -269,8 +268,7 @@ fn cookie_path(shard: &Rc<Shard>, udp: &Rc<UdpShard>, d: &[u8], from: SocketAddr
     if is_utack(d) {
         // Devices acknowledge both copies of HELLO_RETRY, which left no state to match them
         // against: expected, and not malformed.
-        ShardStats::inc(&shard.stats().datagrams_dropped);
-        return ShardStats::inc(&shard.stats().dropped_stray_ack);
+        return dropped_as(shard, |s| &s.dropped_stray_ack);
     }
     let Ok(frame) = Frame::decode_exact(d) else { return dropped(shard) };
     let Ok(hello) = decode_hello(&frame) else { return dropped(shard) };
