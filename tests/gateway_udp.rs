@@ -395,3 +395,78 @@ fn epoll_fallback_serves_tcp_and_udp() {
     });
     gw.shutdown();
 }
+
+#[test]
+fn devices_sharing_one_endpoint_are_separate_sessions_told_apart_by_source_address() {
+    use std::rc::Rc;
+    use usmp::client::UdpEndpoint;
+    const N: u8 = 40;
+    let gw = gateway(1);
+    let h = gw.handle();
+    let addr = gw.local_addr();
+    let h2 = h.clone();
+    usmp::rt::block_on(async move {
+        let ep = UdpEndpoint::bind("0.0.0.0:0".parse().unwrap()).unwrap();
+        let port = ep.local_addr().unwrap().port();
+        let cfg = |i: u8| ClientConfig {
+            bind: Some(SocketAddr::from(([127, 0, 9, i + 1], 0))),
+            device_id: Some([0xE0, 0, 0, 0, 0, i]),
+            ..udp(addr)
+        };
+        let ep = Rc::new(ep);
+        let tasks: Vec<_> = (0..N)
+            .map(|i| {
+                let (ep, cfg) = (ep.clone(), cfg(i));
+                monoio::spawn(async move { Client::connect_via(&ep, &cfg).await.unwrap() })
+            })
+            .collect();
+        let mut clients = Vec::new();
+        for t in tasks {
+            clients.push(t.await);
+        }
+        // One session per device, each at its own address and the endpoint's port.
+        let mut peers: Vec<SocketAddr> = h2.sessions().iter().map(|s| s.peer).collect();
+        peers.sort();
+        let want: Vec<SocketAddr> = (0..N).map(|i| SocketAddr::from(([127, 0, 9, i + 1], port))).collect();
+        assert_eq!(peers, want);
+        // Each device gets its own echo back, under its own keys and sequence numbers.
+        for round in 0..3u8 {
+            for (i, c) in clients.iter().enumerate() {
+                c.send(&[i as u8, round]).await.unwrap();
+            }
+            for (i, c) in clients.iter().enumerate() {
+                assert_eq!(c.recv_timeout(Duration::from_secs(5)).await.unwrap(), [i as u8, round]);
+            }
+        }
+        assert!(clients[3].rekey().is_ok());
+        clients[3].send(b"after rekey").await.unwrap();
+        assert_eq!(clients[3].recv_timeout(Duration::from_secs(5)).await.unwrap(), b"after rekey");
+        // A device that leaves frees its address: the same address connects again.
+        let first = clients.remove(0);
+        first.disconnect().await;
+        let again = Client::connect_via(&ep, &cfg(0)).await.unwrap();
+        again.send(b"back").await.unwrap();
+        assert_eq!(again.recv_timeout(Duration::from_secs(5)).await.unwrap(), b"back");
+        // A datagram for an address no device uses is dropped and counted.
+        let stray = UdpSocket::bind("127.0.0.1:0").unwrap();
+        stray.send_to(b"nobody here", ("127.0.9.200", port)).unwrap();
+        let t = Instant::now();
+        while ep.dropped() == 0 && t.elapsed() < Duration::from_secs(5) {
+            monoio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(ep.dropped(), 1);
+        // Without a source address there is no device to route to.
+        assert!(Client::connect_via(&ep, &udp(addr)).await.is_err());
+        again.disconnect().await;
+        for c in clients {
+            c.disconnect().await;
+        }
+    });
+    let t = Instant::now();
+    while h.session_count() != 0 && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(h.session_count(), 0, "every BYE arrived");
+    assert_eq!(h.stats().handshakes_ok, u64::from(N) + 1);
+    gw.shutdown();
+}

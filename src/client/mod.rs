@@ -2,6 +2,7 @@
 //! disconnect, session id) on a monoio runtime, plus opt-in keepalive PINGs and a
 //! reconnecting wrapper ([`ReconnectingClient`]) with exponential backoff.
 
+mod endpoint;
 mod reconnect;
 mod udp;
 
@@ -12,6 +13,7 @@ use std::time::Duration;
 use monoio::net::TcpStream;
 use ring::rand::SystemRandom;
 
+pub use endpoint::UdpEndpoint;
 pub use reconnect::{Backoff, ReconnectingClient};
 
 use crate::proto::crypto::{EphemeralKey, Psk, DEVICE_ID_LEN};
@@ -142,10 +144,7 @@ impl Client {
         };
         if cfg.transport == Transport::Udp {
             let (conn, driver) = udp::connect(cfg, psk, device_id).await?;
-            if let Some(every) = cfg.keepalive {
-                monoio::spawn(keepalive(Rc::downgrade(&conn), every));
-            }
-            return Ok(Client { conn, driver: Some(driver) });
+            return Ok(Client::started(cfg, conn, driver));
         }
         let (stream, deframer, session) =
             match monoio::time::timeout(cfg.connect_timeout, handshake(cfg, psk, device_id)).await {
@@ -154,10 +153,36 @@ impl Client {
             };
         let conn = Conn::new(session, cfg.addr);
         let driver = monoio::spawn(conn::drive(conn.clone(), stream, deframer));
+        Ok(Client::started(cfg, conn, driver))
+    }
+
+    /// Connect over UDP through `endpoint`, shared with other devices of this thread: the
+    /// device's address is `cfg.bind`'s IP (required, IPv4, one device per address and
+    /// endpoint) at the endpoint's port. `cfg.transport` is ignored (always UDP).
+    pub async fn connect_via(endpoint: &UdpEndpoint, cfg: &ClientConfig) -> Result<Client, Error> {
+        let psk = Psk::new(&cfg.psk)?;
+        let device_id = match cfg.device_id {
+            Some(d) => d,
+            None => wire::random::<DEVICE_ID_LEN>(&SystemRandom::new())?,
+        };
+        let Some(src) = cfg.bind.map(|b| b.ip()) else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "connect_via needs the device's source address in ClientConfig::bind",
+            )
+            .into());
+        };
+        let router = Rc::new(udp::Router::default());
+        let out = endpoint.attach(src, &router, cfg.addr)?;
+        let (conn, driver) = udp::run(cfg, psk, device_id, router, out).await?;
+        Ok(Client::started(cfg, conn, driver))
+    }
+
+    fn started(cfg: &ClientConfig, conn: Rc<Conn>, driver: monoio::task::JoinHandle<()>) -> Client {
         if let Some(every) = cfg.keepalive {
             monoio::spawn(keepalive(Rc::downgrade(&conn), every));
         }
-        Ok(Client { conn, driver: Some(driver) })
+        Client { conn, driver: Some(driver) }
     }
 
     /// Device id, colon hex.

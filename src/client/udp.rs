@@ -26,12 +26,21 @@ use crate::rt::{now, wire, Error};
 
 /// Datagrams from the server, routed to the handshake until a session exists.
 #[derive(Default)]
-struct Router {
+pub(super) struct Router {
     conn: RefCell<Option<Rc<Conn>>>,
     hs_inbox: RefCell<VecDeque<Vec<u8>>>,
     hs_ev: LocalEvent,
     stop: LocalEvent,
     stopped: std::cell::Cell<bool>,
+    /// Run once when the device stops (a shared endpoint forgets its route).
+    on_stop: RefCell<Option<Box<dyn FnOnce()>>>,
+}
+
+impl Router {
+    /// Run `f` when the device stops.
+    pub(super) fn set_on_stop(&self, f: Box<dyn FnOnce()>) {
+        *self.on_stop.borrow_mut() = Some(f);
+    }
 }
 
 async fn recv_loop(sock: Rc<UdpSocket>, router: Rc<Router>, out: Rc<UdpOut>, server: SocketAddr) {
@@ -46,30 +55,35 @@ async fn recv_loop(sock: Rc<UdpSocket>, router: Rc<Router>, out: Rc<UdpOut>, ser
             _ = stop => return,
         };
         buf = b;
-        let Ok((n, from)) = res else { continue };
-        if from != server {
-            continue; // only the gateway may talk to us
-        }
-        let conn = router.conn.borrow().clone();
-        match conn {
-            None => {
-                let mut q = router.hs_inbox.borrow_mut();
-                if q.len() < 16 {
-                    q.push_back(buf[..n].to_vec());
-                    router.hs_ev.notify();
-                }
-            }
-            Some(conn) => {
-                if let Inbound::Handshake(PacketType::SessionOk) =
-                    on_session_datagram(&conn, &out, &mut buf[..n], server)
-                {
-                    // Our UTACK of SESSION_OK was lost and the gateway retransmits it.
-                    let (a, l) = encode_utack(PacketType::SessionOk as u8, 0, None);
-                    out.send(&a[..l], server);
-                }
-            }
+        if let Ok((n, from)) = res {
+            deliver(&router, &out, &mut buf[..n], from, server);
         }
         buf.resize(RECV_BUF_LEN, 0);
+    }
+}
+
+/// One datagram for the device behind `router`: to its handshake until the session exists,
+/// then to the session. Only the gateway may talk to a device.
+pub(super) fn deliver(router: &Router, out: &UdpOut, d: &mut [u8], from: SocketAddr, server: SocketAddr) {
+    if from != server {
+        return;
+    }
+    let conn = router.conn.borrow().clone();
+    match conn {
+        None => {
+            let mut q = router.hs_inbox.borrow_mut();
+            if q.len() < 16 {
+                q.push_back(d.to_vec());
+                router.hs_ev.notify();
+            }
+        }
+        Some(conn) => {
+            if let Inbound::Handshake(PacketType::SessionOk) = on_session_datagram(&conn, out, d, server) {
+                // Our UTACK of SESSION_OK was lost and the gateway retransmits it.
+                let (a, l) = encode_utack(PacketType::SessionOk as u8, 0, None);
+                out.send(&a[..l], server);
+            }
+        }
     }
 }
 
@@ -162,7 +176,8 @@ async fn handshake(
     }
 }
 
-/// Connect over UDP; returns the connection and the task that runs it to the end.
+/// Connect over UDP from a socket of the device's own; returns the connection and the task
+/// that runs it to the end.
 pub(super) async fn connect(
     cfg: &ClientConfig,
     psk: Psk,
@@ -178,10 +193,27 @@ pub(super) async fn connect(
     let sock = Rc::new(UdpSocket::from_std(std_sock)?);
     let out = UdpOut::new();
     let router = Rc::new(Router::default());
-    let server = cfg.addr;
     monoio::spawn(send_loop(sock.clone(), out.clone()));
-    monoio::spawn(recv_loop(sock, router.clone(), out.clone(), server));
-    let key = EphemeralKey::from_seed(&wire::random::<32>(&SystemRandom::new())?)?;
+    monoio::spawn(recv_loop(sock, router.clone(), out.clone(), cfg.addr));
+    run(cfg, psk, device_id, router, out).await
+}
+
+/// Handshake, then the session, over `out` and the datagrams delivered to `router`.
+pub(super) async fn run(
+    cfg: &ClientConfig,
+    psk: Psk,
+    device_id: [u8; DEVICE_ID_LEN],
+    router: Rc<Router>,
+    out: Rc<UdpOut>,
+) -> Result<(Rc<Conn>, monoio::task::JoinHandle<()>), Error> {
+    let server = cfg.addr;
+    let key = match wire::random::<32>(&SystemRandom::new()).and_then(|s| Ok(EphemeralKey::from_seed(&s)?)) {
+        Ok(k) => k,
+        Err(e) => {
+            stop(&router, &out);
+            return Err(e);
+        }
+    };
     let hs = ClientHandshake::new(device_id, psk, key);
     let session = match monoio::time::timeout(cfg.connect_timeout, handshake(&router, &out, server, hs)).await
     {
@@ -214,5 +246,8 @@ fn stop(router: &Router, out: &UdpOut) {
     router.stopped.set(true);
     router.stop.notify();
     router.conn.borrow_mut().take();
+    if let Some(f) = router.on_stop.borrow_mut().take() {
+        f();
+    }
     out.stop();
 }
