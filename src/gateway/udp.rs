@@ -6,11 +6,13 @@
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use monoio::net::udp::UdpSocket;
+use nix::errno::Errno;
 
 use super::shard::{close_session, links, open_session, record_failure, Failure, Shard, UNREGISTERED};
 use super::stats::ShardStats;
@@ -25,13 +27,13 @@ use crate::proto::udp::{encode_utack, is_utack, CookieError, CookieJar, Expected
 use crate::proto::{ErrorKind, Transport};
 use crate::rt::conn::{CloseReason, Conn, Links};
 use crate::rt::event::LocalEvent;
-use crate::rt::udp::{on_session_datagram, send_loop, Inbound, UdpOut, UdpPort, RECV_BUF_LEN};
+use crate::rt::udp::{
+    on_session_datagram, recv_nonblocking, send_loop_direct, Inbound, UdpOut, UdpPort, RECV_BUF_LEN,
+};
 use crate::rt::{now, wire, Error};
 
-/// Receives kept in flight on io_uring (epoll wakes only one waiter per socket).
-const URING_RECEIVERS: usize = 4;
-/// Sends kept in flight on io_uring: one at a time caps a shard at one datagram per loop turn.
-const URING_SENDERS: usize = 16;
+/// Datagrams read per wake-up before the sessions they woke, the senders and timers run.
+const RECV_BATCH: usize = 64;
 /// Handshake datagrams buffered per peer before more are dropped.
 const HS_INBOX: usize = 8;
 
@@ -102,25 +104,25 @@ fn unix_bucket() -> u64 {
     CookieJar::bucket(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
 }
 
-/// Start the socket's tasks: the senders and the receivers (their handles, to await at shutdown).
+/// Start the socket's tasks: the receiver, the sender, the retransmission timers and the
+/// reaper (their handles, to await at shutdown). Datagrams are read and sent with
+/// non-blocking calls between readiness waits, on io_uring and epoll alike: a busy socket
+/// then costs one wake-up per burst instead of an operation (and a task wake-up) per datagram.
 pub(super) fn start(
     shard: &Rc<Shard>,
     udp: &Rc<UdpShard>,
     handler: Arc<Handler>,
 ) -> Vec<monoio::task::JoinHandle<()>> {
-    // epoll wakes one waiter per socket direction, io_uring keeps many operations in flight.
-    let (senders, receivers) =
-        if monoio::utils::is_legacy() { (1, 1) } else { (URING_SENDERS, URING_RECEIVERS) };
-    let mut tasks = Vec::new();
-    for _ in 0..senders {
-        tasks.push(monoio::spawn(send_loop(udp.sock.clone(), udp.out.clone())));
-    }
-    for _ in 0..receivers {
-        tasks.push(monoio::spawn(recv_loop(shard.clone(), udp.clone(), handler.clone())));
-    }
-    tasks.push(monoio::spawn(udp.port.clone().run_timers()));
-    tasks.push(monoio::spawn(reaper(shard.clone(), udp.clone())));
-    tasks
+    let (s2, u2) = (shard.clone(), udp.clone());
+    vec![
+        monoio::spawn(async move {
+            let refused = send_loop_direct(&u2.sock, &u2.out).await;
+            s2.stats().datagrams_dropped.fetch_add(refused, std::sync::atomic::Ordering::Relaxed);
+        }),
+        monoio::spawn(recv_loop(shard.clone(), udp.clone(), handler)),
+        monoio::spawn(udp.port.clone().run_timers()),
+        monoio::spawn(reaper(shard.clone(), udp.clone())),
+    ]
 }
 
 /// Stop the socket's tasks (shutdown): sessions still waiting for their BYE's UTACK are
@@ -163,33 +165,42 @@ fn unregister_finished(shard: &Rc<Shard>, udp: &UdpShard) {
 }
 
 async fn recv_loop(shard: Rc<Shard>, udp: Rc<UdpShard>, handler: Arc<Handler>) {
+    let fd = udp.sock.as_raw_fd();
     let mut buf = vec![0u8; RECV_BUF_LEN];
     loop {
+        for _ in 0..RECV_BATCH {
+            match recv_nonblocking(fd, &mut buf) {
+                Ok(Some(d)) => {
+                    ShardStats::inc(&shard.stats().datagrams_in);
+                    on_datagram(&shard, &udp, &mut buf[..d.len], d.from, &handler);
+                }
+                Ok(None) => {
+                    ShardStats::inc(&shard.stats().datagrams_in);
+                    dropped(&shard); // larger than any valid datagram
+                }
+                Err(Errno::EINTR) => {}
+                Err(_) => break, // EAGAIN: drained
+            }
+        }
         let stop = shard.stopping.wait();
         if shard.is_stopping() && udp.peer_count() == 0 {
             return;
         }
-        let (res, b) = if shard.is_stopping() {
+        // Back through the driver even when more may be waiting: sessions woken by this
+        // batch, the sender and the timers run first (monoio fires timers only when the
+        // thread parks, which a loop that merely yielded would put off under load).
+        if shard.is_stopping() {
             // Shutting down: sessions still need their last UTACKs, so keep receiving, but wake
-            // up regularly to notice the last one leave (a receive dropped here only loses a
-            // datagram during shutdown).
+            // up regularly to notice the last one leave.
             monoio::select! {
-                r = udp.sock.recv_from(buf) => r,
-                _ = monoio::time::sleep(Duration::from_millis(100)) => { buf = vec![0u8; RECV_BUF_LEN]; continue }
+                _ = udp.sock.readable(false) => {},
+                _ = monoio::time::sleep(Duration::from_millis(100)) => {},
             }
         } else {
             monoio::select! {
-                r = udp.sock.recv_from(buf) => r,
-                _ = stop => { buf = vec![0u8; RECV_BUF_LEN]; continue }
+                _ = udp.sock.readable(false) => {},
+                _ = stop => {},
             }
-        };
-        buf = b;
-        if let Ok((n, from)) = res {
-            ShardStats::inc(&shard.stats().datagrams_in);
-            on_datagram(&shard, &udp, &mut buf[..n], from, &handler);
-        }
-        if buf.len() < RECV_BUF_LEN {
-            buf.resize(RECV_BUF_LEN, 0);
         }
     }
 }
