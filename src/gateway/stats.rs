@@ -186,6 +186,10 @@ impl ShardStats {
     pub fn set(c: &AtomicU64, v: u64) {
         c.store(v, Ordering::Relaxed);
     }
+    /// Take `v` off a gauge only its shard writes, stopping at zero.
+    pub fn take_off(c: &AtomicU64, v: u64) {
+        c.store(c.load(Ordering::Relaxed).saturating_sub(v), Ordering::Relaxed);
+    }
 }
 
 #[cfg(test)]

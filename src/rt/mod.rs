@@ -25,6 +25,21 @@ pub fn now() -> Duration {
     ORIGIN.get_or_init(Instant::now).elapsed()
 }
 
+/// Let every other ready task of the thread run once before the caller continues (long
+/// loops over many sessions or datagrams call this between chunks).
+pub async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            return std::task::Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await
+}
+
 /// Which I/O driver a runtime ended up with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Driver {
