@@ -6,6 +6,7 @@
 
 mod plan;
 mod report;
+mod sched;
 mod worker;
 
 use std::io::{BufRead, BufReader, IsTerminal, Write};
@@ -172,16 +173,38 @@ fn main() -> ExitCode {
     }
 }
 
-/// A worker: its threads run their devices; progress and the result go to stdout as JSON lines.
-fn run_worker(a: &Args, index: usize, count: usize) -> ExitCode {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let threads = (cores / count).max(1);
-    let cpus = a.cpus.as_deref().map(|c| plan::parse_cpus(c).unwrap_or_default()).unwrap_or_default();
-    let source_ips = plan::source_ips(
+/// The cores the run may use: those of `--cpus`, or all of them.
+fn usable_cores(a: &Args) -> usize {
+    let listed = a.cpus.as_deref().and_then(|c| plan::parse_cpus(c).ok()).map_or(0, |c| c.len());
+    if listed > 0 {
+        return listed;
+    }
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+fn is_flood(a: &Args) -> bool {
+    matches!(a.mode, Mode::HelloFlood | Mode::GarbageFlood)
+}
+
+fn source_ips(a: &Args) -> Vec<std::net::IpAddr> {
+    plan::source_ips(
         a.source_ips.as_deref().map(|s| plan::parse_ip_range(s).unwrap_or_default()),
         a.target.ip(),
         a.devices,
-    );
+        a.transport == TransportArg::Udp && !is_flood(a),
+    )
+}
+
+fn shared_udp(a: &Args, ips: &[std::net::IpAddr]) -> bool {
+    plan::shared_udp(a.transport == TransportArg::Udp, is_flood(a), a.target.ip(), ips)
+}
+
+/// A worker: its threads run their devices; progress and the result go to stdout as JSON lines.
+fn run_worker(a: &Args, index: usize, count: usize) -> ExitCode {
+    let cores = usable_cores(a);
+    let threads = (cores / count).max(1);
+    let cpus = a.cpus.as_deref().map(|c| plan::parse_cpus(c).unwrap_or_default()).unwrap_or_default();
+    let source_ips = source_ips(a);
     let spec = worker::Spec {
         target: a.target,
         transport: if a.transport == TransportArg::Udp { Transport::Udp } else { Transport::Tcp },
@@ -199,6 +222,7 @@ fn run_worker(a: &Args, index: usize, count: usize) -> ExitCode {
         connect_rate: a.connect_rate / (count * threads) as f64,
         keepalive: a.keepalive.map(Duration::from_secs_f64),
         reconnect: a.reconnect,
+        shared_udp: shared_udp(a, &source_ips),
         source_ips,
         connect_timeout: Duration::from_secs_f64(a.connect_timeout),
     };
@@ -265,18 +289,17 @@ struct Live {
 
 /// The parent: start the workers, show progress, merge, report.
 fn run_parent(a: &Args) -> ExitCode {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let workers = plan::workers(a.workers, a.devices, cores).min(a.devices as usize).max(1);
-    let source_ips = plan::source_ips(
-        a.source_ips.as_deref().map(|s| plan::parse_ip_range(s).unwrap_or_default()),
-        a.target.ip(),
-        a.devices,
-    );
+    let cores = usable_cores(a);
+    let source_ips = source_ips(a);
+    let shared = shared_udp(a, &source_ips);
+    let sockets = plan::sockets(a.devices, shared, source_ips.len(), cores);
+    let workers = plan::workers(a.workers, sockets, cores).min(a.devices as usize).max(1);
     if !a.quiet && !source_ips.is_empty() {
         eprintln!(
-            "loadgen: {} devices over {} source addresses, {workers} worker processes",
+            "loadgen: {} devices over {} source addresses{}, {workers} worker processes",
             a.devices,
-            source_ips.len()
+            source_ips.len(),
+            if shared { " sharing a UDP socket per thread" } else { "" }
         );
     }
     let exe = match std::env::current_exe() {

@@ -25,22 +25,55 @@ pub fn parse_cpus(s: &str) -> Result<Vec<usize>, String> {
     usmp::ops::settings::parse_cpus(s).map_err(|e| e.to_string())
 }
 
-/// Source addresses for `devices` devices towards `target`: the given range, or, for a
-/// loopback target that needs more ports than one address has, 127.0.0.2, 127.0.0.3, …
-pub fn source_ips(given: Option<Vec<IpAddr>>, target: IpAddr, devices: u64) -> Vec<IpAddr> {
+/// First address chosen for UDP devices on loopback: one address per device.
+const UDP_AUTO_FIRST: Ipv4Addr = Ipv4Addr::new(127, 1, 0, 1);
+/// Most addresses chosen automatically (a `--source-ips` range has the same bound).
+const MAX_AUTO_IPS: u64 = 65_534;
+
+/// Source addresses for `devices` devices towards `target`: the given range; or, for a
+/// loopback target, UDP devices get an address each (127.1.0.1, 127.1.0.2, …: they then share
+/// a socket per thread, told apart by address) and TCP devices as many as their ports need
+/// (127.0.0.2, 127.0.0.3, …).
+pub fn source_ips(given: Option<Vec<IpAddr>>, target: IpAddr, devices: u64, udp: bool) -> Vec<IpAddr> {
     if let Some(g) = given {
         return g;
     }
+    if !target.is_loopback() || !target.is_ipv4() {
+        return vec![];
+    }
+    if udp {
+        let first = u32::from(UDP_AUTO_FIRST);
+        return (0..devices.min(MAX_AUTO_IPS) as u32)
+            .map(|i| IpAddr::V4(Ipv4Addr::from(first + i)))
+            .collect();
+    }
     let need = devices.div_ceil(MAX_DEVICES_PER_SOURCE_IP);
-    if need <= 1 || !target.is_loopback() {
+    if need <= 1 {
         return vec![];
     }
     (0..need).map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + i as u8))).collect()
 }
 
-/// Worker processes: enough to stay under the fd limit, at least one per core.
-pub fn workers(given: Option<usize>, devices: u64, cores: usize) -> usize {
-    given.unwrap_or_else(|| (devices.div_ceil(MAX_DEVICES_PER_WORKER) as usize).max(cores).max(1))
+/// Whether UDP devices share sockets (one per thread and source address in use) rather than
+/// each opening its own: possible with IPv4 source addresses to tell them apart.
+pub fn shared_udp(udp: bool, flood: bool, target: IpAddr, ips: &[IpAddr]) -> bool {
+    udp && !flood && target.is_ipv4() && !ips.is_empty() && ips.iter().all(IpAddr::is_ipv4)
+}
+
+/// Sockets the run needs: one per device, or with shared UDP sockets one per `ips` devices
+/// of a thread.
+pub fn sockets(devices: u64, shared: bool, ips: usize, threads: usize) -> u64 {
+    if shared {
+        devices.div_ceil(ips.max(1) as u64) + threads as u64
+    } else {
+        devices
+    }
+}
+
+/// Worker processes: enough to stay under the fd limit with `sockets` sockets, at least one
+/// per core.
+pub fn workers(given: Option<usize>, sockets: u64, cores: usize) -> usize {
+    given.unwrap_or_else(|| (sockets.div_ceil(MAX_DEVICES_PER_WORKER) as usize).max(cores).max(1))
 }
 
 /// The devices (global indices) of worker `w` of `n`, thread `t` of `threads`.
@@ -61,9 +94,24 @@ mod tests {
         assert!(parse_ip_range("127.0.0.9-127.0.0.2").is_err());
         assert!(parse_ip_range("x").is_err());
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
-        assert!(source_ips(None, lo, 1000).is_empty());
-        assert_eq!(source_ips(None, lo, 50_000).len(), 2);
+        assert!(source_ips(None, lo, 1000, false).is_empty());
+        assert_eq!(source_ips(None, lo, 50_000, false).len(), 2);
+        let udp = source_ips(None, lo, 50_000, true);
+        assert_eq!(udp.len(), 50_000);
+        assert_eq!(udp[0], "127.1.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(udp[49_999], "127.1.195.80".parse::<IpAddr>().unwrap());
+        assert_eq!(source_ips(None, lo, 100_000, true).len(), 65_534);
+        let remote: IpAddr = "10.0.0.1".parse().unwrap();
+        assert!(source_ips(None, remote, 50_000, true).is_empty());
+        assert!(shared_udp(true, false, lo, &udp));
+        assert!(!shared_udp(true, false, lo, &[]), "no addresses: a socket per device");
+        assert!(!shared_udp(true, true, lo, &udp), "floods bind their own sockets");
+        assert!(!shared_udp(false, false, lo, &udp));
+        assert_eq!(sockets(50_000, true, 50_000, 2), 3);
+        assert_eq!(sockets(50_000, true, 2, 2), 25_002);
+        assert_eq!(sockets(50_000, false, 2, 2), 50_000);
         assert_eq!(workers(None, 50_000, 2), 4);
+        assert_eq!(workers(None, 3, 2), 2);
         assert_eq!(workers(None, 100, 2), 2);
         assert_eq!(workers(Some(1), 50_000, 2), 1);
         let mut all: Vec<u64> =

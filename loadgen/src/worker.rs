@@ -12,11 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use monoio::time::Instant;
-use usmp::client::{Client, ClientConfig};
+use usmp::client::{Client, ClientConfig, UdpEndpoint};
 use usmp::proto::Transport;
 use usmp::rt::event::LocalEvent;
 
 use crate::report::{new_hist, Counters, Hist};
+use crate::sched::Schedule;
 
 /// Everything a device needs to know about the run.
 #[derive(Clone)]
@@ -36,6 +37,9 @@ pub struct Spec {
     pub keepalive: Option<Duration>,
     pub reconnect: bool,
     pub source_ips: Vec<IpAddr>,
+    /// UDP devices share a socket per thread and source address in use, told apart by
+    /// their addresses (`source_ips`, all IPv4).
+    pub shared_udp: bool,
     pub connect_timeout: Duration,
 }
 
@@ -86,6 +90,10 @@ struct Ctx {
     /// Handshakes in progress on this thread, and its wake-up when one ends.
     inflight: Cell<usize>,
     inflight_ev: LocalEvent,
+    /// Shared UDP sockets: the `pos`-th device of the thread uses number `pos / addresses`.
+    endpoints: RefCell<Vec<Option<Rc<UdpEndpoint>>>>,
+    /// Every device's timed wake-ups.
+    sched: Rc<Schedule>,
 }
 
 /// Handshakes one loadgen thread runs at once. Real devices each have their own CPU; one
@@ -94,6 +102,10 @@ struct Ctx {
 /// seconds to answer a CHALLENGE. Waiting for a slot counts in the handshake latency (it is
 /// measured from the intended start), so the cap hides nothing.
 const MAX_INFLIGHT_HANDSHAKES: usize = 256;
+/// Between the end of the ramp and the start of the steady phase.
+const STEADY_SETTLE: Duration = Duration::from_millis(500);
+/// The window over which devices say BYE once the steady phase ends and their replies are in.
+const BYE_SPREAD: Duration = Duration::from_secs(1);
 
 fn splitmix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -132,18 +144,40 @@ impl Ctx {
         let now = Instant::now();
         let at = self.next_connect.get().map_or(now, |t| t.max(now));
         self.next_connect.set(Some(at + gap));
-        monoio::time::sleep_until(at).await;
+        self.sched.sleep_until(at).await;
     }
 
-    fn config(&self, idx: u64) -> ClientConfig {
+    /// The shared socket of the thread's `pos`-th device (opened on first use), if devices share.
+    fn endpoint(&self, pos: usize) -> Option<Result<Rc<UdpEndpoint>, usmp::rt::Error>> {
+        if !self.spec.shared_udp {
+            return None;
+        }
+        let e = pos / self.spec.source_ips.len();
+        let mut eps = self.endpoints.borrow_mut();
+        if eps.len() <= e {
+            eps.resize(e + 1, None);
+        }
+        if let Some(ep) = &eps[e] {
+            return Some(Ok(ep.clone()));
+        }
+        Some(UdpEndpoint::bind("0.0.0.0:0".parse().expect("literal")).map(|ep| {
+            let ep = Rc::new(ep);
+            eps[e] = Some(ep.clone());
+            ep
+        }))
+    }
+
+    fn config(&self, idx: u64, pos: usize) -> ClientConfig {
         let id = (self.spec.device_id_base.wrapping_add(idx) & 0xffff_ffff_ffff).to_be_bytes();
         let device_id: [u8; 6] = id[2..].try_into().expect("6 bytes");
         let psk = match &self.spec.keys {
             Keys::One(k) => k.clone(),
             Keys::Registry(r) => r.raw_key(&device_id).map(<[u8]>::to_vec).unwrap_or_default(),
         };
-        let bind = (!self.spec.source_ips.is_empty())
-            .then(|| SocketAddr::new(self.spec.source_ips[idx as usize % self.spec.source_ips.len()], 0));
+        let ips = &self.spec.source_ips;
+        // Sharing a socket, the thread's devices need distinct addresses; otherwise spread.
+        let which = if self.spec.shared_udp { pos } else { idx as usize };
+        let bind = (!ips.is_empty()).then(|| SocketAddr::new(ips[which % ips.len()], 0));
         ClientConfig {
             addr: self.spec.target,
             psk,
@@ -156,7 +190,7 @@ impl Ctx {
     }
 
     /// One handshake; its latency is measured from `intended` (open loop) and recorded.
-    async fn connect(&self, idx: u64, intended: Instant) -> Option<Client> {
+    async fn connect(&self, idx: u64, pos: usize, intended: Instant) -> Option<Client> {
         loop {
             let w = self.inflight_ev.wait();
             if self.inflight.get() < MAX_INFLIGHT_HANDSHAKES {
@@ -165,7 +199,12 @@ impl Ctx {
             w.await;
         }
         self.inflight.set(self.inflight.get() + 1);
-        let res = Client::connect(&self.config(idx)).await;
+        let cfg = self.config(idx, pos);
+        let res = match self.endpoint(pos) {
+            None => Client::connect(&cfg).await,
+            Some(Ok(ep)) => Client::connect_via(&ep, &cfg).await,
+            Some(Err(e)) => Err(e),
+        };
         self.inflight.set(self.inflight.get() - 1);
         self.inflight_ev.notify_one();
         match res {
@@ -185,7 +224,10 @@ impl Ctx {
     fn ramp_finished_one(&self) {
         self.ramp_done.set(self.ramp_done.get() + 1);
         if self.ramp_done.get() == self.ramp_total {
-            let start = Instant::now();
+            // The steady phase starts after a short settling time: every device wakes up at
+            // once here to schedule its first message, and with 50 000 of them that took longer
+            // than the first messages' intended times (their latency was the emulator's).
+            let start = Instant::now() + STEADY_SETTLE;
             self.steady.set(Some((start, start + self.spec.duration)));
             // Only now: waking thousands of waiting devices for every device that finished
             // its ramp cost most of the emulator's CPU during ramps and reconnect storms.
@@ -219,14 +261,23 @@ pub async fn run_thread(spec: Spec, devices: Vec<u64>, progress: Arc<Progress>) 
         steady: Cell::new(None),
         inflight: Cell::new(0),
         inflight_ev: LocalEvent::default(),
+        endpoints: RefCell::new(Vec::new()),
+        sched: Rc::default(),
     });
+    let sched = monoio::spawn(ctx.sched.clone().run());
     if devices.is_empty() {
         ctx.steady.set(Some((Instant::now(), Instant::now())));
     }
-    let handles: Vec<_> = devices.into_iter().map(|idx| monoio::spawn(device(ctx.clone(), idx))).collect();
+    let handles: Vec<_> = devices
+        .into_iter()
+        .enumerate()
+        .map(|(pos, idx)| monoio::spawn(device(ctx.clone(), idx, pos)))
+        .collect();
     for h in handles {
         h.await;
     }
+    ctx.sched.stop();
+    sched.await;
     let ctx = Rc::try_unwrap(ctx).ok().expect("all device tasks ended");
     ThreadResult {
         counters: ctx.counters.into_inner(),
@@ -235,7 +286,8 @@ pub async fn run_thread(spec: Spec, devices: Vec<u64>, progress: Arc<Progress>) 
     }
 }
 
-async fn device(ctx: Rc<Ctx>, idx: u64) {
+/// The thread's `pos`-th device, number `idx` of the run.
+async fn device(ctx: Rc<Ctx>, idx: u64, pos: usize) {
     if let Some(kind) = ctx.spec.flood {
         ctx.ramp_finished_one();
         let (start, end) = ctx.steady_window().await;
@@ -243,15 +295,18 @@ async fn device(ctx: Rc<Ctx>, idx: u64) {
     }
     // Ramp-up: one paced handshake (retried with backoff under --reconnect).
     ctx.connect_token().await;
-    let mut client = ctx.connect(idx, Instant::now()).await;
-    if client.is_some() {
+    let mut client = ctx.connect(idx, pos, Instant::now()).await;
+    if let Some(c) = &client {
         ctx.counters.borrow_mut().devices_connected += 1;
         ctx.progress.connected.fetch_add(1, Ordering::Relaxed);
+        if ctx.spec.echo {
+            warm_up(&ctx, idx, c).await;
+        }
     }
     ctx.ramp_finished_one();
     let (start, end) = ctx.steady_window().await;
     if client.is_none() && ctx.spec.reconnect {
-        client = reconnect(&ctx, idx, end).await;
+        client = reconnect(&ctx, idx, pos, end).await;
         if client.is_some() {
             ctx.counters.borrow_mut().devices_connected += 1;
             ctx.progress.connected.fetch_add(1, Ordering::Relaxed);
@@ -262,12 +317,27 @@ async fn device(ctx: Rc<Ctx>, idx: u64) {
         return;
     }
     if ctx.spec.echo {
-        echo(&ctx, idx, client, start, end).await;
+        echo(&ctx, idx, pos, client, start, end).await;
     } else {
         if let Some(c) = client.take() {
             c.disconnect().await;
         }
-        handshakes(&ctx, idx, start, end).await;
+        handshakes(&ctx, idx, pos, start, end).await;
+    }
+}
+
+/// One unmeasured echo right after the ramp's handshake. A session's first message makes
+/// both sides allocate and touch its buffers; with 50 000 devices that first touch (page
+/// faults, on a VM expensive ones) took seconds and made the steady phase's first second its
+/// slowest. Its echo is awaited here, so none is left over to confuse the steady phase.
+async fn warm_up(ctx: &Ctx, idx: u64, c: &Client) {
+    let m = payload(idx, u64::MAX, ctx.spec.payload);
+    let ok = match c.send(&m).await {
+        Ok(()) => c.recv_timeout(ctx.spec.connect_timeout).await.is_ok_and(|back| back == m),
+        Err(_) => false,
+    };
+    if !ok {
+        ctx.error("warm_up_failed".into());
     }
 }
 
@@ -275,7 +345,7 @@ async fn device(ctx: Rc<Ctx>, idx: u64) {
 /// n-th retry waits a random time in [0, min(0.5 s · 2ⁿ, 5 s)], so a fleet that lost its
 /// gateway spreads its retries over the window instead of retrying in synchronized waves,
 /// and no device sleeps through a gateway that is already back for long.
-async fn reconnect(ctx: &Ctx, idx: u64, until: Instant) -> Option<Client> {
+async fn reconnect(ctx: &Ctx, idx: u64, pos: usize, until: Instant) -> Option<Client> {
     let mut attempt = 0u32;
     loop {
         let cap = Duration::from_millis(500).saturating_mul(1 << attempt.min(8)).min(Duration::from_secs(5));
@@ -284,10 +354,10 @@ async fn reconnect(ctx: &Ctx, idx: u64, until: Instant) -> Option<Client> {
         if Instant::now() + delay >= until {
             return None;
         }
-        monoio::time::sleep(delay).await;
+        ctx.sched.sleep_until(Instant::now() + delay).await;
         // No --connect-rate token: that paces the ramp-up; a fleet that lost its gateway
         // comes back on its devices' own (jittered) schedule, which is the storm to survive.
-        if let Some(c) = ctx.connect(idx, Instant::now()).await {
+        if let Some(c) = ctx.connect(idx, pos, Instant::now()).await {
             return Some(c);
         }
         attempt += 1;
@@ -295,7 +365,7 @@ async fn reconnect(ctx: &Ctx, idx: u64, until: Instant) -> Option<Client> {
 }
 
 /// Open-loop echo traffic (or closed loop when the rate is 0), then drain and BYE.
-async fn echo(ctx: &Rc<Ctx>, idx: u64, mut client: Option<Client>, start: Instant, end: Instant) {
+async fn echo(ctx: &Rc<Ctx>, idx: u64, pos: usize, mut client: Option<Client>, start: Instant, end: Instant) {
     let rate = ctx.spec.rate;
     let interval = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
     let phase = interval.map_or(Duration::ZERO, |i| i.mul_f64((splitmix(idx) % 10_000) as f64 / 10_000.0));
@@ -314,7 +384,7 @@ async fn echo(ctx: &Rc<Ctx>, idx: u64, mut client: Option<Client>, start: Instan
             if intended >= end {
                 break;
             }
-            monoio::time::sleep_until(intended).await;
+            ctx.sched.sleep_until(intended).await;
             outstanding.borrow_mut().push_back((k, intended));
             if let Err(e) = c.send(&payload(idx, k, ctx.spec.payload)).await {
                 outstanding.borrow_mut().pop_back();
@@ -348,8 +418,10 @@ async fn echo(ctx: &Rc<Ctx>, idx: u64, mut client: Option<Client>, start: Instan
                 break;
             }
             let w = done.wait();
-            let left = end.saturating_duration_since(Instant::now()).min(Duration::from_secs(1));
-            let _ = monoio::time::timeout(left, w).await;
+            monoio::select! {
+                _ = ctx.sched.sleep_until(end) => {},
+                _ = w => {},
+            }
         }
         // Drain: give replies up to 5 s, then say BYE; whatever is missing is lost.
         let drain_until = Instant::now() + Duration::from_secs(5);
@@ -362,11 +434,17 @@ async fn echo(ctx: &Rc<Ctx>, idx: u64, mut client: Option<Client>, start: Instan
         if c.close_reason().is_some() {
             lost_session = true;
         }
+        if !lost_session {
+            // Spread the BYEs: all at once, tens of thousands of them overflowed socket
+            // buffers (and retransmitted) while other threads' devices were still measuring.
+            let at = end + BYE_SPREAD.mul_f64((splitmix(idx ^ 0xb7e) % 10_000) as f64 / 10_000.0);
+            ctx.sched.sleep_until(at).await;
+        }
         c.bye().await;
         rx.await;
         if lost_session && ctx.spec.reconnect && Instant::now() < end {
             ctx.error("session_lost".into());
-            client = reconnect(ctx, idx, end).await;
+            client = reconnect(ctx, idx, pos, end).await;
         }
     }
 }
@@ -402,7 +480,7 @@ async fn receive(
 
 /// Handshake mode: `rate` handshakes per second per device (0 = back to back), each timed
 /// from its intended start, each followed by BYE.
-async fn handshakes(ctx: &Ctx, idx: u64, start: Instant, end: Instant) {
+async fn handshakes(ctx: &Ctx, idx: u64, pos: usize, start: Instant, end: Instant) {
     let interval = (ctx.spec.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / ctx.spec.rate));
     let phase = interval.map_or(Duration::ZERO, |i| i.mul_f64((splitmix(idx) % 10_000) as f64 / 10_000.0));
     let mut k = 0u64;
@@ -414,8 +492,8 @@ async fn handshakes(ctx: &Ctx, idx: u64, start: Instant, end: Instant) {
         if intended >= end {
             return;
         }
-        monoio::time::sleep_until(intended).await;
-        if let Some(c) = ctx.connect(idx, intended).await {
+        ctx.sched.sleep_until(intended).await;
+        if let Some(c) = ctx.connect(idx, pos, intended).await {
             c.disconnect().await;
         }
         k += 1;
@@ -448,7 +526,7 @@ async fn flood(ctx: &Ctx, idx: u64, kind: Flood, start: Instant, end: Instant) {
         if intended >= end {
             return;
         }
-        monoio::time::sleep_until(intended).await;
+        ctx.sched.sleep_until(intended).await;
         k += 1;
         let r = splitmix(idx.wrapping_mul(1_000_003) ^ k);
         let bytes = match kind {
@@ -475,7 +553,7 @@ async fn flood(ctx: &Ctx, idx: u64, kind: Flood, start: Instant, end: Instant) {
             let _ = s.send_to(bytes, ctx.spec.target).await;
             continue;
         }
-        let cfg = ctx.config(idx);
+        let cfg = ctx.config(idx, 0);
         let stream = match cfg.bind {
             Some(l) => {
                 let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None);

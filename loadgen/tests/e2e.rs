@@ -123,27 +123,33 @@ fn hundreds_of_devices_over_tcp_and_udp() {
 
 #[test]
 fn against_the_reference_python_server() {
-    let srv = pyref::RefServer::start("tcp", PSK.as_bytes(), "echo");
-    let dir = tmpdir("ref");
-    let v = run(
-        srv.addr,
-        &[
-            "--devices",
-            "4",
-            "--rate",
-            "10",
-            "--duration",
-            "2",
-            "--payload",
-            "500",
-            "--workers",
-            "1",
-            "--quiet",
-        ],
-        &dir,
-    );
-    drop(srv);
-    check_complete(&v, 4);
-    check_hist_dir(&dir);
-    let _ = std::fs::remove_dir_all(&dir);
+    // Over UDP the devices share a socket and are told apart by their source addresses
+    // (127.1.0.x): the reference server must answer each at its own.
+    for transport in ["tcp", "udp"] {
+        let srv = pyref::RefServer::start(transport, PSK.as_bytes(), "echo");
+        let dir = tmpdir(&format!("ref-{transport}"));
+        let v = run(
+            srv.addr,
+            &[
+                "--transport",
+                transport,
+                "--devices",
+                "4",
+                "--rate",
+                "10",
+                "--duration",
+                "2",
+                "--payload",
+                "500",
+                "--workers",
+                "1",
+                "--quiet",
+            ],
+            &dir,
+        );
+        drop(srv);
+        check_complete(&v, 4);
+        check_hist_dir(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
