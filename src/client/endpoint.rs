@@ -73,8 +73,7 @@ impl UdpEndpoint {
         monoio::spawn(recv_loop(shared.clone()));
         let s2 = shared.clone();
         monoio::spawn(async move {
-            let refused = send_loop_direct(&s2.sock, &s2.out).await;
-            s2.dropped.set(s2.dropped.get() + refused);
+            send_loop_direct(&s2.sock, &s2.out, || s2.dropped.set(s2.dropped.get() + 1)).await
         });
         Ok(UdpEndpoint { shared })
     }
@@ -155,5 +154,32 @@ async fn recv_loop(shared: Rc<Shared>) {
             _ = shared.sock.readable(false) => {},
             _ = stop => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::{Client, ClientConfig};
+    use std::time::Duration;
+
+    #[test]
+    fn datagrams_the_kernel_refuses_are_dropped_and_counted() {
+        crate::rt::block_on(async {
+            let ep = UdpEndpoint::bind("0.0.0.0:0".parse().unwrap()).unwrap();
+            // Broadcast without SO_BROADCAST: sendmsg fails with EACCES.
+            let cfg = ClientConfig {
+                bind: Some("127.0.9.1:0".parse().unwrap()),
+                transport: crate::proto::Transport::Udp,
+                connect_timeout: Duration::from_millis(300),
+                ..ClientConfig::new("255.255.255.255:9".parse().unwrap(), b"endpoint-test-key-0123".to_vec())
+            };
+            assert!(Client::connect_via(&ep, &cfg).await.is_err());
+            assert!(ep.dropped() >= 1, "refused HELLOs are counted");
+            // An IPv6 source address has no place on an IPv4 endpoint.
+            let v6 = ClientConfig { bind: Some("[::1]:0".parse().unwrap()), ..cfg };
+            assert!(Client::connect_via(&ep, &v6).await.is_err());
+        });
+        assert!(UdpEndpoint::bind("[::1]:0".parse().unwrap()).is_err(), "IPv4 only");
     }
 }

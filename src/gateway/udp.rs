@@ -116,8 +116,7 @@ pub(super) fn start(
     let (s2, u2) = (shard.clone(), udp.clone());
     vec![
         monoio::spawn(async move {
-            let refused = send_loop_direct(&u2.sock, &u2.out).await;
-            s2.stats().datagrams_dropped.fetch_add(refused, std::sync::atomic::Ordering::Relaxed);
+            send_loop_direct(&u2.sock, &u2.out, || ShardStats::inc(&s2.stats().datagrams_dropped)).await
         }),
         monoio::spawn(recv_loop(shard.clone(), udp.clone(), handler)),
         monoio::spawn(udp.port.clone().run_timers()),

@@ -211,10 +211,10 @@ pub(crate) fn send_nonblocking(
 
 /// Drain `out` into `sock` with non-blocking sends until [`UdpOut::stop`], waiting for
 /// writability only when the socket buffer is full: a busy socket sends a whole queue per
-/// wake-up without an operation per datagram. Returns the datagrams the kernel refused.
-pub(crate) async fn send_loop_direct(sock: &UdpSocket, out: &UdpOut) -> u64 {
+/// wake-up without an operation per datagram. `refused` counts each datagram the kernel
+/// would not take (no route, not permitted, …), which is dropped.
+pub(crate) async fn send_loop_direct(sock: &UdpSocket, out: &UdpOut, refused: impl Fn()) {
     let fd = sock.as_raw_fd();
-    let mut refused = 0;
     while let Some((buf, to, src)) = out.next().await {
         match send_nonblocking(fd, &buf, to, src) {
             Ok(()) => out.recycle(buf),
@@ -226,12 +226,11 @@ pub(crate) async fn send_loop_direct(sock: &UdpSocket, out: &UdpOut) -> u64 {
             }
             Err(Errno::EINTR) => out.unpop((buf, to, src)),
             Err(_) => {
-                refused += 1;
+                refused();
                 out.recycle(buf);
             }
         }
     }
-    refused
 }
 
 /// Advance one session's stop-and-wait sender at `t`: retransmit or give up when the frame in
