@@ -1,0 +1,60 @@
+//! A bare TCP echo server: one thread, epoll, non-blocking reads and writes, no framing, no
+//! crypto. `bench/floor` runs it to measure what any server pays on this machine per echoed
+//! message and per short connection, the floor under the gateway's own figures.
+//!
+//!     cargo run --release --example bare_echo -- 127.0.0.1:9100
+
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+
+fn main() -> std::io::Result<()> {
+    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:9100".into());
+    let listener = TcpListener::bind(&addr)?;
+    listener.set_nonblocking(true)?;
+    let epoll = Epoll::new(EpollCreateFlags::empty())?;
+    let lfd = listener.as_raw_fd();
+    epoll.add(listener.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, lfd as u64))?;
+    println!("READY {}", listener.local_addr()?);
+    let mut conns: HashMap<RawFd, TcpStream> = HashMap::new();
+    let mut events = vec![EpollEvent::empty(); 256];
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = epoll.wait(&mut events, EpollTimeout::NONE)?;
+        for ev in &events[..n] {
+            let fd = ev.data() as RawFd;
+            if fd == lfd {
+                while let Ok((s, _)) = listener.accept() {
+                    s.set_nonblocking(true)?;
+                    s.set_nodelay(true)?;
+                    let cfd = s.as_raw_fd();
+                    epoll.add(s.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, cfd as u64))?;
+                    conns.insert(cfd, s);
+                }
+                continue;
+            }
+            let Some(s) = conns.get_mut(&fd) else { continue };
+            let close = loop {
+                match s.read(&mut buf) {
+                    Ok(0) => break true,
+                    Ok(k) => {
+                        if s.write_all(&buf[..k]).is_err() {
+                            break true;
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break false,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(_) => break true,
+                }
+            };
+            if close {
+                if let Some(s) = conns.remove(&fd) {
+                    let _ = epoll.delete(s.as_fd());
+                }
+            }
+        }
+    }
+}
