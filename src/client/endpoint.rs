@@ -17,7 +17,7 @@ use nix::sys::socket::{setsockopt, sockopt};
 
 use super::udp::{deliver, Router};
 use crate::rt::event::LocalEvent;
-use crate::rt::udp::{recv_nonblocking, send_loop_direct, Received, UdpOut, RECV_BUF_LEN};
+use crate::rt::udp::{pktinfo_space, recv_nonblocking, send_loop_direct, Received, UdpOut, RECV_BUF_LEN};
 use crate::rt::Error;
 
 /// Requested socket buffer sizes (both directions).
@@ -128,9 +128,10 @@ impl Drop for UdpEndpoint {
 async fn recv_loop(shared: Rc<Shared>) {
     let fd = shared.sock.as_raw_fd();
     let mut buf = vec![0u8; RECV_BUF_LEN];
+    let mut cmsg = pktinfo_space();
     while !shared.stopped.get() {
         for _ in 0..RECV_BATCH {
-            match recv_nonblocking(fd, &mut buf) {
+            match recv_nonblocking(fd, &mut buf, Some(&mut cmsg)) {
                 Ok(Some(Received { len: n, from, to: Some(IpAddr::V4(dst)) })) => {
                     let route = shared.routes.borrow().get(&dst).cloned();
                     match route {

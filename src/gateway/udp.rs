@@ -168,7 +168,7 @@ async fn recv_loop(shard: Rc<Shard>, udp: Rc<UdpShard>, handler: Arc<Handler>) {
     let mut buf = vec![0u8; RECV_BUF_LEN];
     loop {
         for _ in 0..RECV_BATCH {
-            match recv_nonblocking(fd, &mut buf) {
+            match recv_nonblocking(fd, &mut buf, None) {
                 Ok(Some(d)) => {
                     ShardStats::inc(&shard.stats().datagrams_in);
                     on_datagram(&shard, &udp, &mut buf[..d.len], d.from, &handler);

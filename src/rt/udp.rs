@@ -155,12 +155,22 @@ pub(crate) struct Received {
     pub to: Option<IpAddr>,
 }
 
-/// Read one datagram without blocking (`Err(EAGAIN)`: none waiting). `Ok(None)`: one was
-/// consumed but is unusable (truncated: larger than any valid datagram; no sender address).
-pub(crate) fn recv_nonblocking(fd: RawFd, buf: &mut [u8]) -> Result<Option<Received>, Errno> {
-    let mut cmsg = nix::cmsg_space!(libc::in_pktinfo);
+/// Space for the control message [`recv_nonblocking`] reads on `IP_PKTINFO` sockets
+/// (allocated once per socket, not per datagram).
+pub(crate) fn pktinfo_space() -> Vec<u8> {
+    nix::cmsg_space!(libc::in_pktinfo)
+}
+
+/// Read one datagram without blocking (`Err(EAGAIN)`: none waiting), with its destination
+/// address when `cmsg` (see [`pktinfo_space`]) is given. `Ok(None)`: one was consumed but is
+/// unusable (truncated: larger than any valid datagram; no sender address).
+pub(crate) fn recv_nonblocking(
+    fd: RawFd,
+    buf: &mut [u8],
+    cmsg: Option<&mut [u8]>,
+) -> Result<Option<Received>, Errno> {
     let mut iov = [IoSliceMut::new(buf)];
-    let msg = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_DONTWAIT)?;
+    let msg = recvmsg::<SockaddrStorage>(fd, &mut iov, cmsg, MsgFlags::MSG_DONTWAIT)?;
     if msg.flags.contains(MsgFlags::MSG_TRUNC) {
         return Ok(None);
     }
