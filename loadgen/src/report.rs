@@ -116,6 +116,10 @@ pub struct Counters {
     pub messages_sent: u64,
     pub messages_received: u64,
     pub messages_lost: u64,
+    /// How long the handshakes took place over, in ms: the ramp, plus the steady phase in
+    /// handshake mode (threads run side by side: merged by maximum). 0: unknown, use the
+    /// steady phase's duration.
+    pub handshake_ms: u64,
     /// error kind -> count
     pub errors: BTreeMap<String, u64>,
 }
@@ -131,6 +135,7 @@ impl Counters {
         self.messages_sent = self.messages_sent.saturating_add(other.messages_sent);
         self.messages_received = self.messages_received.saturating_add(other.messages_received);
         self.messages_lost = self.messages_lost.saturating_add(other.messages_lost);
+        self.handshake_ms = self.handshake_ms.max(other.handshake_ms);
         for (k, v) in &other.errors {
             let e = self.errors.entry(k.clone()).or_insert(0);
             *e = e.saturating_add(*v);
@@ -233,6 +238,14 @@ impl LatencyStats {
     }
 }
 
+/// Handshakes per second over the time they took place in (see [`Counters::handshake_ms`]).
+pub fn handshakes_per_sec(c: &Counters, duration_s: f64) -> f64 {
+    match c.handshake_ms {
+        0 => per_sec(c.handshakes_ok, duration_s),
+        ms => per_sec(c.handshakes_ok, ms as f64 / 1000.0),
+    }
+}
+
 /// `count / duration_s`, or 0 when the duration is not a positive finite number.
 pub fn per_sec(count: u64, duration_s: f64) -> f64 {
     if duration_s.is_finite() && duration_s > 0.0 {
@@ -311,7 +324,7 @@ impl Report {
             "handshakes": {
                 "ok": c.handshakes_ok,
                 "failed": c.handshakes_failed,
-                "per_sec": per_sec(c.handshakes_ok, d),
+                "per_sec": handshakes_per_sec(c, d),
                 "latency_us": hs.to_json(),
             },
             "messages": {
@@ -357,7 +370,7 @@ impl Report {
             "failed",
             c.handshakes_failed,
             "per sec",
-            per_sec(c.handshakes_ok, d)
+            handshakes_per_sec(c, d)
         );
         let _ = writeln!(
             s,
@@ -774,6 +787,7 @@ mod tests {
             messages_sent: 10_000,
             messages_received: 9_990,
             messages_lost: 10,
+            handshake_ms: 0,
             errors: BTreeMap::from([("timeout".to_owned(), 7), ("connect_refused".to_owned(), 2)]),
         };
         for v in 1..=98u64 {
@@ -1046,6 +1060,7 @@ mod tests {
             messages_sent: u64::MAX,
             messages_received: 7,
             messages_lost: 8,
+            handshake_ms: 4000,
             errors: BTreeMap::new(),
         };
         b.error_n("timeout", 2);
@@ -1059,6 +1074,10 @@ mod tests {
         assert_eq!(a.messages_sent, u64::MAX, "saturating");
         assert_eq!(a.messages_received, 7);
         assert_eq!(a.messages_lost, 8);
+        assert_eq!(a.handshake_ms, 4000, "threads ramp side by side: the longest counts");
+        assert_eq!(handshakes_per_sec(&a, 60.0), 1.0, "over the time they took, not the steady phase");
+        a.handshake_ms = 0;
+        assert!((handshakes_per_sec(&a, 60.0) - 4.0 / 60.0).abs() < 1e-12, "unknown: the steady phase");
         assert_eq!(a.errors["timeout"], 3);
         assert_eq!(a.errors["reset"], 1);
         assert_eq!(a.total_errors(), 4);

@@ -87,6 +87,9 @@ struct Ctx {
     ramp_total: u64,
     ramp_ev: LocalEvent,
     steady: Cell<Option<(Instant, Instant)>>,
+    /// When the thread started its ramp, and how long the ramp took.
+    ramp_start: Instant,
+    ramp_time: Cell<Duration>,
     /// Handshakes in progress on this thread, and its wake-up when one ends.
     inflight: Cell<usize>,
     inflight_ev: LocalEvent,
@@ -224,6 +227,7 @@ impl Ctx {
     fn ramp_finished_one(&self) {
         self.ramp_done.set(self.ramp_done.get() + 1);
         if self.ramp_done.get() == self.ramp_total {
+            self.ramp_time.set(self.ramp_start.elapsed());
             // The steady phase starts after a short settling time: every device wakes up at
             // once here to schedule its first message, and with 50 000 of them that took longer
             // than the first messages' intended times (their latency was the emulator's).
@@ -259,6 +263,8 @@ pub async fn run_thread(spec: Spec, devices: Vec<u64>, progress: Arc<Progress>) 
         ramp_done: Cell::new(0),
         ramp_ev: LocalEvent::default(),
         steady: Cell::new(None),
+        ramp_start: Instant::now(),
+        ramp_time: Cell::new(Duration::ZERO),
         inflight: Cell::new(0),
         inflight_ev: LocalEvent::default(),
         endpoints: RefCell::new(Vec::new()),
@@ -279,11 +285,13 @@ pub async fn run_thread(spec: Spec, devices: Vec<u64>, progress: Arc<Progress>) 
     ctx.sched.stop();
     sched.await;
     let ctx = Rc::try_unwrap(ctx).ok().expect("all device tasks ended");
-    ThreadResult {
-        counters: ctx.counters.into_inner(),
-        handshake: ctx.hs.into_inner(),
-        rtt: ctx.rtt.into_inner(),
-    }
+    let mut counters = ctx.counters.into_inner();
+    let handshaking = match (ctx.spec.echo, ctx.spec.flood) {
+        (false, None) => ctx.ramp_time.get() + ctx.spec.duration,
+        _ => ctx.ramp_time.get(),
+    };
+    counters.handshake_ms = handshaking.as_millis().max(1) as u64;
+    ThreadResult { counters, handshake: ctx.hs.into_inner(), rtt: ctx.rtt.into_inner() }
 }
 
 /// The thread's `pos`-th device, number `idx` of the run.
