@@ -144,9 +144,8 @@ async fn recv_loop(shared: Rc<Shared>) {
                 Err(_) => break, // EAGAIN: drained
             }
         }
-        // Even with more waiting, go back through the driver: the devices just woken run
-        // first, and so do timers, which monoio fires only when the thread parks (a loop that
-        // merely yielded here starved the devices' send schedules under load).
+        // Back through the driver even when more may be waiting: the devices this batch
+        // woke and the sender run before the next batch is read.
         let stop = shared.stop_ev.wait();
         if shared.stopped.get() {
             return;

@@ -137,11 +137,7 @@ async fn handshake(
 impl Client {
     /// Connect and complete the handshake within `cfg.connect_timeout`.
     pub async fn connect(cfg: &ClientConfig) -> Result<Client, Error> {
-        let psk = Psk::new(&cfg.psk)?;
-        let device_id = match cfg.device_id {
-            Some(d) => d,
-            None => wire::random::<DEVICE_ID_LEN>(&SystemRandom::new())?,
-        };
+        let (psk, device_id) = identity(cfg)?;
         if cfg.transport == Transport::Udp {
             let (conn, driver) = udp::connect(cfg, psk, device_id).await?;
             return Ok(Client::started(cfg, conn, driver));
@@ -160,11 +156,7 @@ impl Client {
     /// device's address is `cfg.bind`'s IP (required, IPv4, one device per address and
     /// endpoint) at the endpoint's port. `cfg.transport` is ignored (always UDP).
     pub async fn connect_via(endpoint: &UdpEndpoint, cfg: &ClientConfig) -> Result<Client, Error> {
-        let psk = Psk::new(&cfg.psk)?;
-        let device_id = match cfg.device_id {
-            Some(d) => d,
-            None => wire::random::<DEVICE_ID_LEN>(&SystemRandom::new())?,
-        };
+        let (psk, device_id) = identity(cfg)?;
         let Some(src) = cfg.bind.map(|b| b.ip()) else {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
@@ -246,6 +238,16 @@ impl Drop for Client {
         // Dropping without disconnect still ends the session politely.
         self.conn.close(CloseReason::LocalBye, true);
     }
+}
+
+/// The device's key and id (a random id when the config has none, as the reference client does).
+fn identity(cfg: &ClientConfig) -> Result<(Psk, [u8; DEVICE_ID_LEN]), Error> {
+    let psk = Psk::new(&cfg.psk)?;
+    let device_id = match cfg.device_id {
+        Some(d) => d,
+        None => wire::random::<DEVICE_ID_LEN>(&SystemRandom::new())?,
+    };
+    Ok((psk, device_id))
 }
 
 async fn keepalive(conn: std::rc::Weak<Conn>, every: Duration) {

@@ -185,9 +185,8 @@ async fn recv_loop(shard: Rc<Shard>, udp: Rc<UdpShard>, handler: Arc<Handler>) {
         if shard.is_stopping() && udp.peer_count() == 0 {
             return;
         }
-        // Back through the driver even when more may be waiting: sessions woken by this
-        // batch, the sender and the timers run first (monoio fires timers only when the
-        // thread parks, which a loop that merely yielded would put off under load).
+        // Back through the driver even when more may be waiting: the sessions this batch
+        // woke and the sender run before the next batch is read.
         if shard.is_stopping() {
             // Shutting down: sessions still need their last UTACKs, so keep receiving, but wake
             // up regularly to notice the last one leave.
