@@ -62,7 +62,6 @@ struct Peer {
 /// The UDP state of one shard.
 pub(super) struct UdpShard {
     sock: Rc<UdpSocket>,
-    out: Rc<UdpOut>,
     /// Drives every session's stop-and-wait sender (no task per session).
     port: Rc<UdpPort>,
     /// What every UDP session of the shard is wired to (the port, the inline hook if any).
@@ -80,13 +79,11 @@ impl UdpShard {
         shard: usize,
         handler: &Handler,
     ) -> std::io::Result<Rc<Self>> {
-        let out = UdpOut::new();
-        let port = UdpPort::new(out.clone());
+        let port = UdpPort::new(UdpOut::new());
         Ok(Rc::new(UdpShard {
             sock: Rc::new(UdpSocket::from_std(sock)?),
             links: links(shard, handler, Some(port.clone())),
             port,
-            out,
             peers: RefCell::new(HashMap::new()),
             cookies: RefCell::new(CookieJar::new(&secret)),
             // Per source: `per_ip`/s with a one-second burst; plus a shard-wide ceiling.
@@ -116,7 +113,7 @@ pub(super) fn start(
     let (s2, u2) = (shard.clone(), udp.clone());
     vec![
         monoio::spawn(async move {
-            send_loop_direct(&u2.sock, &u2.out, || ShardStats::inc(&s2.stats().datagrams_dropped)).await
+            send_loop_direct(&u2.sock, u2.port.out(), || ShardStats::inc(&s2.stats().datagrams_dropped)).await
         }),
         monoio::spawn(recv_loop(shard.clone(), udp.clone(), handler)),
         monoio::spawn(udp.port.clone().run_timers()),
@@ -133,7 +130,7 @@ pub(super) fn stop(shard: &Rc<Shard>, udp: &UdpShard) {
     }
     unregister_finished(shard, udp);
     udp.port.stop();
-    udp.out.stop();
+    udp.port.out().stop();
 }
 
 /// Unregister the sessions whose last frame was delivered or abandoned.
@@ -226,7 +223,7 @@ fn dropped_as(shard: &Shard, reason: impl FnOnce(&ShardStats) -> &std::sync::ato
 
 fn send_utack(udp: &UdpShard, ptype: u8, seq: u32, to: SocketAddr) {
     let (b, n) = encode_utack(ptype, seq, None);
-    udp.out.send(&b[..n], to);
+    udp.port.out().send(&b[..n], to);
 }
 
 fn on_datagram(
@@ -252,7 +249,7 @@ fn on_datagram(
         return;
     }
     if let Some(conn) = &peer.conn {
-        match on_session_datagram(conn, &udp.out, d, from) {
+        match on_session_datagram(conn, udp.port.out(), d, from) {
             Inbound::Handled | Inbound::Closed => return,
             Inbound::Dropped(kind) => return dropped_for(shard, kind),
             Inbound::Busy => return dropped_as(shard, |s| &s.dropped_busy),
@@ -293,8 +290,8 @@ fn cookie_path(shard: &Rc<Shard>, udp: &Rc<UdpShard>, d: &[u8], from: SocketAddr
         let n = encode_frame(PacketType::HelloRetry, 0, &c, &mut b).expect("cookie frame fits");
         // HELLO_RETRY travels without ARQ and a device that loses it waits for a frame that
         // never comes (the reference client does): send it twice. Devices discard the copy.
-        udp.out.send(&b[..n], from);
-        udp.out.send(&b[..n], from);
+        udp.port.out().send(&b[..n], from);
+        udp.port.out().send(&b[..n], from);
         ShardStats::inc(&s.cookies_sent);
         return;
     };
@@ -400,7 +397,7 @@ async fn handshake_task(
     }
     arq.on_send(ExpectedAck::new(PacketType::SessionOk as u8, 0, None), now());
     ShardStats::inc(&shard.stats().handshakes_ok);
-    udp.out.send(&ok[..n], from);
+    udp.port.out().send(&ok[..n], from);
     shard.shared.hs_latency[shard.idx].record(now().saturating_sub(started));
     // From here the session runs without a task of its own: datagrams, the application and
     // the port's timers drive it, and the reaper unregisters it (and releases its limit slot).
@@ -420,7 +417,7 @@ async fn handshake_task(
             }
             None => match arq.handle_timeout(now()) {
                 ArqAction::Wait => {}
-                ArqAction::Retransmit(_) => udp.out.send(&ok[..n], from),
+                ArqAction::Retransmit(_) => udp.port.out().send(&ok[..n], from),
                 ArqAction::GiveUp => conn.close(CloseReason::PeerGone, false),
             },
         }
@@ -462,7 +459,7 @@ async fn until_hello_ack(
     let n = expect.encode_challenge(&mut challenge).map_err(|e| fail(e.into()))?;
     let mut arq = Arq::default();
     arq.on_send(ExpectedAck::new(PacketType::Challenge as u8, 0, None), now());
-    udp.out.send(&challenge[..n], from);
+    udp.port.out().send(&challenge[..n], from);
     loop {
         let got = next(hs, arq.poll_timeout().or(Some(now() + Duration::from_secs(3600)))).await;
         if hs.evicted.get() {
@@ -472,7 +469,7 @@ async fn until_hello_ack(
             match arq.handle_timeout(now()) {
                 ArqAction::Wait => continue,
                 ArqAction::Retransmit(_) => {
-                    udp.out.send(&challenge[..n], from);
+                    udp.port.out().send(&challenge[..n], from);
                     continue;
                 }
                 ArqAction::GiveUp => return Err(fail(Error::timeout("device stopped answering"))),

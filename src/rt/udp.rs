@@ -95,7 +95,7 @@ impl UdpOut {
     }
 
     /// The next datagram to send, if any.
-    pub(crate) fn pop(&self) -> Option<Outgoing> {
+    fn pop(&self) -> Option<Outgoing> {
         self.queue.borrow_mut().pop_front()
     }
 
@@ -138,8 +138,8 @@ impl UdpOut {
     }
 }
 
-/// Drain `out` into `sock` until [`UdpOut::stop`]. Several of these may drain one queue
-/// (io_uring); each datagram is sent once, by whichever loop takes it.
+/// Drain `out` into `sock` with one io_uring send at a time until [`UdpOut::stop`] (a
+/// client's own socket, one device's traffic; shared sockets use [`send_loop_direct`]).
 pub async fn send_loop(sock: Rc<UdpSocket>, out: Rc<UdpOut>) {
     while let Some((buf, to, _)) = out.next().await {
         let (_, buf) = sock.send_to(buf, to).await;
