@@ -617,7 +617,7 @@ impl Conn {
         if out.len() < HEADER_LEN {
             return None;
         }
-        let n = (HEADER_LEN + u16::from_le_bytes([out[8], out[9]]) as usize).min(out.len());
+        let n = head_len(&out);
         let acks = self.acks.take();
         let expect = acks.front().copied();
         self.acks.set(acks);
@@ -628,7 +628,7 @@ impl Conn {
     pub(crate) fn pop_head(&self) {
         let mut out = self.out.borrow_mut();
         if out.len() >= HEADER_LEN {
-            let n = (HEADER_LEN + u16::from_le_bytes([out[8], out[9]]) as usize).min(out.len());
+            let n = head_len(&out);
             out.drain(..n);
             let mut acks = self.acks.take();
             acks.pop_front();
@@ -662,6 +662,12 @@ impl Conn {
         self.set_done();
         true
     }
+}
+
+/// The length of the first frame in `out` (its header's length field; at least a header's
+/// worth must be queued).
+fn head_len(out: &[u8]) -> usize {
+    (HEADER_LEN + u16::from_le_bytes([out[8], out[9]]) as usize).min(out.len())
 }
 
 /// Read storage lent to this thread's TCP connections: a connection holds a buffer only
