@@ -117,6 +117,12 @@ fn splitmix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
+/// A fraction in [0, 1) derived from `x`: a device's fixed share of a window (phase,
+/// backoff, BYE time), the same in every run.
+fn unit(x: u64) -> f64 {
+    (splitmix(x) % 10_000) as f64 / 10_000.0
+}
+
 /// The message device `idx` sends as its `k`-th: identifies itself, then a pattern.
 pub fn payload(idx: u64, k: u64, len: usize) -> Vec<u8> {
     let mut v: Vec<u8> = (0..len).map(|i| (splitmix(idx ^ (k << 20)) as usize + i) as u8).collect();
@@ -357,8 +363,7 @@ async fn reconnect(ctx: &Ctx, idx: u64, pos: usize, until: Instant) -> Option<Cl
     let mut attempt = 0u32;
     loop {
         let cap = Duration::from_millis(500).saturating_mul(1 << attempt.min(8)).min(Duration::from_secs(5));
-        let r = splitmix(idx.wrapping_mul(31).wrapping_add(attempt as u64)) % 10_000;
-        let delay = cap.mul_f64(r as f64 / 10_000.0);
+        let delay = cap.mul_f64(unit(idx.wrapping_mul(31).wrapping_add(attempt as u64)));
         if Instant::now() + delay >= until {
             return None;
         }
@@ -376,7 +381,7 @@ async fn reconnect(ctx: &Ctx, idx: u64, pos: usize, until: Instant) -> Option<Cl
 async fn echo(ctx: &Rc<Ctx>, idx: u64, pos: usize, mut client: Option<Client>, start: Instant, end: Instant) {
     let rate = ctx.spec.rate;
     let interval = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
-    let phase = interval.map_or(Duration::ZERO, |i| i.mul_f64((splitmix(idx) % 10_000) as f64 / 10_000.0));
+    let phase = interval.map_or(Duration::ZERO, |i| i.mul_f64(unit(idx)));
     let mut k = 0u64;
     while let Some(c) = client.take() {
         let c = Rc::new(c);
@@ -445,7 +450,7 @@ async fn echo(ctx: &Rc<Ctx>, idx: u64, pos: usize, mut client: Option<Client>, s
         if !lost_session {
             // Spread the BYEs: all at once, tens of thousands of them overflowed socket
             // buffers (and retransmitted) while other threads' devices were still measuring.
-            let at = end + BYE_SPREAD.mul_f64((splitmix(idx ^ 0xb7e) % 10_000) as f64 / 10_000.0);
+            let at = end + BYE_SPREAD.mul_f64(unit(idx ^ 0xb7e));
             ctx.sched.sleep_until(at).await;
         }
         c.bye().await;
@@ -490,7 +495,7 @@ async fn receive(
 /// from its intended start, each followed by BYE.
 async fn handshakes(ctx: &Ctx, idx: u64, pos: usize, start: Instant, end: Instant) {
     let interval = (ctx.spec.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / ctx.spec.rate));
-    let phase = interval.map_or(Duration::ZERO, |i| i.mul_f64((splitmix(idx) % 10_000) as f64 / 10_000.0));
+    let phase = interval.map_or(Duration::ZERO, |i| i.mul_f64(unit(idx)));
     let mut k = 0u64;
     loop {
         let intended = match interval {
