@@ -21,6 +21,7 @@
 //! gw.wait();
 //! ```
 
+pub mod app;
 mod directory;
 mod session;
 mod shard;
@@ -300,6 +301,13 @@ impl GatewayBuilder {
         self.start(Handler::Inline(Arc::new(on_message)))
     }
 
+    /// Like [`GatewayBuilder::serve_messages`], for an application that also needs session
+    /// up/down, acknowledgements held until a message is stored, delivery progress and a task
+    /// on every shard (see [`app`]).
+    pub fn serve_app(self, app: impl app::App) -> Result<Gateway, Error> {
+        self.start(Handler::App(Arc::new(app)))
+    }
+
     fn start(self, handler: Handler) -> Result<Gateway, Error> {
         self.validate().map_err(|e| Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
         let cfg = self.cfg;
@@ -342,6 +350,8 @@ pub(crate) enum Handler {
     Task(Box<dyn Fn(Session) -> BoxedSessionFuture + Send + Sync>),
     /// Each message inline, on the shard that received it.
     Inline(MessageFn),
+    /// An application with a half on every shard.
+    App(Arc<dyn app::App>),
 }
 
 /// Commands a shard receives in its inbox.

@@ -84,4 +84,34 @@ impl Session {
     pub fn close_reason(&self) -> Option<CloseReason> {
         self.conn.close_reason()
     }
+    /// Close with `reason`, saying BYE (from an application on the shard: a takeover, a
+    /// revoked key).
+    pub fn close_with(&self, reason: CloseReason) {
+        self.conn.close(reason, true);
+    }
+    /// Send an acknowledgement an [`Ack::Held`](crate::gateway::app::Ack) kept back (UDP; the
+    /// bytes [`ShardApp::on_ack_held`](crate::gateway::app::ShardApp::on_ack_held) received),
+    /// and let input that waited for it go on.
+    pub fn release_ack(&self, utack: &[u8]) {
+        self.conn.send_held_ack(utack);
+        self.conn.resume_input();
+    }
+    /// Input blocked by the application may go on (TCP resumes reading).
+    pub fn resume_input(&self) {
+        self.conn.resume_input();
+    }
+    /// Bytes of output queued since the session began: a message sent when this became `n`
+    /// is delivered once [`Session::bytes_gone`] reaches `n`.
+    pub fn bytes_queued(&self) -> u64 {
+        self.conn.bytes_queued()
+    }
+    /// Bytes of output delivered since the session began: TCP, written to the socket; UDP,
+    /// acknowledged by the device.
+    pub fn bytes_gone(&self) -> u64 {
+        self.conn.bytes_gone()
+    }
+    /// The same session (the same connection), not just the same device.
+    pub fn same_as(&self, other: &Session) -> bool {
+        Rc::ptr_eq(&self.conn, &other.conn)
+    }
 }

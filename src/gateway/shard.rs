@@ -15,6 +15,7 @@ use ring::rand::SystemRandom;
 use slab::Slab;
 use socket2::{Domain, Protocol, Socket, Type};
 
+use super::app::ShardApp;
 use super::directory::SessionInfo;
 use super::session::Session;
 use super::stats::ShardStats;
@@ -128,6 +129,10 @@ pub(super) struct Live {
 }
 
 impl Live {
+    pub(super) fn conn(&self) -> &Rc<Conn> {
+        &self.conn
+    }
+
     fn info(&self, shard: usize) -> SessionInfo {
         SessionInfo {
             device_id: self.conn.device_id(),
@@ -158,6 +163,8 @@ pub(super) struct Shard {
     crypto_budget: Cell<Duration>,
     /// What every TCP connection of this shard is wired to (the inline hook, if any).
     tcp_links: Rc<Links>,
+    /// This shard's half of an application ([`super::GatewayBuilder::serve_app`]).
+    pub(super) app: Option<Rc<dyn ShardApp>>,
 }
 
 /// Identifies a registered handshake: slab key plus a unique id.
@@ -301,6 +308,10 @@ pub(super) fn run(
             );
         }
     }
+    let app = match &*handler {
+        Handler::App(a) => Some(a.on_shard(idx)),
+        _ => None,
+    };
     let shard = Rc::new(Shard {
         idx,
         lockout: RefCell::new(LockoutTable::new(shared.cfg.lockout)),
@@ -313,7 +324,8 @@ pub(super) fn run(
         refusal_log: Cell::new((Duration::ZERO, 0, 0)),
         pending: RefCell::new(Slab::new()),
         crypto_budget: Cell::new(Duration::ZERO),
-        tcp_links: links(idx, &handler, None),
+        tcp_links: links(idx, &handler, app.as_ref(), None),
+        app,
     });
     let preferred = shard.shared.cfg.io_driver;
     let (_, driver) = crate::rt::run_with(preferred, shard_main(shard, sockets, inbox, handler));
@@ -337,6 +349,9 @@ async fn shard_main(
         monoio::spawn(sweeper(shard.clone())),
         monoio::spawn(evictor(shard.clone())),
     ];
+    if let Some(app) = &shard.app {
+        background.push(monoio::spawn(app.clone().run(super::app::ShardContext { shard: shard.clone() })));
+    }
     let udp = match sockets.udp.map(|u| wire::random::<32>(&shard.rng).map(|secret| (u, secret))) {
         Some(Ok((u, secret))) => {
             match super::udp::UdpShard::new(
@@ -345,6 +360,7 @@ async fn shard_main(
                 shard.shared.cfg.cookie_rate_per_ip,
                 shard.idx,
                 &handler,
+                shard.app.as_ref(),
             ) {
                 Ok(udp) => {
                     background.extend(super::udp::start(&shard, &udp, handler.clone()));
@@ -818,6 +834,9 @@ pub(super) fn open_session(shard: &Rc<Shard>, conn: &Rc<Conn>, handler: &Handler
     shard.by_device.borrow_mut().insert(device_id, key);
     ShardStats::inc(open_gauge(shard, transport));
     tracing::info!(device = %format_device_id(&device_id), session = %to_hex(&session_id), %peer, ?transport, shard = shard.idx, "session up");
+    if let Some(app) = &shard.app {
+        app.on_open(&Session { conn: conn.clone(), shard: shard.idx, transport });
+    }
     if let Handler::Task(make) = handler {
         let fut = make(Session { conn: conn.clone(), shard: shard.idx, transport });
         let c2 = conn.clone();
@@ -869,6 +888,9 @@ pub(super) fn close_session(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     drop(by);
     shard.shared.directory.remove(&device_id, conn_id);
     shard.shared.release(peer.ip());
+    if let Some(app) = &shard.app {
+        app.on_close(&Session { conn: conn.clone(), shard: shard.idx, transport: conn.transport() }, reason);
+    }
     // Move this session's traffic from the live gauges to the totals at once (the next sweep
     // recounts the live ones: a rescan here made closing every session O(sessions)).
     ShardStats::take_off(&s.live_frames_in, st.frames_in);
@@ -885,23 +907,28 @@ pub(super) struct InlineHook {
 }
 
 impl crate::rt::conn::MessageHook for InlineHook {
-    fn on_message(&self, conn: &Rc<Conn>, msg: &[u8]) {
+    fn on_message(&self, conn: &Rc<Conn>, msg: &[u8]) -> crate::rt::conn::Ack {
         let s = Session { conn: conn.clone(), shard: self.shard, transport: conn.transport() };
         let f = &self.on_message;
         if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&s, msg))).is_err() {
             tracing::error!(device = %format_device_id(&conn.device_id()), "message handler panicked");
             conn.close(CloseReason::HandlerDone, true);
         }
+        crate::rt::conn::Ack::Now
     }
 }
 
 /// The links every connection of a shard and transport shares (inline hook, UDP port).
-pub(super) fn links(shard: usize, handler: &Handler, port: Option<Rc<crate::rt::udp::UdpPort>>) -> Rc<Links> {
-    let hook =
-        match handler {
-            Handler::Inline(f) => Some(Box::new(InlineHook { on_message: f.clone(), shard })
-                as Box<dyn crate::rt::conn::MessageHook>),
-            Handler::Task(_) => None,
-        };
+pub(super) fn links(
+    shard: usize,
+    handler: &Handler,
+    app: Option<&Rc<dyn ShardApp>>,
+    port: Option<Rc<crate::rt::udp::UdpPort>>,
+) -> Rc<Links> {
+    let hook: Option<Box<dyn crate::rt::conn::MessageHook>> = match (handler, app) {
+        (_, Some(app)) => Some(Box::new(super::app::AppHook { app: app.clone(), shard })),
+        (Handler::Inline(f), _) => Some(Box::new(InlineHook { on_message: f.clone(), shard })),
+        _ => None,
+    };
     Rc::new(Links { hook, port })
 }

@@ -78,11 +78,12 @@ impl UdpShard {
         per_ip: f64,
         shard: usize,
         handler: &Handler,
+        app: Option<&Rc<dyn super::app::ShardApp>>,
     ) -> std::io::Result<Rc<Self>> {
         let port = UdpPort::new(UdpOut::new());
         Ok(Rc::new(UdpShard {
             sock: Rc::new(UdpSocket::from_std(sock)?),
-            links: links(shard, handler, Some(port.clone())),
+            links: links(shard, handler, app, Some(port.clone())),
             port,
             peers: RefCell::new(HashMap::new()),
             cookies: RefCell::new(CookieJar::new(&secret)),

@@ -70,6 +70,8 @@ pub enum CloseReason {
     PeerGone,
     /// UDP: a new handshake from the same address replaced this session.
     Replaced,
+    /// The device connected elsewhere (another gateway of the fleet).
+    Takeover,
 }
 
 impl CloseReason {
@@ -88,6 +90,7 @@ impl CloseReason {
             CloseReason::Revoked => "revoked",
             CloseReason::PeerGone => "peer_gone",
             CloseReason::Replaced => "replaced",
+            CloseReason::Takeover => "takeover",
         }
     }
 }
@@ -112,8 +115,30 @@ pub struct ConnStats {
 /// Receives each message of a connection inline, on the thread that read it, instead of the
 /// connection queueing it for a task calling [`Conn::recv`]: no task, no queue, no copy.
 pub trait MessageHook {
-    /// One complete message (replies go out with [`Conn::try_send`]).
-    fn on_message(&self, conn: &Rc<Conn>, msg: &[u8]);
+    /// One complete message (replies go out with [`Conn::try_send`]). [`Ack::Held`] keeps the
+    /// device's acknowledgement of it (UDP: the UTACK of the frame that completed it) until
+    /// the application releases it, e.g. once the message is stored downstream.
+    fn on_message(&self, conn: &Rc<Conn>, msg: &[u8]) -> Ack;
+    /// UDP: the acknowledgement [`Ack::Held`] kept back, to send with
+    /// [`Conn::send_held_ack`] once released.
+    fn on_ack_held(&self, _conn: &Rc<Conn>, _utack: &[u8]) {}
+    /// Input should wait for the application (held acknowledgements piling up): TCP stops
+    /// reading, UDP leaves new messages unacknowledged for the device to retransmit.
+    fn input_blocked(&self, _conn: &Conn) -> bool {
+        false
+    }
+    /// Queued output left the queue: TCP wrote it to the socket, UDP's device acknowledged
+    /// it. [`Conn::bytes_gone`] says how far.
+    fn on_output_progress(&self, _conn: &Rc<Conn>) {}
+}
+
+/// What a [`MessageHook`] does with the device's acknowledgement of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    /// Acknowledge as usual.
+    Now,
+    /// Keep it back until the application releases it.
+    Held,
 }
 
 /// What one connection is wired to beyond its socket, shared by every connection of a shard
@@ -208,6 +233,8 @@ pub struct Conn {
 pub enum FrameOutcome {
     /// Authenticated and processed (acknowledge it on UDP).
     Accepted,
+    /// Authenticated and delivered to a hook that holds its acknowledgement.
+    AcceptedHeld,
     /// Authenticated, and it ended the session (BYE): acknowledge, then stop.
     AcceptedAndClosed,
     /// Dropped without harm to the session (UDP), with the reason.
@@ -251,13 +278,13 @@ impl Conn {
         self.links.as_ref()?.port.as_ref()
     }
 
-    fn hook(&self) -> Option<&dyn MessageHook> {
+    pub(crate) fn links_hook(&self) -> Option<&dyn MessageHook> {
         self.links.as_ref()?.hook.as_deref()
     }
 
     /// Messages are delivered inline to a hook (not queued for `recv`).
     pub fn delivers_inline(&self) -> bool {
-        self.hook().is_some()
+        self.links_hook().is_some()
     }
 
     /// The peer's address.
@@ -452,8 +479,8 @@ impl Conn {
     /// Input should wait: the application is not reading, or (inline delivery) its replies
     /// are not leaving.
     pub(crate) fn input_blocked(&self) -> bool {
-        if self.delivers_inline() {
-            self.out.borrow().len() >= OUT_HIGH_WATER
+        if let Some(hook) = self.links_hook() {
+            self.out.borrow().len() >= OUT_HIGH_WATER || hook.input_blocked(self)
         } else {
             self.inbox_len() >= INBOX_CAP
         }
@@ -562,8 +589,10 @@ impl Conn {
                             Some(c) => &c[..n],
                             None => &frame[at - frame_at..at - frame_at + n],
                         };
-                        if let (Some(hook), Some(me)) = (self.hook(), self.me.upgrade()) {
-                            hook.on_message(&me, msg);
+                        if let (Some(hook), Some(me)) = (self.links_hook(), self.me.upgrade()) {
+                            if hook.on_message(&me, msg) == Ack::Held {
+                                return FrameOutcome::AcceptedHeld;
+                            }
                         }
                         return FrameOutcome::Accepted;
                     }
@@ -635,6 +664,39 @@ impl Conn {
             self.acks.set(acks);
         }
         drop(out);
+        self.ev.notify();
+        self.output_progressed();
+    }
+
+    /// Tell the hook that output left the queue.
+    fn output_progressed(&self) {
+        if let (Some(hook), Some(me)) = (self.links_hook(), self.me.upgrade()) {
+            hook.on_output_progress(&me);
+        }
+    }
+
+    /// Bytes of output that have left the queue since the session began (TCP: written to the
+    /// socket; UDP: acknowledged by the device). A message queued when [`Conn::bytes_queued`]
+    /// became `n` is delivered once this reaches `n`.
+    pub fn bytes_gone(&self) -> u64 {
+        self.stats.get().bytes_out - self.out.borrow().len() as u64
+    }
+
+    /// Bytes of output queued since the session began.
+    pub fn bytes_queued(&self) -> u64 {
+        self.stats.get().bytes_out
+    }
+
+    /// UDP: send an acknowledgement a hook held back ([`Ack::Held`]) now.
+    pub fn send_held_ack(&self, utack: &[u8]) {
+        if let Some(port) = self.port() {
+            port.out().send(utack, self.peer);
+        }
+    }
+
+    /// The application's reason to block input went away: resume reading (TCP) or taking
+    /// messages (UDP, at the device's next retransmission).
+    pub fn resume_input(&self) {
         self.ev.notify();
     }
 
@@ -743,6 +805,7 @@ pub fn drive_then<F: FnOnce(&Rc<Conn>)>(
         // Frames that arrived together with the last handshake frame.
         let mut reading = drain_frames(&conn, &mut deframer);
         return_read_buf(&mut deframer);
+        let mut stalled = conn.input_blocked() && deframer.buffered() > 0;
         let mut write_blocked = false;
         loop {
             if !write_blocked {
@@ -763,6 +826,14 @@ pub fn drive_then<F: FnOnce(&Rc<Conn>)>(
             // Backpressure: an application that does not read, or an inline hook whose replies
             // do not leave, pauses reading (PINGs wait too, which is what TCP would do anyway).
             let read_now = reading && !conn.input_blocked();
+            if read_now && stalled {
+                // Frames left buffered while input was blocked: take them before waiting for
+                // more bytes, which may never come.
+                reading = drain_frames(&conn, &mut deframer);
+                return_read_buf(&mut deframer);
+                stalled = conn.input_blocked() && deframer.buffered() > 0;
+                continue;
+            }
             if read_now && readable.is_none() {
                 readable.set(Some(stream.readable(false)));
             }
@@ -799,6 +870,7 @@ pub fn drive_then<F: FnOnce(&Rc<Conn>)>(
                 Woke::Readable(r) => {
                     readable.set(None);
                     reading = r.is_ok() && read_ready(&conn, &sock, &mut deframer);
+                    stalled = conn.input_blocked() && deframer.buffered() > 0;
                     if r.is_err() && conn.closing.get().is_none() {
                         conn.close(CloseReason::Io, false);
                     }
@@ -891,15 +963,21 @@ fn flush(conn: &Conn, sock: &socket2::Socket) -> std::io::Result<bool> {
         }
         drop(out);
         conn.ev.notify(); // room for senders and a paused reader
+        conn.output_progressed();
     }
     result
 }
 
 fn drain_frames(conn: &Conn, deframer: &mut Deframer) -> bool {
     loop {
+        // An application holding acknowledgements bounds what it has taken in per frame, not
+        // per read: the frames left buffered wait for `resume_input`.
+        if conn.input_blocked() && deframer.buffered() > 0 {
+            return true;
+        }
         match deframer.next_frame() {
             Ok(Some(frame)) => match conn.on_frame(frame) {
-                FrameOutcome::Accepted | FrameOutcome::Rejected(_) => {}
+                FrameOutcome::Accepted | FrameOutcome::AcceptedHeld | FrameOutcome::Rejected(_) => {}
                 FrameOutcome::AcceptedAndClosed | FrameOutcome::Closed => return false,
             },
             Ok(None) => return true,

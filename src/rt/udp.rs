@@ -507,6 +507,16 @@ pub fn on_session_datagram(conn: &Conn, out: &UdpOut, d: &mut [u8], peer: Socket
             ack(out);
             Inbound::Handled
         }
+        FrameOutcome::AcceptedHeld => {
+            // The application holds this message's UTACK (until it is stored downstream):
+            // hand it the bytes. Retransmissions meanwhile meet a blocked input and go
+            // unanswered, so the device hears of the message only once it is safe.
+            let (b, n) = encode_utack(ptype as u8, seq, Some(&key));
+            if let (Some(hook), Some(me)) = (conn.links_hook(), conn.weak().upgrade()) {
+                hook.on_ack_held(&me, &b[..n]);
+            }
+            Inbound::Handled
+        }
         FrameOutcome::AcceptedAndClosed => {
             ack(out);
             Inbound::Closed
