@@ -6,6 +6,7 @@
 pub mod client;
 pub mod fuzzing;
 pub mod gateway;
+pub mod nats;
 pub mod ops;
 pub mod proto;
 pub mod psk;

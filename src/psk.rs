@@ -58,7 +58,7 @@ pub fn parse_device_id(s: &str) -> Option<DeviceIdBytes> {
 
 /// Parse an even-length hex string.
 pub fn parse_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || !s.is_ascii() {
+    if !s.len().is_multiple_of(2) || !s.is_ascii() {
         return None;
     }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()

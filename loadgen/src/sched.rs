@@ -58,7 +58,7 @@ impl Schedule {
         let seq = self.seq.get();
         self.seq.set(seq + 1);
         let mut heap = self.heap.borrow_mut();
-        let earliest = heap.peek().map_or(true, |Reverse(top)| at < top.at);
+        let earliest = heap.peek().is_none_or(|Reverse(top)| at < top.at);
         heap.push(Reverse(Entry { at, seq, waker }));
         drop(heap);
         if earliest {

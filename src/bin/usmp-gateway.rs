@@ -10,9 +10,10 @@ use clap::Parser;
 use std::path::PathBuf;
 
 use usmp::gateway::{Gateway, Session, Transports};
+use usmp::nats::{NatsBridge, NatsConfig};
 use usmp::ops::settings::{LogFormat, ReplyMode, Resolved, Settings, TransportName};
 use usmp::ops::{self, OpsOptions};
-use usmp::psk::ConfigError;
+use usmp::psk::{ConfigError, PskSource};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -80,6 +81,45 @@ struct Args {
     /// Handshakes (X25519) started per second per shard, 0 = unlimited [default: 20000].
     #[arg(long, value_name = "N")]
     handshake_rate: Option<f64>,
+    /// NATS servers for `--mode nats` [default: nats://127.0.0.1:4222].
+    #[arg(long, value_name = "URL[,URL…]")]
+    nats: Option<String>,
+    /// NATS credentials file (JWT + NKey seed).
+    #[arg(long, value_name = "PATH")]
+    nats_creds: Option<PathBuf>,
+    /// NATS user (with --nats-password).
+    #[arg(long, value_name = "USER")]
+    nats_user: Option<String>,
+    /// NATS password (with --nats-user).
+    #[arg(long, value_name = "PASSWORD")]
+    nats_password: Option<String>,
+    /// CA certificate (PEM) for TLS to NATS.
+    #[arg(long, value_name = "PATH")]
+    nats_tls_ca: Option<PathBuf>,
+    /// First token of every NATS subject [default: usmp].
+    #[arg(long, value_name = "P")]
+    nats_prefix: Option<String>,
+    /// This gateway's name in NATS headers, events and presence [default: host name].
+    #[arg(long, value_name = "NAME")]
+    gateway_id: Option<String>,
+    /// Seconds a downlink for an offline device stays queued, 0 = no queue [default: 3600].
+    #[arg(long, value_name = "SECS")]
+    downlink_ttl: Option<u64>,
+    /// Queued downlinks per device [default: 50].
+    #[arg(long, value_name = "N")]
+    downlink_queue: Option<u32>,
+    /// Device keys from this NATS KV bucket (watched) instead of --psk/--psk-file.
+    #[arg(long, value_name = "BUCKET", group = "key")]
+    psk_kv: Option<String>,
+    /// TCP: a session's uplinks not yet stored before its reading pauses [default: 16].
+    #[arg(long, value_name = "N")]
+    nats_max_unacked: Option<u32>,
+    /// Replicas of the gateway's streams and buckets [default: 1].
+    #[arg(long, value_name = "N")]
+    nats_replicas: Option<usize>,
+    /// Threads of the NATS bridge [default: 1].
+    #[arg(long, value_name = "N")]
+    nats_threads: Option<usize>,
 }
 
 impl Args {
@@ -103,6 +143,19 @@ impl Args {
             log_format: self.log_format,
             cookie_rate_per_ip: self.cookie_rate_per_ip,
             handshake_rate: self.handshake_rate,
+            nats: self.nats.clone(),
+            nats_creds: self.nats_creds.clone(),
+            nats_user: self.nats_user.clone(),
+            nats_password: self.nats_password.clone(),
+            nats_tls_ca: self.nats_tls_ca.clone(),
+            nats_prefix: self.nats_prefix.clone(),
+            gateway_id: self.gateway_id.clone(),
+            downlink_ttl: self.downlink_ttl,
+            downlink_queue: self.downlink_queue,
+            psk_kv: self.psk_kv.clone(),
+            nats_max_unacked: self.nats_max_unacked,
+            nats_replicas: self.nats_replicas,
+            nats_threads: self.nats_threads,
         }
     }
 
@@ -155,11 +208,30 @@ fn on_message(session: &Session, msg: &[u8], mode: ReplyMode) {
             println!("{line}");
             Ok(())
         }
+        // Served by the NATS bridge, never by this hook.
+        ReplyMode::Nats => Ok(()),
     };
     // Only a device that stopped taking replies for far too long gets here.
     if sent.is_err() {
         session.close();
     }
+}
+
+/// Start the NATS bridge and, with `--psk-kv`, load the fleet keys before devices arrive
+/// (bounded: with NATS away the gateway starts and takes the keys when they come).
+fn start_bridge(cfg: &NatsConfig, r: &Resolved) -> Result<NatsBridge, ConfigError> {
+    let bridge = NatsBridge::start(cfg.clone(), r.config.shards)?;
+    if let Some(bucket) = &cfg.psk_kv {
+        let Some(PskSource::Registry { current, .. }) = &r.config.psk else {
+            return Err(ConfigError::new("--psk-kv", "keys are not a registry"));
+        };
+        bridge.watch_keys(bucket, current.clone());
+        if !bridge.wait_keys(std::time::Duration::from_secs(5)) {
+            tracing::warn!(bucket = %bucket, "nats: key bucket not loaded yet; devices are refused until it is");
+        }
+    }
+    tracing::info!(nats = %cfg.urls.join(","), gateway_id = %cfg.gateway_id, prefix = %cfg.prefix, "NATS bridge started");
+    Ok(bridge)
 }
 
 fn init_logs(format: LogFormat) {
@@ -192,10 +264,22 @@ fn main() -> ExitCode {
         Transports::Udp => "udp",
         Transports::Both => "tcp+udp",
     };
-    let gw = match Gateway::builder()
-        .config(r.config.clone())
-        .serve_messages(move |s, m| on_message(s, m, mode))
-    {
+    let bridge = match &r.nats {
+        Some(cfg) => match start_bridge(cfg, &r) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                eprintln!("usmp-gateway: error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
+    let builder = Gateway::builder().config(r.config.clone());
+    let started = match &bridge {
+        Some(b) => builder.serve_app(b.app()),
+        None => builder.serve_messages(move |s, m| on_message(s, m, mode)),
+    };
+    let gw = match started {
         Ok(g) => g,
         Err(e) => {
             eprintln!("usmp-gateway: error: cannot start on {listen}: {e}");
@@ -203,6 +287,9 @@ fn main() -> ExitCode {
         }
     };
     let handle = gw.handle();
+    if let Some(b) = &bridge {
+        b.attach(handle.clone());
+    }
     let _ops = match r.metrics {
         None => None,
         Some(addr) => {
@@ -254,6 +341,10 @@ fn main() -> ExitCode {
         }
     });
     gw.wait();
+    if let Some(b) = &bridge {
+        // Uplinks already read are stored before the process ends.
+        b.shutdown(std::time::Duration::from_secs(5));
+    }
     tracing::info!("usmp-gateway stopped");
     ExitCode::SUCCESS
 }

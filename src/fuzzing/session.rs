@@ -48,7 +48,7 @@ struct Flood(Option<Duration>, u32);
 
 impl Flood {
     fn hit(&mut self, now: Duration) -> bool {
-        if !self.0.is_some_and(|s| now.saturating_sub(s) <= Duration::from_secs(1)) {
+        if self.0.is_none_or(|s| now.saturating_sub(s) > Duration::from_secs(1)) {
             *self = Flood(Some(now), 0);
         }
         self.1 += 1;

@@ -128,7 +128,7 @@ mod tests {
         SessionInfo {
             device_id: [id, 1, 2, 3, 4, 5],
             session_id: [id; 16],
-            transport: if id % 2 == 0 { Transport::Tcp } else { Transport::Udp },
+            transport: if id.is_multiple_of(2) { Transport::Tcp } else { Transport::Udp },
             peer: peer.parse().unwrap(),
             shard: id as usize % 3,
             since: SystemTime::now(),

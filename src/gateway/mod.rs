@@ -47,6 +47,9 @@ use crate::psk::{parse_device_id, ConfigError, PskSource};
 use crate::rt::Error;
 use directory::Directory;
 
+/// Renders extra Prometheus text for `/metrics` ([`GatewayHandle::add_metrics`]).
+pub type MetricsSource = Arc<dyn Fn(&mut String) + Send + Sync>;
+
 /// Called when the watchdog ends a session: `(device_id, session_id)` as colon hex / hex.
 pub type TimeoutHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
@@ -324,6 +327,7 @@ impl GatewayBuilder {
             reserved_per_ip: Mutex::new(HashMap::new()),
             shutting_down: AtomicBool::new(false),
             next_conn_id: std::sync::atomic::AtomicU64::new(1),
+            extra_metrics: Mutex::new(Vec::new()),
         });
         let handler = Arc::new(handler);
         let mut threads = Vec::new();
@@ -368,8 +372,9 @@ pub(crate) enum Command {
         at: Duration,
     },
     ListSessions(flume::Sender<Vec<SessionRow>>),
-    /// Close (with BYE) every session whose device the PSK source no longer accepts.
-    Revalidate,
+    /// Close (with BYE) every session whose device the PSK source no longer accepts, or
+    /// whose key changed since the registry given (a rotated key ends the session).
+    Revalidate(Option<Arc<crate::psk::Registry>>),
     Shutdown,
 }
 
@@ -403,6 +408,7 @@ pub(crate) struct Shared {
     pub reserved_per_ip: Mutex<HashMap<IpAddr, usize>>,
     pub shutting_down: AtomicBool,
     pub next_conn_id: std::sync::atomic::AtomicU64,
+    pub extra_metrics: Mutex<Vec<MetricsSource>>,
 }
 
 impl Shared {
@@ -548,11 +554,41 @@ impl GatewayHandle {
         };
         let reg = crate::psk::Registry::load(path)?;
         let report = ReloadReport { devices: reg.len(), wildcard: reg.has_wildcard() };
-        *current.write() = Arc::new(reg);
+        let before = std::mem::replace(&mut *current.write(), Arc::new(reg));
         for i in 0..self.shared.inboxes.len() {
-            self.shared.post(i, Command::Revalidate);
+            self.shared.post(i, Command::Revalidate(Some(before.clone())));
         }
         Ok(report)
+    }
+
+    /// The shard holding `device_id`'s session, if any (control plane; not per frame).
+    pub fn device_shard(&self, device_id: &[u8; 6]) -> Option<usize> {
+        self.shared.directory.get(device_id).map(|i| i.shard)
+    }
+
+    /// Swap in a new key registry (keys from another source than a file, e.g. a NATS KV
+    /// bucket) and revalidate every session, as [`GatewayHandle::reload_keys`] does.
+    pub fn replace_keys(&self, reg: crate::psk::Registry) {
+        let Some(PskSource::Registry { current, .. }) = &self.shared.cfg.psk else {
+            tracing::warn!("keys replaced on a gateway whose keys are not a registry: ignored");
+            return;
+        };
+        let before = std::mem::replace(&mut *current.write(), Arc::new(reg));
+        for i in 0..self.shared.inboxes.len() {
+            self.shared.post(i, Command::Revalidate(Some(before.clone())));
+        }
+    }
+
+    /// Add a source of Prometheus text to `/metrics` (an application's own counters).
+    pub fn add_metrics(&self, render: MetricsSource) {
+        self.shared.extra_metrics.lock().push(render);
+    }
+
+    /// Append every added metrics source's text to `out`.
+    pub fn render_extra_metrics(&self, out: &mut String) {
+        for r in self.shared.extra_metrics.lock().iter() {
+            r(out);
+        }
     }
 
     /// Stop accepting, say BYE to every session, and let the shard threads exit.

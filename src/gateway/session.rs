@@ -31,6 +31,10 @@ impl Session {
     pub fn session_id(&self) -> String {
         to_hex(&self.conn.session_id())
     }
+    /// Session id bytes.
+    pub fn session_id_bytes(&self) -> [u8; 16] {
+        self.conn.session_id()
+    }
     /// The device's address.
     pub fn peer_addr(&self) -> SocketAddr {
         self.conn.peer()

@@ -474,13 +474,23 @@ async fn inbox_loop(shard: Rc<Shard>, inbox: flume::Receiver<Command>) {
                     .collect();
                 let _ = reply.send(rows);
             }
-            Command::Revalidate => {
+            Command::Revalidate(before) => {
                 let Some(psk) = shard.shared.cfg.psk.as_ref() else { continue };
+                let now = match psk {
+                    crate::psk::PskSource::Registry { current, .. } => Some(current.read().clone()),
+                    _ => None,
+                };
+                // A device whose key (its own, else the wildcard) changed was authenticated
+                // with a key no longer in force: end its session too.
+                let rotated = |d: &[u8; 6]| match (&before, &now) {
+                    (Some(b), Some(n)) => b.raw_key(d) != n.raw_key(d),
+                    _ => false,
+                };
                 let revoked: Vec<Rc<Conn>> = shard
                     .sessions
                     .borrow()
                     .iter()
-                    .filter(|(_, l)| !psk.still_accepts(&l.conn.device_id()))
+                    .filter(|(_, l)| !psk.still_accepts(&l.conn.device_id()) || rotated(&l.conn.device_id()))
                     .map(|(_, l)| l.conn.clone())
                     .collect();
                 for c in revoked {

@@ -105,5 +105,6 @@ pub fn render(h: &GatewayHandle) -> String {
     let _ = writeln!(o, "usmp_udp_retransmits_total {}", s.udp_retransmits);
     family(&mut o, "usmp_udp_cookies_sent_total", "counter", "UDP HELLO_RETRY cookies sent.");
     let _ = writeln!(o, "usmp_udp_cookies_sent_total {}", s.cookies_sent);
+    h.render_extra_metrics(&mut o);
     o
 }

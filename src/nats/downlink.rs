@@ -1,0 +1,279 @@
+//! Downlinks. A request on `P.down.<device>` reaches exactly one gateway (a queue group of
+//! all of them), which answers it exactly once:
+//! 1. the device is connected here: deliver it, answer when it got out;
+//! 2. else ask whoever serves `P.route.<device>` (the gateway holding the session subscribes
+//!    to it: NATS's subject routing is the routing table) and relay its answer;
+//! 3. else nobody holds the device: queue it in `USMP_DOWN` (`queued`, `queue_full`) or
+//!    answer `offline`, then nudge the route subject in case the device just connected.
+//!
+//! Queued downlinks go out in order when the device next connects to any gateway, each
+//! removed from the stream only once delivered; expired ones are discarded unsent.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_nats::{HeaderMap, RequestErrorKind};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::oneshot;
+
+use super::bridge::Ctx;
+use super::config::{parse_device_token, MAX_DOWNLINK};
+use super::link::{Delivery, Down};
+
+/// How long a holder may take to get a downlink out (UDP: five attempts with backoff).
+const HOLDER_TIMEOUT: Duration = Duration::from_secs(20);
+/// Header marking a route message as "your device has queued downlinks".
+const NUDGE: &str = "Usmp-Nudge";
+
+/// A reply as requesters read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// One of `delivered`, `queued`, `offline`, `too_large`, `queue_full`, `rejected`
+    /// (and, between gateways only, `gone`).
+    pub status: &'static str,
+    /// Why, for `rejected`.
+    pub reason: Option<String>,
+}
+
+impl Reply {
+    fn of(status: &'static str) -> Self {
+        Reply { status, reason: None }
+    }
+    fn rejected(reason: impl Into<String>) -> Self {
+        Reply { status: "rejected", reason: Some(reason.into()) }
+    }
+    /// The JSON body.
+    pub fn to_json(&self) -> Bytes {
+        let mut v = serde_json::json!({ "status": self.status });
+        if let Some(r) = &self.reason {
+            v["reason"] = r.clone().into();
+        }
+        v.to_string().into()
+    }
+    /// Parse a reply body (another gateway's answer).
+    pub fn parse(b: &[u8]) -> Option<Reply> {
+        let v: serde_json::Value = serde_json::from_slice(b).ok()?;
+        let status = match v["status"].as_str()? {
+            "delivered" => "delivered",
+            "queued" => "queued",
+            "offline" => "offline",
+            "too_large" => "too_large",
+            "queue_full" => "queue_full",
+            "rejected" => "rejected",
+            "gone" => "gone",
+            _ => return None,
+        };
+        Some(Reply { status, reason: v["reason"].as_str().map(String::from) })
+    }
+}
+
+/// Hand a downlink to the shard holding the device here; `None` if no session is here.
+async fn deliver_local(ctx: &Arc<Ctx>, device: [u8; 6], payload: Bytes) -> Option<Delivery> {
+    let gw = ctx.gateway.get()?;
+    let shard = gw.device_shard(&device)?;
+    let tx = ctx.shards.get(shard)?;
+    let id = ctx.next_delivery.fetch_add(1, Ordering::Relaxed);
+    let (done, wait) = oneshot::channel();
+    ctx.deliveries.lock().insert(id, done);
+    if tx.send(Down::Deliver { id, device, payload }).is_err() {
+        ctx.deliveries.lock().remove(&id);
+        return None;
+    }
+    match tokio::time::timeout(HOLDER_TIMEOUT, wait).await {
+        Ok(Ok(d)) => Some(d),
+        _ => {
+            ctx.deliveries.lock().remove(&id);
+            Some(Delivery::Gone)
+        }
+    }
+}
+
+fn local_reply(d: Delivery) -> Reply {
+    match d {
+        Delivery::Delivered => Reply::of("delivered"),
+        Delivery::Busy => Reply::rejected("device busy: its send queue is full"),
+        Delivery::Gone => Reply::of("gone"),
+    }
+}
+
+/// Decide one downlink (steps 1–3 of the module doc).
+pub(super) async fn route(ctx: &Arc<Ctx>, device: [u8; 6], payload: Bytes) -> Reply {
+    if payload.len() > MAX_DOWNLINK {
+        return Reply::of("too_large");
+    }
+    if let Some(d) = deliver_local(ctx, device, payload.clone()).await {
+        let r = local_reply(d);
+        if r.status != "gone" {
+            return r;
+        }
+    }
+    let req = async_nats::Request::new().payload(payload.clone()).timeout(Some(HOLDER_TIMEOUT));
+    match ctx.client.send_request(ctx.cfg.route_subject(&device), req).await {
+        Ok(msg) => match Reply::parse(&msg.payload) {
+            Some(r) if r.status != "gone" => return r,
+            Some(_) => {}
+            None => return Reply::rejected("unreadable answer from the holding gateway"),
+        },
+        Err(e) if e.kind() == RequestErrorKind::NoResponders => {}
+        Err(e) if e.kind() == RequestErrorKind::TimedOut => {
+            return Reply::rejected("the holding gateway did not answer in time")
+        }
+        Err(e) => return Reply::rejected(format!("nats: {e}")),
+    }
+    offline(ctx, device, payload).await
+}
+
+/// Nobody holds the device: queue the downlink or say it is offline.
+async fn offline(ctx: &Arc<Ctx>, device: [u8; 6], payload: Bytes) -> Reply {
+    if ctx.cfg.downlink_ttl.is_zero() {
+        return Reply::of("offline");
+    }
+    let subject = ctx.cfg.queue_subject(&device);
+    let res = match ctx.js.publish(subject, payload).await {
+        Ok(ack) => ack.await,
+        Err(e) => return Reply::rejected(format!("queue unavailable: {e}")),
+    };
+    match res {
+        Ok(_) => {
+            // The device may have connected since we looked: its gateway drains on a nudge.
+            let mut h = HeaderMap::new();
+            h.insert(NUDGE, "1");
+            let _ = ctx.client.publish_with_headers(ctx.cfg.route_subject(&device), h, Bytes::new()).await;
+            Reply::of("queued")
+        }
+        Err(e) if queue_is_full(&e) => Reply::of("queue_full"),
+        Err(e) => Reply::rejected(format!("queue unavailable: {e}")),
+    }
+}
+
+/// JetStream refused the message because the device's subject is at its cap
+/// (`discard_new_per_subject`): error code 10077, "maximum messages per subject exceeded".
+fn queue_is_full(e: &async_nats::jetstream::context::PublishError) -> bool {
+    use std::error::Error;
+    let api = e.source().and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>());
+    match api {
+        Some(api) => api.error_code() == async_nats::jetstream::ErrorCode::STREAM_STORE_FAILED,
+        None => false,
+    }
+}
+
+/// Serve `P.down.*` (one of every gateway answers each request).
+pub(super) async fn serve_requests(ctx: Arc<Ctx>) {
+    let subject = format!("{}.down.*", ctx.cfg.prefix);
+    let group = format!("{}-downlink", ctx.cfg.prefix);
+    let mut sub = match ctx.client.queue_subscribe(subject, group).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "nats: cannot serve downlink requests");
+            return;
+        }
+    };
+    while let Some(msg) = sub.next().await {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let reply = match msg.subject.rsplit('.').next().and_then(parse_device_token) {
+                None => {
+                    ctx.stats.bad_subjects.fetch_add(1, Ordering::Relaxed);
+                    Reply::rejected("the subject names no device id (12 lowercase hex digits)")
+                }
+                Some(device) => route(&ctx, device, msg.payload).await,
+            };
+            ctx.stats.downlink(reply.status);
+            match msg.reply {
+                Some(to) => {
+                    let _ = ctx.client.publish(to, reply.to_json()).await;
+                }
+                None => tracing::debug!("nats: downlink request without a reply subject"),
+            }
+        });
+    }
+}
+
+/// While a device's session is here: answer its route subject (deliver, or `gone`) and
+/// drain its queue when nudged.
+pub(super) async fn serve_route(ctx: Arc<Ctx>, device: [u8; 6]) {
+    let group = format!("{}-route", ctx.cfg.prefix);
+    let mut sub = match ctx.client.queue_subscribe(ctx.cfg.route_subject(&device), group).await {
+        Ok(s) => s,
+        Err(_) => {
+            ctx.stats.side_errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    // Before anyone could route here the subscription must be on the server.
+    let _ = ctx.client.flush().await;
+    while let Some(msg) = sub.next().await {
+        if msg.headers.as_ref().is_some_and(|h| h.get(NUDGE).is_some()) {
+            tokio::spawn(drain_queue(ctx.clone(), device));
+            continue;
+        }
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let r = match deliver_local(&ctx, device, msg.payload).await {
+                Some(d) => local_reply(d),
+                None => Reply::of("gone"),
+            };
+            if let Some(to) = msg.reply {
+                let _ = ctx.client.publish(to, r.to_json()).await;
+            }
+        });
+    }
+}
+
+/// Send the device's queued downlinks in order, each deleted once delivered; stop at the
+/// first that cannot be delivered (it stays queued for the next connection).
+pub(super) async fn drain_queue(ctx: Arc<Ctx>, device: [u8; 6]) {
+    let Some(stream) = ctx.down_stream.get() else { return };
+    // One drain per device at a time: a nudge during a drain makes it look again.
+    {
+        let mut d = ctx.draining.lock();
+        if let Some(again) = d.get_mut(&device) {
+            *again = true;
+            return;
+        }
+        d.insert(device, false);
+    }
+    let subject = ctx.cfg.queue_subject(&device);
+    loop {
+        let mut next = 0u64;
+        loop {
+            let msg = match stream
+                .raw_message_builder()
+                .sequence(next)
+                .next_by_subject(subject.clone())
+                .send()
+                .await
+            {
+                Ok(m) => m,
+                Err(_) => break, // none left (or unreachable: the next connection tries again)
+            };
+            next = msg.sequence + 1;
+            let age = SystemTime::now().duration_since(SystemTime::from(msg.time)).unwrap_or_default();
+            if age >= ctx.cfg.downlink_ttl {
+                ctx.stats.expired.fetch_add(1, Ordering::Relaxed);
+                let _ = stream.delete_message(msg.sequence).await;
+                continue;
+            }
+            match deliver_local(&ctx, device, msg.payload).await {
+                Some(Delivery::Delivered) => {
+                    if stream.delete_message(msg.sequence).await.is_err() {
+                        ctx.stats.side_errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                _ => {
+                    ctx.draining.lock().remove(&device);
+                    return;
+                }
+            }
+        }
+        let mut d = ctx.draining.lock();
+        if d.get(&device) == Some(&true) {
+            d.insert(device, false);
+            continue;
+        }
+        d.remove(&device);
+        return;
+    }
+}

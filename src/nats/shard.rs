@@ -1,0 +1,269 @@
+//! The bridge's half on each shard: hands every message to the bridge thread and holds the
+//! device's acknowledgement until JetStream has stored it (UDP: the UTACK waits; TCP: reading
+//! pauses past `max_unacked` publishes), delivers downlinks and reports when they got out,
+//! and reports sessions up and down. Inline on the shard's thread; never blocks on NATS.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+use super::link::{Delivery, Down, NatsStats, SessionFacts, Up, SHARD_IN_FLIGHT};
+use crate::gateway::app::{Ack, ShardApp, ShardContext};
+use crate::gateway::Session;
+use crate::proto::Transport;
+use crate::rt::conn::CloseReason;
+
+/// One session's bridge state.
+struct Tracked {
+    session: Session,
+    /// Messages handed to the bridge so far (numbers the next `Nats-Msg-Id`).
+    published: u64,
+    /// Of those, not yet stored.
+    unacked: u32,
+    /// UDP: the UTACK of the message being stored.
+    held_utack: Option<Box<[u8]>>,
+    /// Downlinks queued on the session: (output position that delivers it, delivery id).
+    deliveries: VecDeque<(u64, u64)>,
+}
+
+/// The per-shard half of the bridge.
+pub(super) struct NatsShard {
+    pub(super) idx: usize,
+    pub(super) up: flume::Sender<Up>,
+    pub(super) down: flume::Receiver<Down>,
+    pub(super) stats: Arc<NatsStats>,
+    pub(super) max_unacked: u32,
+    sessions: RefCell<HashMap<[u8; 16], Tracked>>,
+    /// Publishes of this shard not yet stored (all sessions, closed ones included).
+    in_flight: Cell<usize>,
+}
+
+impl NatsShard {
+    pub(super) fn new(
+        idx: usize,
+        up: flume::Sender<Up>,
+        down: flume::Receiver<Down>,
+        stats: Arc<NatsStats>,
+        max_unacked: u32,
+    ) -> Self {
+        NatsShard { idx, up, down, stats, max_unacked, sessions: RefCell::default(), in_flight: Cell::new(0) }
+    }
+
+    fn facts(&self, s: &Session) -> SessionFacts {
+        SessionFacts {
+            device: s.device_id_bytes(),
+            session: s.session_id_bytes(),
+            transport: s.transport(),
+            peer: s.peer_addr(),
+            shard: self.idx,
+            at: SystemTime::now(),
+        }
+    }
+
+    /// Publishes a session may have outstanding before it waits: UDP one (its UTACK is held,
+    /// and a device sends nothing new before that UTACK), TCP the configured bound.
+    fn bound(&self, transport: Transport) -> u32 {
+        match transport {
+            Transport::Udp => 1,
+            Transport::Tcp => self.max_unacked,
+        }
+    }
+
+    fn handle(&self, cmd: Down) {
+        match cmd {
+            Down::Stored { session } => self.stored(session),
+            Down::Deliver { id, device, payload } => self.deliver(id, device, &payload),
+            Down::Close { session, reason } => {
+                let s = self.sessions.borrow().get(&session).map(|t| t.session.clone());
+                if let Some(s) = s {
+                    if reason == CloseReason::Takeover {
+                        self.stats.takeovers.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(device = %s.device_id(), session = %s.session_id(), "session closed: device connected elsewhere");
+                    }
+                    s.close_with(reason);
+                }
+            }
+        }
+    }
+
+    fn stored(&self, session: [u8; 16]) {
+        let was_full = self.in_flight.get() >= SHARD_IN_FLIGHT;
+        self.in_flight.set(self.in_flight.get().saturating_sub(1));
+        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let mut map = self.sessions.borrow_mut();
+        if let Some(t) = map.get_mut(&session) {
+            t.unacked = t.unacked.saturating_sub(1);
+            let s = t.session.clone();
+            match t.held_utack.take() {
+                Some(utack) => {
+                    drop(map);
+                    s.release_ack(&utack);
+                }
+                None => {
+                    drop(map);
+                    s.resume_input();
+                }
+            }
+        } else {
+            drop(map);
+        }
+        // The shard-wide bound paused every session: wake them all once it has room again.
+        if was_full && self.in_flight.get() < SHARD_IN_FLIGHT {
+            let all: Vec<Session> = self.sessions.borrow().values().map(|t| t.session.clone()).collect();
+            for s in all {
+                s.resume_input();
+            }
+        }
+    }
+
+    fn deliver(&self, id: u64, device: [u8; 6], payload: &[u8]) {
+        let report = |outcome| {
+            let _ = self.up.send(Up::Delivery { id, outcome });
+        };
+        let mut map = self.sessions.borrow_mut();
+        // The newest live session of the device on this shard.
+        let Some(t) = map
+            .values_mut()
+            .find(|t| t.session.device_id_bytes() == device && t.session.close_reason().is_none())
+        else {
+            return report(Delivery::Gone);
+        };
+        match t.session.try_send(payload) {
+            Ok(()) => t.deliveries.push_back((t.session.bytes_queued(), id)),
+            Err(e) if e.kind() == crate::proto::ErrorKind::NotConnected => report(Delivery::Gone),
+            Err(_) => report(Delivery::Busy),
+        }
+    }
+
+    /// Pending deliveries of `t` that got out.
+    fn progress(&self, t: &mut Tracked) {
+        let gone = t.session.bytes_gone();
+        while let Some(&(at, id)) = t.deliveries.front() {
+            if at > gone {
+                break;
+            }
+            t.deliveries.pop_front();
+            let _ = self.up.send(Up::Delivery { id, outcome: Delivery::Delivered });
+        }
+    }
+}
+
+impl ShardApp for NatsShard {
+    fn on_open(&self, s: &Session) {
+        let t = Tracked {
+            session: s.clone(),
+            published: 0,
+            unacked: 0,
+            held_utack: None,
+            deliveries: VecDeque::new(),
+        };
+        self.sessions.borrow_mut().insert(s.session_id_bytes(), t);
+        let _ = self.up.send(Up::Opened(self.facts(s)));
+    }
+
+    fn on_message(&self, s: &Session, msg: &[u8]) -> Ack {
+        let mut map = self.sessions.borrow_mut();
+        let Some(t) = map.get_mut(&s.session_id_bytes()) else {
+            return Ack::Now; // not reachable: sessions are tracked from on_open
+        };
+        t.published += 1;
+        t.unacked += 1;
+        let up = Up::Publish {
+            shard: self.idx,
+            facts_session: s.session_id_bytes(),
+            device: s.device_id_bytes(),
+            transport: s.transport(),
+            number: t.published,
+            payload: Bytes::copy_from_slice(msg),
+        };
+        let paused = t.unacked >= self.bound(s.transport());
+        drop(map);
+        self.in_flight.set(self.in_flight.get() + 1);
+        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        if paused || self.in_flight.get() == SHARD_IN_FLIGHT {
+            // UDP pauses at every message by design (the UTACK waits for storage): count
+            // only pauses that are a sign of a slow downstream.
+            if s.transport() == Transport::Tcp || self.in_flight.get() == SHARD_IN_FLIGHT {
+                self.stats.backpressure.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        // The bridge thread outlives the shards; a send fails only once it has stopped,
+        // and then the message stays unacknowledged for the device to send again.
+        let _ = self.up.send(up);
+        Ack::Held
+    }
+
+    fn on_ack_held(&self, s: &Session, utack: &[u8]) {
+        let mut map = self.sessions.borrow_mut();
+        if let Some(t) = map.get_mut(&s.session_id_bytes()) {
+            if t.unacked == 0 {
+                // Stored before the UTACK was even handed over (not on this thread's order of
+                // events, but cheap to be sure of): send it now.
+                drop(map);
+                s.release_ack(utack);
+                return;
+            }
+            t.held_utack = Some(utack.into());
+        }
+    }
+
+    fn input_blocked(&self, s: &Session) -> bool {
+        if self.in_flight.get() >= SHARD_IN_FLIGHT {
+            return true;
+        }
+        self.sessions
+            .borrow()
+            .get(&s.session_id_bytes())
+            .is_some_and(|t| t.unacked >= self.bound(s.transport()))
+    }
+
+    fn on_output_progress(&self, s: &Session) {
+        let mut map = self.sessions.borrow_mut();
+        if let Some(t) = map.get_mut(&s.session_id_bytes()) {
+            if !t.deliveries.is_empty() {
+                self.progress(t);
+            }
+        }
+    }
+
+    fn on_close(&self, s: &Session, reason: CloseReason) {
+        let t = self.sessions.borrow_mut().remove(&s.session_id_bytes());
+        if let Some(mut t) = t {
+            self.progress(&mut t);
+            for (_, id) in t.deliveries {
+                let _ = self.up.send(Up::Delivery { id, outcome: Delivery::Gone });
+            }
+        }
+        let _ = self.up.send(Up::Closed(self.facts(s), reason));
+    }
+
+    fn run(self: Rc<Self>, shard: ShardContext) -> Pin<Box<dyn Future<Output = ()>>> {
+        Box::pin(async move {
+            let stop = shard.stopped();
+            let work = async {
+                while let Ok(cmd) = self.down.recv_async().await {
+                    self.handle(cmd);
+                    // Drain what else is there without a wake-up per command.
+                    while let Ok(cmd) = self.down.try_recv() {
+                        self.handle(cmd);
+                    }
+                }
+            };
+            monoio::select! {
+                _ = stop => {}
+                _ = work => {}
+            }
+            // Acknowledgements that arrive during shutdown still release held UTACKs.
+            while let Ok(cmd) = self.down.try_recv() {
+                self.handle(cmd);
+            }
+        })
+    }
+}
