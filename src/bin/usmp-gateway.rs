@@ -221,6 +221,11 @@ fn on_message(session: &Session, msg: &[u8], mode: ReplyMode) {
 /// (bounded: with NATS away the gateway starts and takes the keys when they come).
 fn start_bridge(cfg: &NatsConfig, r: &Resolved) -> Result<NatsBridge, ConfigError> {
     let bridge = NatsBridge::start(cfg.clone(), r.config.shards)?;
+    // Devices are served either way; waiting a moment only makes a healthy start orderly
+    // (streams exist and downlinks are answered before the first device arrives).
+    if !bridge.wait_ready(std::time::Duration::from_secs(5)) {
+        tracing::warn!(nats = %cfg.urls.join(","), "nats: not reachable yet; starting anyway (uplinks wait, TCP reading pauses, UDP UTACKs are held)");
+    }
     if let Some(bucket) = &cfg.psk_kv {
         let Some(PskSource::Registry { current, .. }) = &r.config.psk else {
             return Err(ConfigError::new("--psk-kv", "keys are not a registry"));

@@ -47,6 +47,9 @@ pub(super) struct Ctx {
     pub(super) deliveries: Mutex<HashMap<u64, oneshot::Sender<Delivery>>>,
     pub(super) next_delivery: AtomicU64,
     pub(super) local: Mutex<HashMap<[u8; 6], LocalSession>>,
+    /// Steps of the start done (streams provisioned, downlink requests served): see
+    /// [`super::NatsBridge::wait_ready`].
+    pub(super) ready: tokio::sync::watch::Sender<u8>,
     /// Sessions with a publish in flight, and their uplinks waiting behind it.
     pub(super) publishing: Mutex<HashMap<[u8; 16], std::collections::VecDeque<Up>>>,
     /// Devices whose queue is being drained; true if a nudge asked for another look.

@@ -170,6 +170,9 @@ pub(super) async fn serve_requests(ctx: Arc<Ctx>) {
             return;
         }
     };
+    if ctx.client.flush().await.is_ok() {
+        ctx.ready.send_modify(|n| *n += 1);
+    }
     while let Some(msg) = sub.next().await {
         let ctx = ctx.clone();
         tokio::spawn(async move {

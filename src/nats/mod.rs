@@ -125,6 +125,7 @@ impl NatsBridge {
                         local: Mutex::default(),
                         draining: Mutex::default(),
                         publishing: Mutex::default(),
+                        ready: tokio::sync::watch::channel(0).0,
                         presence: tokio::sync::OnceCell::new(),
                         down_stream: tokio::sync::OnceCell::new(),
                     });
@@ -159,6 +160,15 @@ impl NatsBridge {
             thread: Mutex::new(Some(thread)),
             keys_loaded,
             keys_tx: Mutex::new(Some(keys_tx)),
+        })
+    }
+
+    /// Wait up to `timeout` for NATS to be reachable and the bridge set up (streams, the
+    /// downlink subscription); false if it is not yet (it goes on trying in the background).
+    pub fn wait_ready(&self, timeout: Duration) -> bool {
+        let mut rx = self.ctx.ready.subscribe();
+        self.runtime.block_on(async move {
+            tokio::time::timeout(timeout, rx.wait_for(|n| *n >= 2)).await.is_ok_and(|r| r.is_ok())
         })
     }
 
