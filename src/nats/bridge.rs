@@ -158,10 +158,12 @@ async fn ensure_stream(js: &jetstream::Context, want: stream::Config) -> Result<
     let name = want.name.clone();
     let mut s = js.get_or_create_stream(want.clone()).await.map_err(|e| format!("stream {name}: {e}"))?;
     let have = s.info().await.map_err(|e| format!("stream {name}: {e}"))?.config.clone();
+    // Servers report "unlimited" as -1 whatever was sent (0 or -1).
+    let limit = |v: i64| if v <= 0 { -1 } else { v };
     let differs = have.subjects != want.subjects
         || have.max_age != want.max_age
-        || have.max_bytes != want.max_bytes
-        || have.max_messages_per_subject != want.max_messages_per_subject
+        || limit(have.max_bytes) != limit(want.max_bytes)
+        || limit(have.max_messages_per_subject) != limit(want.max_messages_per_subject)
         || have.discard != want.discard
         || have.discard_new_per_subject != want.discard_new_per_subject;
     if differs {
@@ -209,22 +211,40 @@ async fn try_provision(ctx: &Ctx) -> Result<(), String> {
         .await?;
         let _ = ctx.down_stream.set(s);
     }
-    let presence = match ctx.js.get_key_value(PRESENCE_BUCKET).await {
-        Ok(s) => s,
-        Err(_) => ctx
-            .js
-            .create_key_value(kv::Config {
-                bucket: PRESENCE_BUCKET.into(),
-                history: 1,
-                num_replicas: c.replicas,
-                storage: stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| format!("bucket {PRESENCE_BUCKET}: {e}"))?,
-    };
+    let presence = ensure_bucket(&ctx.js, PRESENCE_BUCKET, c.replicas).await?;
     let _ = ctx.presence.set(presence);
     Ok(())
+}
+
+/// Open KV bucket `bucket`, creating it if missing. The bucket's stream is made here as a KV
+/// bucket is defined (stream `KV_<bucket>` on `$KV.<bucket>.>`, one value per key, rollups,
+/// direct gets): async-nats's own `create_key_value` first reads account information in a
+/// form nats-server 2.9 does not send.
+pub(super) async fn ensure_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+    replicas: usize,
+) -> Result<kv::Store, String> {
+    if let Ok(s) = js.get_key_value(bucket).await {
+        return Ok(s);
+    }
+    let cfg = stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        max_bytes: -1,
+        max_message_size: -1,
+        storage: stream::StorageType::File,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        num_replicas: replicas,
+        discard: stream::DiscardPolicy::New,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    js.get_or_create_stream(cfg).await.map_err(|e| format!("bucket {bucket}: {e}"))?;
+    js.get_key_value(bucket).await.map_err(|e| format!("bucket {bucket}: {e}"))
 }
 
 /// Hand an uplink to its session's publisher: one publish in flight per session, so a

@@ -71,22 +71,6 @@ impl KeySet {
     }
 }
 
-async fn open_bucket(ctx: &Ctx, bucket: &str) -> Result<kv::Store, String> {
-    match ctx.js.get_key_value(bucket).await {
-        Ok(s) => Ok(s),
-        Err(_) => ctx
-            .js
-            .create_key_value(kv::Config {
-                bucket: bucket.to_string(),
-                history: 1,
-                num_replicas: ctx.cfg.replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| format!("bucket {bucket}: {e}")),
-    }
-}
-
 /// Watch the key bucket for as long as the gateway runs, re-opening the watch after errors.
 /// `apply` installs a registry (the gateway swaps it in and revalidates sessions); `loaded`
 /// is told once the bucket's current content is in force.
@@ -118,7 +102,7 @@ async fn watch_once(
     apply: &(dyn Fn(Registry) + Send + Sync),
     loaded: &tokio::sync::watch::Sender<bool>,
 ) -> Result<(), String> {
-    let store = open_bucket(ctx, bucket).await?;
+    let store = super::bridge::ensure_bucket(&ctx.js, bucket, ctx.cfg.replicas).await?;
     // Current values first (then every change): rebuild from scratch, so that a key deleted
     // while we were away is gone here too.
     let mut fresh = KeySet::default();

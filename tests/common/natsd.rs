@@ -27,6 +27,7 @@ pub struct Natsd {
     pub cluster_port: Option<u16>,
     dir: PathBuf,
     conf: PathBuf,
+    bin: PathBuf,
 }
 
 /// How to start a server.
@@ -38,6 +39,10 @@ pub struct Opts {
     pub cluster: Option<(u16, Vec<u16>)>,
     /// Server name (unique in a cluster).
     pub name: Option<String>,
+    /// Client port (default: a free one).
+    pub port: Option<u16>,
+    /// The `nats-server` binary (default: [`pyref::nats_server`]).
+    pub bin: Option<PathBuf>,
 }
 
 fn unique_dir(tag: &str) -> PathBuf {
@@ -63,7 +68,7 @@ impl Natsd {
     pub fn start_with(opts: Opts) -> Natsd {
         let name = opts.name.clone().unwrap_or_else(|| "n1".into());
         let dir = unique_dir(&name);
-        let port = free_port();
+        let port = opts.port.unwrap_or_else(free_port);
         let mqtt_port = opts.mqtt.then(free_port);
         let mut conf = format!(
             "server_name: {name}\nlisten: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n}}\n",
@@ -89,6 +94,7 @@ impl Natsd {
             cluster_port: opts.cluster.as_ref().map(|c| c.0),
             dir,
             conf: conf_path,
+            bin: opts.bin.clone().unwrap_or_else(pyref::nats_server),
         };
         n.spawn();
         n
@@ -96,7 +102,7 @@ impl Natsd {
 
     fn spawn(&mut self) {
         let log = std::fs::File::create(self.dir.join("nats.log")).unwrap();
-        let child = Command::new(pyref::nats_server())
+        let child = Command::new(&self.bin)
             .arg("-c")
             .arg(&self.conf)
             .stdin(Stdio::null())
@@ -120,6 +126,11 @@ impl Natsd {
     /// The server's log so far (for assertion messages).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("nats.log")).unwrap_or_default()
+    }
+
+    /// The server process's id (while it runs).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.0.id())
     }
 
     /// Kill it (SIGKILL): an outage.
@@ -163,9 +174,14 @@ pub async fn wait_jetstream(url: &str) -> async_nats::Client {
     let end = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(c) = async_nats::connect(url).await {
-            let js = async_nats::jetstream::new(c.clone());
-            if js.query_account().await.is_ok() {
-                return c;
+            // The raw account-info request: async-nats's typed one does not parse 2.9's reply.
+            if let Ok(Ok(m)) =
+                tokio::time::timeout(Duration::from_secs(2), c.request("$JS.API.INFO", "".into())).await
+            {
+                let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+                if v.get("error").is_none() && v.get("type").is_some() {
+                    return c;
+                }
             }
         }
         assert!(Instant::now() < end, "JetStream on {url} not ready");
