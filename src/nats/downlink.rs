@@ -83,9 +83,10 @@ async fn deliver_local(ctx: &Arc<Ctx>, device: [u8; 6], payload: Bytes) -> Optio
     }
     match tokio::time::timeout(HOLDER_TIMEOUT, wait).await {
         Ok(Ok(d)) => Some(d),
+        // Still on its way to the device: not `Gone`, which would queue it a second time.
         _ => {
             ctx.deliveries.lock().remove(&id);
-            Some(Delivery::Gone)
+            Some(Delivery::Busy)
         }
     }
 }
@@ -93,7 +94,7 @@ async fn deliver_local(ctx: &Arc<Ctx>, device: [u8; 6], payload: Bytes) -> Optio
 fn local_reply(d: Delivery) -> Reply {
     match d {
         Delivery::Delivered => Reply::of("delivered"),
-        Delivery::Busy => Reply::rejected("device busy: its send queue is full"),
+        Delivery::Busy => Reply::rejected("device busy: its send queue is full or it is not acknowledging"),
         Delivery::Gone => Reply::of("gone"),
     }
 }
