@@ -225,6 +225,20 @@ fn fleet_keys_from_a_kv_bucket_reach_every_gateway_within_a_second() {
     // The wildcard entry serves every other device.
     rt.block_on(kv.put("_default", K1.to_vec().into())).unwrap();
     assert!(connects_within(b.addr, K1, Duration::from_secs(1)));
+    // The operator sees all of it in the metrics.
+    let m = a.http_get("/metrics");
+    let value = |name: &str| -> f64 {
+        m.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1.0)
+    };
+    assert_eq!(value("usmp_nats_connected "), 1.0, "{m}");
+    assert!(value("usmp_nats_kv_invalid_total ") >= 1.0, "{m}");
+    assert!(value("usmp_nats_kv_applied_total ") >= 4.0, "{m}");
+    assert!(value("usmp_nats_kv_watch_lag_seconds ") >= 0.0, "{m}");
+    assert!(m.contains("usmp_nats_publish_ack_seconds_bucket"), "{m}");
     live.finish();
     live_a.finish();
     live_b.finish();

@@ -104,6 +104,12 @@ fn uplinks_are_stored_once_in_order_with_headers_and_readable_over_mqtt() {
         assert_eq!(msgs, &want, "device {d}: every message once, in order");
     }
 
+    // Metrics: every publish acknowledged once, none left in flight.
+    let m = gw.http_get("/metrics");
+    assert!(m.contains(&format!("usmp_nats_publishes_total{{result=\"ok\"}} {}", 4 * PER_DEVICE)), "{m}");
+    assert!(m.contains("usmp_nats_publishes_in_flight 0"), "{m}");
+    assert!(m.contains("usmp_nats_publish_ack_seconds_count 4000"), "{m}");
+
     // MQTT saw the same uplinks, on usmp/up/<device>.
     let mut mqtt_count = HashMap::<String, usize>::new();
     for line in mqtt_lines.map_while(Result::ok) {

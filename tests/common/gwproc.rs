@@ -71,6 +71,21 @@ impl GatewayProc {
         }
     }
 
+    /// `GET path` on the metrics/admin listener (started with `--metrics 127.0.0.1:0`).
+    pub fn http_get(&self, path: &str) -> String {
+        use std::io::{Read, Write};
+        let line = self
+            .wait_log(&["metrics and admin API listening"], Duration::from_secs(5))
+            .expect("metrics listener");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let addr: SocketAddr = v["address"].as_str().unwrap().parse().unwrap();
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
     /// Kill it with SIGKILL (a crash: nothing is flushed).
     pub fn kill9(&mut self) {
         let _ = self.child.0.kill();
