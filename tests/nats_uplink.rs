@@ -34,6 +34,8 @@ fn uplinks_are_stored_once_in_order_with_headers_and_readable_over_mqtt() {
             &psk_hex(),
             "--shards",
             "2",
+            "--metrics",
+            "127.0.0.1:0",
         ],
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
