@@ -301,7 +301,15 @@ fn hello_flood_from_many_ports_keeps_no_state() {
 
 #[test]
 fn wrong_key_over_udp_times_out_and_is_counted() {
-    let gw = gateway(1);
+    // A wrong proof is dropped (it may be a spoofer's) and the failure counted at the
+    // handshake timeout.
+    let gw = Gateway::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .handshake_timeout(Duration::from_secs(2))
+        .psk(PskSource::single(PSK).unwrap())
+        .serve(echo)
+        .unwrap();
     let addr = gw.local_addr();
     usmp::rt::block_on(async {
         let cfg = ClientConfig {
@@ -314,6 +322,10 @@ fn wrong_key_over_udp_times_out_and_is_counted() {
         let e = Client::connect(&cfg).await.err().unwrap();
         assert_eq!(e.kind(), ErrorKind::Timeout);
     });
+    let t0 = Instant::now();
+    while gw.handle().stats().handshakes_bad_key == 0 && t0.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(gw.handle().stats().handshakes_bad_key, 1);
     gw.shutdown();
 }

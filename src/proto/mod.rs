@@ -6,6 +6,8 @@ pub mod arq;
 pub mod crc16;
 pub mod crypto;
 pub mod deframer;
+pub mod device;
+pub mod endpoint;
 pub mod error;
 pub mod frame;
 pub mod handshake;
