@@ -103,7 +103,13 @@ impl Device {
             if established {
                 return DeviceEvent::Session;
             }
-            self.arq.handle_ack(d, now);
+            // The first HELLO's UTACK does not complete it: the HELLO_RETRY travels without
+            // ARQ, so HELLO goes out again at its RTO until the HELLO_RETRY (or a CHALLENGE)
+            // arrives. The gateway answers it statelessly each time.
+            let first_hello = matches!(&self.stage, Stage::Hello(hs) if !hs.has_cookie());
+            if !first_hello {
+                self.arq.handle_ack(d, now);
+            }
             return DeviceEvent::Handled;
         }
         if d.len() < HEADER_LEN {
