@@ -601,6 +601,31 @@ impl<H: Clone> Endpoint<H> {
         }
     }
 
+    /// Panic if an internal invariant does not hold at `now` (after [`Endpoint::handle_timeout`]
+    /// ran for it): for fuzzers and tests.
+    #[doc(hidden)]
+    pub fn check_invariants(&self, now: Duration) {
+        let pending = self
+            .peers
+            .values()
+            .filter_map(|p| p.hs.as_ref())
+            .filter(|hs| !matches!(hs.stage, Stage::SessionOk { .. }));
+        assert_eq!(pending.count(), self.handshakes, "handshake count drifted");
+        assert!(self.peers.len() <= self.cfg.max_peers, "peer table over its bound");
+        assert!(self.limiter.len() <= self.cfg.cookie_sources, "limiter table over its bound");
+        for p in self.peers.values() {
+            assert!(p.hs.is_some() || p.session.is_some(), "empty peer entry kept");
+            if let Some(hs) = &p.hs {
+                let sending_ok = matches!(hs.stage, Stage::SessionOk { .. }) && hs.arq.is_busy();
+                assert!(sending_ok || now < hs.deadline, "handshake outlived its timeout");
+                assert!(
+                    self.poll_timeout().is_some_and(|t| t <= hs.next_deadline()),
+                    "handshake without a timer"
+                );
+            }
+        }
+    }
+
     /// The next datagram to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.transmits.pop_front()

@@ -121,6 +121,11 @@ impl Link {
         frames
     }
 
+    /// The UTACK the frame in flight waits for.
+    pub fn in_flight(&self) -> Option<ExpectedAck> {
+        self.arq.is_busy().then(|| self.acks.front().copied()).flatten()
+    }
+
     /// A frame is in flight.
     pub fn is_busy(&self) -> bool {
         self.arq.is_busy()
@@ -194,8 +199,9 @@ pub trait LinkHost {
     fn with_link<R>(&self, f: impl FnOnce(&mut Link) -> R) -> R;
     /// New messages must wait (the application is not keeping up).
     fn input_blocked(&self) -> bool;
-    /// The key frames from the peer are sealed with now.
-    fn rx_key(&self) -> [u8; KEY_LEN];
+    /// The key the frame just opened (or verified as a duplicate) was sealed with: its UTACK
+    /// is MAC'd with it (after a REKEY, the previous key for frames sealed before it).
+    fn ack_key(&self) -> [u8; KEY_LEN];
     /// Authenticate and process one frame (deliver messages, answer PINGs, end on BYE).
     fn open(&self, now: Duration, frame: &mut [u8]) -> FrameOutcome;
     /// A frame the replay window refused: is it an authentic retransmission?
@@ -249,11 +255,11 @@ pub fn handle_datagram<H: LinkHost>(host: &H, now: Duration, d: &mut [u8]) -> In
     if matches!(ptype, PacketType::Data | PacketType::DataFrag) && host.input_blocked() {
         return Inbound::Busy;
     }
-    // The UTACK's MAC key is the key this frame was sealed with: our rx key *before* opening
-    // it (a REKEY switches keys while being opened).
-    let key = host.rx_key();
-    let (b, n) = encode_utack(ptype as u8, seq, Some(&key));
+    // The UTACK's MAC key is the key this frame was sealed with, which the host knows once
+    // it opened it (a REKEY switches keys while being opened).
+    let utack = || encode_utack(ptype as u8, seq, Some(&host.ack_key()));
     let ack = |copies: usize| {
+        let (b, n) = utack();
         for _ in 0..copies {
             host.send(&b[..n]);
         }
@@ -264,6 +270,7 @@ pub fn handle_datagram<H: LinkHost>(host: &H, now: Duration, d: &mut [u8]) -> In
             Inbound::Handled
         }
         FrameOutcome::AcceptedHeld => {
+            let (b, n) = utack();
             host.hold_ack(&b[..n]);
             Inbound::Handled
         }

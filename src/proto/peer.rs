@@ -161,6 +161,17 @@ impl UdpPeer {
         self.out.borrow().len()
     }
 
+    /// No REKEY is in progress: the last one (if any) was followed by a frame under the new
+    /// keys, so the previous receive key is gone.
+    pub fn rekey_settled(&self) -> bool {
+        self.session.borrow().rekey_settled()
+    }
+
+    /// The UTACK the frame in flight waits for.
+    pub fn in_flight(&self) -> Option<super::udp::ExpectedAck> {
+        self.link.borrow().in_flight()
+    }
+
     /// Retransmissions so far.
     pub fn retransmits(&self) -> u64 {
         self.retransmits.get()
@@ -180,8 +191,8 @@ impl LinkHost for UdpPeer {
     fn input_blocked(&self) -> bool {
         self.inbox.borrow().len() >= INBOX_CAP || self.out.borrow().len() >= OUT_HIGH_WATER
     }
-    fn rx_key(&self) -> [u8; KEY_LEN] {
-        *self.session.borrow().rx_key_bytes()
+    fn ack_key(&self) -> [u8; KEY_LEN] {
+        *self.session.borrow().ack_key_bytes()
     }
     fn open(&self, now: Duration, frame: &mut [u8]) -> FrameOutcome {
         let mut s = self.session.borrow_mut();

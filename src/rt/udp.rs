@@ -428,8 +428,8 @@ impl LinkHost for ConnLink<'_> {
     fn input_blocked(&self) -> bool {
         self.conn.input_blocked()
     }
-    fn rx_key(&self) -> [u8; 32] {
-        *self.conn.session().rx_key_bytes()
+    fn ack_key(&self) -> [u8; 32] {
+        *self.conn.session().ack_key_bytes()
     }
     fn open(&self, _now: Duration, frame: &mut [u8]) -> FrameOutcome {
         self.conn.on_frame(frame)
