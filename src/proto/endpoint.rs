@@ -501,11 +501,16 @@ impl<H: Clone> Endpoint<H> {
         let Some(hs) = self.peers.get_mut(&from).and_then(|p| p.hs.as_mut()) else {
             return Handled::StrayAck;
         };
-        if hs.arq.handle_ack(d, now) {
-            Handled::Step
-        } else {
-            Handled::StrayAck
+        if !hs.arq.handle_ack(d, now) {
+            return Handled::StrayAck;
         }
+        if now >= hs.deadline {
+            // SESSION_OK was retransmitted past the handshake's time: the record goes now.
+            self.fail(from, HandshakeFailure::Timeout);
+        } else {
+            self.schedule(from); // the deadline is what is left to wait for
+        }
+        Handled::Step
     }
 
     /// Step 3: a HELLO_ACK. Acknowledged only once its proof verified; then SESSION_OK.
