@@ -63,6 +63,14 @@ fn python_udp_client_against_our_gateway() {
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["server_rekey_reply"], "REKEYED", "{r}");
     assert!(r["after_server_rekey"].as_u64().unwrap() >= 10, "{r}");
+    // The reference as published (no test-side fix): its UDP transport keeps its replay
+    // baseline across REKEY and would drop our frames if their seqs restarted at 0. After
+    // 100 frames, its REKEY, then the gateway's, the replies keep coming (issue 15, item 9).
+    let r = py_client(port, "rekey", &["--no-udp-rekey-fix", "--before-rekey", "100"]);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["udp_rekey_fix"], false, "{r}");
+    assert_eq!(r["server_rekey_reply"], "REKEYED", "{r}");
+    assert!(r["after_server_rekey"].as_u64().unwrap() >= 10, "{r}");
     let s = gw.handle().stats();
     assert!(s.cookies_sent >= 2 && s.handshakes_ok >= 2, "{s:?}");
     // The UTACKs of HELLO_RETRY's two copies are stray acknowledgements, nothing malformed.
@@ -142,6 +150,11 @@ fn python_udp_client_survives_the_lossy_relay() {
     let proxy = LossyProxy::start(gw.local_addr(), 0xfeed, LOSS, 5, 5);
     let r = py_client(proxy.addr.port(), "echo-sizes", &["--connect-timeout", "40"]);
     assert_eq!(r["ok"], true, "{r}");
+    // The reference's REKEY after 100 frames, as published, through the same relay.
+    let extra = ["--connect-timeout", "40", "--no-udp-rekey-fix", "--before-rekey", "100", "--timeout", "90"];
+    let r = py_client(proxy.addr.port(), "rekey", &extra);
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(r["after_server_rekey"].as_u64().unwrap() >= 10, "{r}");
     gw.shutdown();
 }
 

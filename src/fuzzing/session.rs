@@ -105,7 +105,9 @@ impl Model {
         } else {
             self.partial = None;
         }
-        (self.tx, self.rx, self.tx_seq, self.rx_next, self.hi) = (tx, rx, 0, 0, 0);
+        // UDP senders go on with their sequence numbers (PROTOCOL.md §4 windows accept it).
+        let tx_seq = if self.udp { self.tx_seq } else { 0 };
+        (self.tx, self.rx, self.tx_seq, self.rx_next, self.hi) = (tx, rx, tx_seq, 0, 0);
         self.seen.clear();
     }
 

@@ -325,7 +325,14 @@ impl Session {
         self.expanded = None; // expanded from the new bytes on first use
         self.tx_key_bytes = tx;
         self.rx_key_bytes = rx;
-        self.tx_seq = 0;
+        // UDP: our sequence numbers go on from where they were instead of restarting at 0.
+        // A receiver's window accepts any forward jump (PROTOCOL.md §4), so correct peers
+        // see no difference, and the reference's UDP transport, which keeps its pre-REKEY
+        // replay baseline, no longer drops (while acknowledging) our frames after a REKEY.
+        // The key is new, so no GCM nonce repeats either way.
+        if self.transport != Transport::Udp {
+            self.tx_seq = 0;
+        }
         self.rx_next = 0;
         self.window.reset();
         // UDP keeps a message being reassembled: its last frames may still come under the
