@@ -63,6 +63,14 @@ fn python_udp_client_against_our_gateway() {
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["server_rekey_reply"], "REKEYED", "{r}");
     assert!(r["after_server_rekey"].as_u64().unwrap() >= 10, "{r}");
+    // The reference as published (no test-side fix): its UDP transport keeps its replay
+    // baseline across REKEY and would drop our frames if their seqs restarted at 0. After
+    // 100 frames, its REKEY, then the gateway's, the replies keep coming (issue 15, item 9).
+    let r = py_client(port, "rekey", &["--no-udp-rekey-fix", "--before-rekey", "100"]);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["udp_rekey_fix"], false, "{r}");
+    assert_eq!(r["server_rekey_reply"], "REKEYED", "{r}");
+    assert!(r["after_server_rekey"].as_u64().unwrap() >= 10, "{r}");
     let s = gw.handle().stats();
     assert!(s.cookies_sent >= 2 && s.handshakes_ok >= 2, "{s:?}");
     // The UTACKs of HELLO_RETRY's two copies are stray acknowledgements, nothing malformed.
@@ -142,6 +150,11 @@ fn python_udp_client_survives_the_lossy_relay() {
     let proxy = LossyProxy::start(gw.local_addr(), 0xfeed, LOSS, 5, 5);
     let r = py_client(proxy.addr.port(), "echo-sizes", &["--connect-timeout", "40"]);
     assert_eq!(r["ok"], true, "{r}");
+    // The reference's REKEY after 100 frames, as published, through the same relay.
+    let extra = ["--connect-timeout", "40", "--no-udp-rekey-fix", "--before-rekey", "100", "--timeout", "90"];
+    let r = py_client(proxy.addr.port(), "rekey", &extra);
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(r["after_server_rekey"].as_u64().unwrap() >= 10, "{r}");
     gw.shutdown();
 }
 
@@ -301,7 +314,15 @@ fn hello_flood_from_many_ports_keeps_no_state() {
 
 #[test]
 fn wrong_key_over_udp_times_out_and_is_counted() {
-    let gw = gateway(1);
+    // A wrong proof is dropped (it may be a spoofer's) and the failure counted at the
+    // handshake timeout.
+    let gw = Gateway::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .handshake_timeout(Duration::from_secs(2))
+        .psk(PskSource::single(PSK).unwrap())
+        .serve(echo)
+        .unwrap();
     let addr = gw.local_addr();
     usmp::rt::block_on(async {
         let cfg = ClientConfig {
@@ -314,6 +335,10 @@ fn wrong_key_over_udp_times_out_and_is_counted() {
         let e = Client::connect(&cfg).await.err().unwrap();
         assert_eq!(e.kind(), ErrorKind::Timeout);
     });
+    let t0 = Instant::now();
+    while gw.handle().stats().handshakes_bad_key == 0 && t0.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(gw.handle().stats().handshakes_bad_key, 1);
     gw.shutdown();
 }
@@ -468,5 +493,73 @@ fn devices_sharing_one_endpoint_are_separate_sessions_told_apart_by_source_addre
     }
     assert_eq!(h.session_count(), 0, "every BYE arrived");
     assert_eq!(h.stats().handshakes_ok, u64::from(N) + 1);
+    gw.shutdown();
+}
+
+/// The cookie round trip, then the cookie HELLO, for `device` from `sock` (no handshake
+/// follows for an unregistered device).
+fn cookie_hello(sock: &UdpSocket, gw: SocketAddr, device: [u8; 6]) {
+    let mut hello = [0u8; 80];
+    let p: Vec<u8> = device.iter().copied().chain([9u8; 32]).collect();
+    let n = encode_frame(PacketType::Hello, 0, &p, &mut hello).unwrap();
+    let _ = sock.send_to(&hello[..n], gw);
+    let mut buf = [0u8; 128];
+    let deadline = Instant::now() + Duration::from_millis(200);
+    while Instant::now() < deadline {
+        let Ok((m, _)) = sock.recv_from(&mut buf) else { continue };
+        if m == 28 && buf[3] == PacketType::HelloRetry as u8 {
+            let p: Vec<u8> = p.iter().copied().chain(buf[12..28].iter().copied()).collect();
+            let n = encode_frame(PacketType::Hello, 1, &p, &mut hello).unwrap();
+            let _ = sock.send_to(&hello[..n], gw);
+            return;
+        }
+    }
+}
+
+#[test]
+fn unregistered_devices_do_not_spend_the_handshake_budget() {
+    // One X25519 per second on the shard; a stream of valid cookie HELLOs for unregistered
+    // device ids must not take it from a registered device (issue 15, item 4).
+    let mut reg = usmp::psk::Registry::new();
+    reg.insert([0x42; 6], PSK).unwrap();
+    let gw = Gateway::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .handshake_rate_per_shard(1.0)
+        .psk(PskSource::registry(reg))
+        .serve(echo)
+        .unwrap();
+    let addr = gw.local_addr();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // A socket each: HELLO_RETRY comes twice, and the copy must not be taken
+                // for the next device's cookie.
+                let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+                sock.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+                let b = i.to_le_bytes();
+                cookie_hello(&sock, addr, [0xE0, 1, b[0], b[1], b[2], b[3]]);
+                i += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            i
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    usmp::rt::block_on(async {
+        let cfg =
+            ClientConfig { device_id: Some([0x42; 6]), connect_timeout: Duration::from_secs(4), ..udp(addr) };
+        let c = Client::connect(&cfg).await.expect("the registered device gets in during the stream");
+        c.send(b"in").await.unwrap();
+        assert_eq!(c.recv_timeout(Duration::from_secs(3)).await.unwrap(), b"in");
+        c.disconnect().await;
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = flood.join().unwrap();
+    let s = gw.handle().stats();
+    assert!(sent >= 5 && s.handshakes_unknown_device >= 5, "{sent} cookie HELLOs, {s:?}");
     gw.shutdown();
 }

@@ -1,6 +1,7 @@
-//! The device side over UDP: the cookie round trip, every handshake frame under the
-//! stop-and-wait ARQ (and every server frame acknowledged), then the session over the shared
-//! UDP plumbing of `rt::udp`.
+//! The device side over UDP: the handshake is the sans-IO `proto::device::Device` (cookie
+//! round trip, every handshake frame under the stop-and-wait ARQ, every server frame
+//! acknowledged) driven by this glue, then the session over the shared UDP plumbing of
+//! `rt::udp`.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -12,12 +13,11 @@ use monoio::net::udp::UdpSocket;
 use ring::rand::SystemRandom;
 
 use super::ClientConfig;
-use crate::proto::arq::{Arq, ArqAction};
-use crate::proto::crypto::{EphemeralKey, Psk, DEVICE_ID_LEN};
-use crate::proto::frame::{Frame, PacketType};
-use crate::proto::handshake::{ClientExpectSessionOk, ClientHandshake, ClientReply, HELLO_ACK_SEQ};
+use crate::proto::crypto::{Psk, DEVICE_ID_LEN};
+use crate::proto::device::{Device, DeviceEvent};
+use crate::proto::frame::PacketType;
 use crate::proto::session::Session;
-use crate::proto::udp::{encode_utack, is_utack, ExpectedAck};
+use crate::proto::udp::encode_utack;
 use crate::proto::{ErrorKind, Transport};
 use crate::rt::conn::Conn;
 use crate::rt::event::LocalEvent;
@@ -105,74 +105,27 @@ async fn next_datagram(router: &Router, deadline: Option<Duration>) -> Option<Ve
     }
 }
 
-enum Stage {
-    Hello(ClientHandshake),
-    AwaitOk(ClientExpectSessionOk),
-}
-
-async fn handshake(
-    router: &Router,
-    out: &UdpOut,
-    server: SocketAddr,
-    hs: ClientHandshake,
-) -> Result<Session, Error> {
-    let mut arq = Arq::default();
-    let mut cur = vec![0u8; 128];
-    let n = hs.encode_hello(&mut cur)?;
-    cur.truncate(n);
-    arq.on_send(ExpectedAck::new(PacketType::Hello as u8, 0, None), now());
-    out.send(&cur, server);
-    let mut stage = Stage::Hello(hs);
+/// Run the device's side of the handshake (`proto::device`): feed it the gateway's
+/// datagrams, send what it queues, and wake it at its one deadline.
+async fn handshake(router: &Router, out: &UdpOut, mut dev: Device) -> Result<Session, Error> {
     loop {
-        let Some(mut d) = next_datagram(router, arq.poll_timeout()).await else {
-            match arq.handle_timeout(now()) {
-                ArqAction::Wait => continue,
-                ArqAction::Retransmit(_) => {
-                    out.send(&cur, server);
-                    continue;
-                }
-                ArqAction::GiveUp => return Err(Error::timeout("gateway did not acknowledge the handshake")),
-            }
-        };
-        if is_utack(&d) {
-            arq.handle_ack(&d, now());
+        while let Some(t) = dev.poll_transmit() {
+            out.send(t.bytes(), t.to);
+        }
+        let Some(d) = next_datagram(router, dev.poll_timeout()).await else {
+            dev.handle_timeout(now())?;
             continue;
-        }
-        let Ok(frame) = Frame::decode_exact(&d) else { continue };
-        let ptype = frame.packet_type();
-        if matches!(ptype, PacketType::HelloRetry | PacketType::Challenge | PacketType::SessionOk) {
-            // Devices ACK every frame they receive, duplicates included.
-            let (a, l) = encode_utack(ptype as u8, frame.seq(), None);
-            out.send(&a[..l], server);
-        }
-        stage = match (stage, ptype) {
-            (Stage::Hello(hs), PacketType::HelloRetry) if !hs.has_cookie() => {
-                let ClientReply::Retry(hs) = hs.handle_reply(&frame)? else { unreachable!("retry") };
-                cur.resize(128, 0);
-                let n = hs.encode_hello(&mut cur)?;
-                cur.truncate(n);
-                arq.on_send(ExpectedAck::new(PacketType::Hello as u8, 1, None), now());
-                out.send(&cur, server);
-                Stage::Hello(hs)
-            }
-            (Stage::Hello(hs), PacketType::Challenge) => {
-                let ClientReply::Challenge(expect) = hs.handle_reply(&frame)? else {
-                    unreachable!("challenge")
-                };
-                cur.resize(128, 0);
-                let n = expect.encode_hello_ack(&mut cur)?;
-                cur.truncate(n);
-                arq.on_send(ExpectedAck::new(PacketType::HelloAck as u8, HELLO_ACK_SEQ, None), now());
-                out.send(&cur, server);
-                Stage::AwaitOk(expect)
-            }
-            (Stage::AwaitOk(expect), PacketType::SessionOk) => {
-                let est = expect.handle_session_ok(&Frame::decode_exact(&d)?)?;
-                d.clear();
+        };
+        match dev.handle_datagram(now(), dev.server(), &d) {
+            DeviceEvent::Handled | DeviceEvent::Session => {}
+            DeviceEvent::Failed(e) => return Err(e.into()),
+            DeviceEvent::Established(est) => {
+                while let Some(t) = dev.poll_transmit() {
+                    out.send(t.bytes(), t.to);
+                }
                 return Ok(Session::new(&est, Transport::Udp));
             }
-            (s, _) => s, // duplicates and strays
-        };
+        }
     }
 }
 
@@ -207,16 +160,16 @@ pub(super) async fn run(
     out: Rc<UdpOut>,
 ) -> Result<(Rc<Conn>, monoio::task::JoinHandle<()>), Error> {
     let server = cfg.addr;
-    let key = match wire::random::<32>(&SystemRandom::new()).and_then(|s| Ok(EphemeralKey::from_seed(&s)?)) {
-        Ok(k) => k,
+    let dev = match wire::random::<32>(&SystemRandom::new())
+        .and_then(|s| Ok(Device::new(now(), server, device_id, psk, &s)?))
+    {
+        Ok(d) => d,
         Err(e) => {
             stop(&router, &out);
             return Err(e);
         }
     };
-    let hs = ClientHandshake::new(device_id, psk, key);
-    let session = match monoio::time::timeout(cfg.connect_timeout, handshake(&router, &out, server, hs)).await
-    {
+    let session = match monoio::time::timeout(cfg.connect_timeout, handshake(&router, &out, dev)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             stop(&router, &out);

@@ -8,8 +8,9 @@
 //! - [`handshake`]: the gateway side of the handshake fed arbitrary frames in arbitrary order;
 //! - [`session`]: an established session fed arbitrary and correctly sealed frames, checked
 //!   against an independent model of PROTOCOL.md §4–§6;
-//! - [`udp_path`]: a sans-IO model of a shard's UDP side ([`UdpSim`]) fed arbitrary datagrams
-//!   from arbitrary addresses on a simulated clock.
+//! - [`udp_path`]: the real UDP endpoint of a shard (`proto::endpoint`, with the sessions'
+//!   links and the real device role) fed arbitrary datagrams from arbitrary addresses on a
+//!   simulated clock.
 //!
 //! Nothing here uses sockets, threads, clocks or OS randomness: keys, nonces and time come from
 //! the input or from fixed seeds, so every input replays identically. The oracles (CRC, HMAC,
@@ -24,14 +25,12 @@ mod deframe;
 mod handshake;
 mod seeds;
 mod session;
-mod sim;
 mod udp;
 
 pub use deframe::deframe;
 pub use handshake::handshake;
 pub use seeds::{seeds, Seed};
 pub use session::session;
-pub use sim::{SimLimits, UdpSim};
 pub use udp::udp_path;
 
 /// The fuzz targets, in the order of the corpus directories under `tests/fuzz/corpus/`.

@@ -65,6 +65,9 @@ struct Model {
     tx: [u8; 32],
     rx: [u8; 32],
     stale_rx: [u8; 32],
+    /// UDP: the receive key, highest seq and seen seqs from before the last REKEY, kept until
+    /// a frame under the new key opens.
+    prev: Option<([u8; 32], u32, Vec<u32>)>,
     tx_seq: u32,
     rx_next: u32,
     hi: u32,
@@ -96,9 +99,60 @@ impl Model {
 
     fn install(&mut self, tx: [u8; 32], rx: [u8; 32]) {
         self.stale_rx = self.rx;
-        (self.tx, self.rx, self.tx_seq, self.rx_next, self.hi) = (tx, rx, 0, 0, 0);
+        if self.udp {
+            // A message being reassembled may end under the previous key.
+            self.prev = Some((self.rx, self.hi, core::mem::take(&mut self.seen)));
+        } else {
+            self.partial = None;
+        }
+        // UDP senders go on with their sequence numbers (PROTOCOL.md §4 windows accept it).
+        let tx_seq = if self.udp { self.tx_seq } else { 0 };
+        (self.tx, self.rx, self.tx_seq, self.rx_next, self.hi) = (tx, rx, tx_seq, 0, 0);
         self.seen.clear();
-        self.partial = None;
+    }
+
+    fn prev_window_ok(&self, seq: u32) -> bool {
+        self.prev
+            .as_ref()
+            .is_some_and(|(_, hi, seen)| u64::from(seq) + 64 > u64::from(*hi) && !seen.contains(&seq))
+    }
+
+    /// UDP after a REKEY: the current key first, then the previous one (its own window).
+    fn open_either(&mut self, f: &[u8], seq: u32) -> Result<(Vec<u8>, bool), Exp> {
+        let cur = if self.window_ok(seq) {
+            open_oracle(&self.rx, &self.sid, f).ok_or(Exp::Err(ErrorKind::Crypto))
+        } else {
+            Err(Exp::Err(ErrorKind::Sequence))
+        };
+        match cur {
+            Ok(pt) => {
+                self.prev = None;
+                Ok((pt, false))
+            }
+            Err(e) => {
+                if !self.prev_window_ok(seq) {
+                    return Err(Exp::Err(ErrorKind::Sequence));
+                }
+                let Some((key, hi, seen)) = self.prev.as_mut() else { return Err(e) };
+                let pt = open_oracle(key, &self.sid, f).ok_or(e)?;
+                *hi = (*hi).max(seq);
+                seen.push(seq);
+                let h = u64::from(*hi);
+                seen.retain(|s| u64::from(*s) + 64 > h);
+                Ok((pt, true))
+            }
+        }
+    }
+
+    /// Whether `f` is an authentic copy of a frame already accepted (PROTOCOL.md §7 re-ACK).
+    fn is_duplicate(&self, f: &[u8], seq: u32) -> bool {
+        if !self.window_ok(seq) && open_oracle(&self.rx, &self.sid, f).is_some() {
+            return true;
+        }
+        match &self.prev {
+            Some((key, _, _)) => !self.prev_window_ok(seq) && open_oracle(key, &self.sid, f).is_some(),
+            None => false,
+        }
     }
 
     fn continuity(&mut self, seq: u32) -> Result<(), Exp> {
@@ -140,18 +194,22 @@ impl Model {
             _ => {}
         }
         let seq = u32::from_le_bytes([f[4], f[5], f[6], f[7]]);
-        if (!self.udp && seq != self.rx_next) || (self.udp && !self.window_ok(seq)) {
-            return err(Sequence);
-        }
-        let pt = open_oracle(&self.rx, &self.sid, f).ok_or(Exp::Err(Crypto))?;
+        let (pt, under_prev) = if self.udp && self.prev.is_some() {
+            self.open_either(f, seq)?
+        } else {
+            if (!self.udp && seq != self.rx_next) || (self.udp && !self.window_ok(seq)) {
+                return err(Sequence);
+            }
+            (open_oracle(&self.rx, &self.sid, f).ok_or(Exp::Err(Crypto))?, false)
+        };
         if seq == u32::MAX {
             self.closed = true;
             return err(Sequence);
         }
-        if self.udp {
-            self.mark(seq);
-        } else {
+        if !self.udp {
             self.rx_next = seq + 1;
+        } else if !under_prev {
+            self.mark(seq);
         }
         Ok(match f[3] {
             8 => {
@@ -172,6 +230,9 @@ impl Model {
             }
             0x0B => {
                 self.control()?;
+                if under_prev {
+                    return err(Sequence); // crossed our own REKEY
+                }
                 let salt: [u8; 32] = pt.try_into().map_err(|_| Exp::Err(Payload))?;
                 let (init_tx, init_rx) = derive_rekey_keys(&self.rx, &self.tx, &self.sid, &salt);
                 self.install(init_rx, init_tx);
@@ -281,8 +342,7 @@ impl Harness {
         if transport == Transport::Udp && want == Exp::Err(ErrorKind::Sequence) && !closed {
             // `want` is a sequence error, so the header is sound; the window is as it is now.
             let seq = u32::from_le_bytes([f[4], f[5], f[6], f[7]]);
-            let authentic = open_oracle(&self.model.rx, &self.model.sid, f).is_some();
-            let dup = !self.model.window_ok(seq) && authentic;
+            let dup = self.model.is_duplicate(f, seq);
             assert_eq!(self.victim.verify_duplicate(&mut f.to_vec()), dup, "retransmission check wrong");
         }
         if ping {
@@ -463,6 +523,7 @@ pub fn session(data: &[u8]) -> Report {
         tx,
         rx,
         stale_rx: rx,
+        prev: None,
         tx_seq,
         rx_next: rx_seq,
         hi: 0,

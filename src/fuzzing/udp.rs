@@ -1,46 +1,56 @@
-//! `udp_path`: a shard's UDP side ([`UdpSim`]) fed arbitrary datagrams from arbitrary
-//! addresses, honest devices' flights, forged UTACKs and sealed frames, on a simulated clock.
+//! `udp_path`: the real UDP endpoint of a shard (`proto::endpoint::Endpoint`, with its
+//! sessions' links in `proto::peer::UdpPeer`) fed arbitrary datagrams from arbitrary
+//! addresses, real devices' flights (`proto::device::Device`), forged UTACKs and sealed frames,
+//! on a simulated clock. The glue around the endpoint is as thin as the gateway's: admission
+//! from a lockout table and a handshake cap, key lookup, an echoing application.
 //!
-//! Input: `wall(2) ‖ ops…` (the wall clock starts `wall` seconds into a cookie bucket
-//! sequence). Four device slots have fixed addresses (two ports of one IPv4 address, another
+//! Input: `skew(2) ‖ ops…` (the clock starts `skew` seconds in, so cookie buckets fall
+//! anywhere). Four device slots have fixed addresses (two ports of one IPv4 address, another
 //! IPv4 address, an IPv6 address). Ops, by first byte mod 10: 0 a raw datagram (`from ‖
 //! len u16 mod 600 ‖ bytes`; `from` ≥ 0xC0 reads an arbitrary IPv4 address and port); 1 device
 //! `slot` starts a handshake (`slot ‖ device ‖ key ‖ flags`: bit 0 wrong PSK); 2 the device
-//! handles what it received (answers HELLO_RETRY, CHALLENGE, SESSION_OK, frames, as a device
-//! does); 3 it sends a message (`slot ‖ len u16`); 4 it repeats one of its last 4 datagrams
-//! (`slot ‖ k`); 5 it sends a frame sealed with its keys (`slot ‖ type ‖ seq u32 ‖ len u16 ‖
-//! flags`); 6 a UTACK from it (`slot ‖ mode ‖ type ‖ seq u32`); 7 time passes (`ms u16`, × 64
-//! if bit 15); 8 the application sends to the slot (`slot ‖ len u16`); 9 the wall clock jumps
-//! ahead (`secs u8`).
+//! handles what it received; 3 it sends a message (`slot ‖ len u16`); 4 it repeats one of its
+//! last 4 datagrams (`slot ‖ k`); 5 it sends a frame sealed with its keys (`slot ‖ type ‖
+//! seq u32 ‖ len u16 ‖ flags`); 6 a UTACK from it (`slot ‖ mode ‖ type ‖ seq u32`); 7 time
+//! passes (`ms u16`, × 64 if bit 15); 8 the application sends to the slot (`slot ‖ len u16`);
+//! 9 the clock jumps `sel` seconds.
 //!
 //! Invariants, per datagram: answers go only to its sender; without a session, at most twice
 //! its size goes back (no amplification); a CHALLENGE (new handshake state) only for a cookie
 //! HELLO whose cookie an oracle finds valid for the sender, device, pub_C and the current or
 //! previous bucket, and fresh; a HELLO_RETRY only for a HELLO without cookie, carrying the
 //! oracle's cookie; a UTACK only for that very frame: HELLO, a HELLO_ACK with the right proof
-//! for a CHALLENGE sent, or a session frame that authenticates under the session's key, MAC'd
-//! with it; a session's outstanding frame completes only with its exact UTACK; a session
-//! appears only with SESSION_OK. After every op: tables within [`SimLimits`], cookies
-//! remembered ≤ valid cookies redeemed in its last two buckets, timers fired.
+//! for a CHALLENGE sent, or a session frame that authenticates under a key the session has
+//! had, MAC'd with that key; a session's frame in flight completes only with its exact UTACK;
+//! a session appears only with SESSION_OK. After every op: the endpoint's own invariants
+//! (tables within bounds, handshake timers armed, none outlived its timeout), the lockout
+//! table and the sessions' queues within bounds, cookies remembered ≤ valid cookies redeemed
+//! in the last two buckets.
 
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use core::time::Duration;
 use std::collections::BTreeMap;
 
-use super::sim::parse_hello;
-use super::{client_public, hmac_oracle, open_oracle, psk_of, raw_frame, seal_oracle, utack_oracle};
-use super::{Input, Report, SimLimits, UdpSim, CLIENT_SEEDS, DEVICES};
-use crate::proto::crypto::{EphemeralKey, Psk};
+use super::{hmac_oracle, open_oracle, psk_of, seal_oracle, utack_oracle};
+use super::{Input, Report, CLIENT_SEEDS, DEVICES};
+use crate::proto::crypto::Psk;
+use crate::proto::device::{Device, DeviceEvent};
+use crate::proto::endpoint::{DatagramEvent, Endpoint, EndpointConfig, Event, HandshakeFailure, KeyDecision};
 use crate::proto::frame::{Frame, PacketType};
-use crate::proto::handshake::{ClientExpectSessionOk, ClientHandshake, ClientReply};
-use crate::proto::session::{Received, Session, MAX_SEALED_MESSAGE_LEN};
-use crate::proto::udp::is_utack;
-use crate::proto::Transport;
+use crate::proto::handshake::{decode_hello, Hello};
+use crate::proto::lockout::{LockoutKey, LockoutPolicy, LockoutTable};
+use crate::proto::peer::{UdpPeer, OUT_HIGH_WATER};
+use crate::proto::udp::{is_utack, CookieJar};
 
 const MAX_OPS: usize = 64;
 /// Handshakes started per input (each costs four X25519 operations); the input ends there.
 const MAX_HANDSHAKES: usize = 6;
 const SECRET: [u8; 32] = [0x5E; 32];
+/// Small tables, so that a fuzzer reaches their bounds.
+const MAX_PEERS: usize = 6;
+const MAX_PENDING: usize = 3;
+const LOCKOUT_ENTRIES: usize = 8;
+const COOKIE_SOURCES: usize = 8;
 
 pub(crate) fn slot_addr(i: usize) -> SocketAddr {
     match i % 4 {
@@ -51,35 +61,171 @@ pub(crate) fn slot_addr(i: usize) -> SocketAddr {
     }
 }
 
-enum State {
-    Idle,
-    Hello,
-    AwaitOk(Box<ClientExpectSessionOk>),
-    Up(Box<Session>),
-}
+const GATEWAY: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 9, 9, 9)), 9000);
 
-/// A device as `Client` and the reference client behave on UDP.
+/// A device slot: the real device role, then its session.
+#[derive(Default)]
 struct Dev {
-    device: [u8; 6],
-    psk: &'static [u8],
-    key: usize,
-    cookie: Option<[u8; 16]>,
-    state: State,
+    device: Option<Device>,
+    session: Option<UdpPeer>,
     sent: Vec<Vec<u8>>,
     inbox: Vec<Vec<u8>>,
 }
 
+/// A session's receive key and id.
+type RxKey = ([u8; 32], [u8; 16]);
+
 /// A PSK and the proof input `nonce ‖ device_id ‖ pub_C ‖ pub_S` of a CHALLENGE sent.
 type Transcript = (&'static [u8], Vec<u8>);
 
+/// One shard's UDP side: the endpoint and a glue as thin as `gateway::udp`'s.
+struct Shard {
+    now: Duration,
+    ep: Endpoint<usize>,
+    sessions: Vec<Option<UdpPeer>>,
+    lockout: LockoutTable,
+    pending: usize,
+    out: Vec<(SocketAddr, Vec<u8>)>,
+    rng: u64,
+    delivered: usize,
+    established: usize,
+}
+
+impl Shard {
+    fn random<const N: usize>(&mut self) -> [u8; N] {
+        self.rng += 1;
+        let mac = hmac_oracle(&SECRET, &[&self.rng.to_le_bytes()]);
+        let mut b = [0u8; N];
+        b.copy_from_slice(&mac[..N]);
+        b
+    }
+
+    fn session(&self, from: SocketAddr) -> Option<&UdpPeer> {
+        self.ep.session(from).and_then(|h| self.sessions.get(*h)?.as_ref())
+    }
+
+    /// One datagram (the shard's receive loop); returns whether a valid cookie was redeemed.
+    fn datagram(&mut self, from: SocketAddr, d: &[u8]) -> bool {
+        let mut redeemed = false;
+        match self.ep.handle_datagram(self.now, from, d) {
+            DatagramEvent::Done(_) => {}
+            DatagramEvent::Session(h) => {
+                if let Some(s) = self.sessions.get(h).and_then(|s| s.as_ref()) {
+                    s.handle_datagram(self.now, &mut d.to_vec());
+                }
+            }
+            DatagramEvent::Incoming(inc) => {
+                redeemed = true;
+                let (ip, dev) = (from.ip(), inc.hello.device_id);
+                let locked = self.lockout.check(&LockoutKey::Ip(ip), self.now).is_some()
+                    || self.lockout.check(&LockoutKey::Device(ip, dev), self.now).is_some();
+                if !locked && self.pending < MAX_PENDING {
+                    self.pending += 1;
+                    self.ep.accept(self.now, inc);
+                }
+            }
+        }
+        self.drive();
+        redeemed
+    }
+
+    /// Send what the endpoint and the sessions queued, act on events, run the application.
+    fn drive(&mut self) {
+        loop {
+            while let Some(t) = self.ep.poll_transmit() {
+                self.out.push((t.to, t.bytes().to_vec()));
+            }
+            let Some(ev) = self.ep.poll_event() else { break };
+            match ev {
+                Event::KeyNeeded { from, device_id } => {
+                    let d = match psk_of(&device_id).and_then(|k| Psk::new(k).ok()) {
+                        Some(psk) => KeyDecision::Key {
+                            psk,
+                            seed: self.random(),
+                            nonce: self.random(),
+                            session_id: self.random(),
+                        },
+                        None => KeyDecision::Unregistered,
+                    };
+                    self.ep.handle_key(self.now, from, d);
+                }
+                Event::Established { from, est } => {
+                    self.pending -= 1;
+                    self.established += 1;
+                    self.lockout.record_success(&LockoutKey::Device(from.ip(), est.device_id));
+                    self.sessions.push(Some(UdpPeer::new(&est)));
+                    if let Some(old) = self.ep.attach(from, self.sessions.len() - 1) {
+                        self.sessions[old] = None; // replaced
+                    }
+                }
+                Event::Failed { from, device_id, reason } => {
+                    self.pending -= 1;
+                    if !matches!(reason, HandshakeFailure::Superseded | HandshakeFailure::Evicted) {
+                        self.lockout.record_failure(LockoutKey::Device(from.ip(), device_id), self.now);
+                    }
+                }
+                Event::SessionOkUnacked(_) => {}
+            }
+        }
+        let now = self.now;
+        for i in 0..self.sessions.len() {
+            let Some(s) = &self.sessions[i] else { continue };
+            // The echoing application, bounded like `try_send`.
+            while let Some(m) = s.recv() {
+                self.delivered += 1;
+                if s.queued_len() < OUT_HIGH_WATER {
+                    let _ = s.send_message(now, &m);
+                }
+            }
+            let to = self.peer_of(i);
+            while let Some(d) = s.poll_transmit() {
+                if let Some(to) = to {
+                    self.out.push((to, d));
+                }
+            }
+            if s.is_gone() || (s.is_closed() && s.is_drained()) {
+                if let Some(to) = to {
+                    self.ep.detach(to, |h| *h == i);
+                }
+                self.sessions[i] = None;
+            }
+        }
+    }
+
+    fn peer_of(&self, handle: usize) -> Option<SocketAddr> {
+        (0..4).map(slot_addr).find(|a| self.ep.session(*a) == Some(&handle))
+    }
+
+    fn advance(&mut self, dt: Duration) {
+        self.now += dt;
+        self.ep.handle_timeout(self.now);
+        for s in self.sessions.iter().flatten() {
+            s.handle_timeout(self.now);
+        }
+        self.drive();
+    }
+
+    fn check_bounds(&self) {
+        self.ep.check_invariants(self.now);
+        assert!(self.pending <= MAX_PENDING, "too many handshakes");
+        assert_eq!(self.pending, self.ep.handshake_count(), "handshake count drifted");
+        assert!(self.lockout.len() <= LOCKOUT_ENTRIES, "lockout table over its bound");
+        for s in self.sessions.iter().flatten() {
+            assert!(s.queued_len() <= OUT_HIGH_WATER + 2048, "send queue over its bound");
+        }
+    }
+}
+
 struct Harness {
-    sim: UdpSim,
+    shard: Shard,
     devs: Vec<Dev>,
     /// Per address: (psk, proof input after the prefix) of CHALLENGEs sent.
     transcripts: BTreeMap<SocketAddr, Vec<Transcript>>,
+    /// Per address: every receive key its gateway session has had (REKEY keeps the old one).
+    rx_keys: BTreeMap<SocketAddr, Vec<RxKey>>,
     redeemed: Vec<[u8; 16]>,
     valid_cookies: BTreeMap<u64, usize>,
-    report: Report,
+    started: usize,
 }
 
 pub(crate) fn cookie_oracle(from: SocketAddr, dev: &[u8; 6], pub_c: &[u8; 32], bucket: u64) -> [u8; 16] {
@@ -91,23 +237,43 @@ pub(crate) fn cookie_oracle(from: SocketAddr, dev: &[u8; 6], pub_c: &[u8; 32], b
     mac[..16].try_into().expect("16 bytes")
 }
 
+pub(crate) fn parse_hello(d: &[u8]) -> Option<Hello> {
+    decode_hello(&Frame::decode_exact(d).ok()?).ok()
+}
+
 impl Harness {
+    fn keys_of(&self, from: SocketAddr) -> Option<RxKey> {
+        self.shard.session(from).map(|s| {
+            let (_, rx, sid) = s.keys();
+            (rx, sid)
+        })
+    }
+
+    fn note_keys(&mut self, from: SocketAddr) {
+        if let Some(k) = self.keys_of(from) {
+            let l = self.rx_keys.entry(from).or_default();
+            if l.last() != Some(&k) {
+                l.push(k);
+            }
+        }
+    }
+
     /// Deliver `d` from `from` to the shard and check what it did about it.
     fn deliver(&mut self, from: SocketAddr, d: &[u8]) {
-        let (keys, outstanding, bucket) =
-            (self.sim.session_keys(from), self.sim.outstanding(from), self.sim.bucket());
+        let keys = self.keys_of(from);
+        let in_flight = self.shard.session(from).and_then(|s| s.in_flight());
+        let bucket = CookieJar::bucket(self.shard.now.as_secs());
         let hello = parse_hello(d);
         let cookie_ok = hello.as_ref().and_then(|h| Some((h.cookie?, h))).is_some_and(|(c, h)| {
             [bucket, bucket.saturating_sub(1)]
                 .iter()
                 .any(|b| c == cookie_oracle(from, &h.device_id, &h.pub_c, *b))
         });
-        let redeems = self.sim.redeem_calls;
-        self.sim.datagram(from, d);
-        if cookie_ok && self.sim.redeem_calls > redeems {
+        if self.shard.datagram(from, d) {
+            assert!(cookie_ok, "a cookie the oracle does not know was redeemed");
             *self.valid_cookies.entry(bucket).or_default() += 1;
         }
-        let out = self.sim.take_output();
+        let out = core::mem::take(&mut self.shard.out);
         let sent: usize = out.iter().map(|(_, o)| o.len()).sum();
         assert!(
             keys.is_some() || sent <= 2 * d.len(),
@@ -118,7 +284,7 @@ impl Harness {
         for (to, o) in &out {
             assert_eq!(*to, from, "answer sent to another address");
             if is_utack(o) {
-                self.check_utack(from, d, o, keys);
+                self.check_utack(from, d, o);
                 continue;
             }
             let f = Frame::decode_exact(o).expect("the shard sends well-formed frames");
@@ -147,24 +313,21 @@ impl Harness {
                 _ => {}
             }
         }
-        let keys_now = self.sim.session_keys(from);
+        let keys_now = self.keys_of(from);
         if keys_now.is_some() && keys_now != keys {
             let rekey = out.iter().any(|(_, o)| is_utack(o) && o[2] == 0x0B);
             assert!(session_ok || rekey, "session keys changed without SESSION_OK or REKEY");
         }
-        if let Some((t, s, k)) = outstanding.filter(|o| Some(*o) != self.sim.outstanding(from)) {
-            if is_utack(d) {
-                assert_eq!(
-                    d.get(..15),
-                    Some(&utack_oracle(t, s, Some(&k))[..]),
-                    "ARQ completed by a wrong UTACK"
-                );
+        self.note_keys(from);
+        if let Some(e) = in_flight {
+            if is_utack(d) && self.shard.session(from).and_then(|s| s.in_flight()) != Some(e) {
+                assert!(e.matches(d), "ARQ completed by a wrong UTACK");
             }
         }
         self.route(out);
     }
 
-    fn check_utack(&self, from: SocketAddr, d: &[u8], o: &[u8], keys: Option<([u8; 32], [u8; 16])>) {
+    fn check_utack(&self, from: SocketAddr, d: &[u8], o: &[u8]) {
         let (t, seq) = (o[2], u32::from_le_bytes([o[3], o[4], o[5], o[6]]));
         let f = Frame::decode_exact(d).expect("a UTACK answers a well-formed frame");
         assert_eq!((f.packet_type() as u8, f.seq()), (t, seq), "UTACK names another frame");
@@ -177,9 +340,12 @@ impl Harness {
                 assert!(o.len() == 7 && ok, "UTACK of a HELLO_ACK without the right proof");
             }
             5.. => {
-                let (k, sid) = keys.expect("session UTACK without a session");
-                assert_eq!(o, &utack_oracle(t, seq, Some(&k))[..], "UTACK MAC");
-                assert!(open_oracle(&k, &sid, d).is_some(), "UTACK of a frame that does not authenticate");
+                let ok = self.rx_keys.get(&from).is_some_and(|l| {
+                    l.iter().any(|(k, sid)| {
+                        o == &utack_oracle(t, seq, Some(k))[..] && open_oracle(k, sid, d).is_some()
+                    })
+                });
+                assert!(ok, "UTACK of a frame that does not authenticate under the key it is MAC'd with");
             }
             _ => panic!("UTACK of type {t}"),
         }
@@ -197,12 +363,12 @@ impl Harness {
     }
 
     fn check(&mut self) {
-        self.sim.check_bounds();
+        self.shard.check_bounds();
         // The jar rotates on valid redemptions: it holds those of the last bucket that had one
         // and of the bucket before.
         let b = self.valid_cookies.keys().next_back().copied().unwrap_or(0);
         let valid: usize = self.valid_cookies.range(b.saturating_sub(1)..=b).map(|(_, n)| n).sum();
-        assert!(self.sim.cookies_used() <= valid, "cookie jar remembers more than was redeemed");
+        assert!(self.shard.ep.cookies_used() <= valid, "cookie jar remembers more than was redeemed");
         self.valid_cookies.retain(|k, _| *k + 1 >= b);
     }
 
@@ -215,107 +381,79 @@ impl Harness {
         self.deliver(slot_addr(slot), d);
     }
 
-    /// Op 2: the device answers what it received, as a device does.
+    /// Everything the slot's device and session queued, sent.
+    fn flush(&mut self, slot: usize) {
+        let mut out = Vec::new();
+        let dev = &mut self.devs[slot];
+        if let Some(d) = &mut dev.device {
+            out.extend(core::iter::from_fn(|| d.poll_transmit()).map(|t| t.bytes().to_vec()));
+        }
+        if let Some(s) = &dev.session {
+            out.extend(core::iter::from_fn(|| s.poll_transmit()));
+        }
+        for d in out {
+            self.send(slot, &d);
+        }
+    }
+
+    /// Op 2: the device handles what it received (the real device role, then its session).
     fn step(&mut self, slot: usize) {
+        let now = self.shard.now;
         for d in core::mem::take(&mut self.devs[slot].inbox) {
-            let Ok(f) = Frame::decode_exact(&d) else { continue };
             let dev = &mut self.devs[slot];
-            let (t, seq) = (f.packet_type(), f.seq());
-            let mut reply = Vec::new();
-            match (t, core::mem::replace(&mut dev.state, State::Idle)) {
-                (PacketType::HelloRetry, State::Hello) if dev.cookie.is_none() => {
-                    dev.cookie = f.payload().try_into().ok();
-                    dev.state = State::Hello;
-                    let p = [&dev.device[..], &client_public(dev.key), f.payload()].concat();
-                    reply.push(raw_frame(1, 1, &p));
-                }
-                (PacketType::Challenge, State::Hello) => {
-                    let key = EphemeralKey::from_seed(&CLIENT_SEEDS[dev.key]).expect("fixed seed");
-                    let mut ch = ClientHandshake::new(dev.device, Psk::new(dev.psk).expect("long PSK"), key);
-                    if let Some(c) = dev.cookie {
-                        if let Ok(ClientReply::Retry(c)) =
-                            ch.handle_reply(&Frame::decode(&raw_frame(10, 0, &c)).expect("frame"))
-                        {
-                            ch = c;
-                        } else {
-                            panic!("the client refused its HELLO_RETRY");
-                        }
-                    }
-                    if let Ok(ClientReply::Challenge(c)) = ch.handle_reply(&f) {
-                        let mut b = [0u8; 64];
-                        let n = c.encode_hello_ack(&mut b).expect("HELLO_ACK fits");
-                        reply.extend([utack_oracle(2, seq, None), b[..n].to_vec()]);
-                        dev.state = State::AwaitOk(Box::new(c));
+            let Some(device) = &mut dev.device else { continue };
+            match device.handle_datagram(now, GATEWAY, &d) {
+                DeviceEvent::Handled | DeviceEvent::Failed(_) => {}
+                DeviceEvent::Established(est) => dev.session = Some(UdpPeer::new(&est)),
+                DeviceEvent::Session => {
+                    if let Some(s) = &dev.session {
+                        s.handle_datagram(now, &mut d.clone());
+                        while s.recv().is_some() {}
                     }
                 }
-                (PacketType::SessionOk, s) => {
-                    reply.push(utack_oracle(4, seq, None));
-                    dev.state = match s {
-                        State::AwaitOk(c) => c.handle_session_ok(&f).map_or(State::Idle, |est| {
-                            State::Up(Box::new(Session::new(&est, Transport::Udp)))
-                        }),
-                        other => other,
-                    };
-                }
-                (_, State::Up(mut s)) if t.is_encrypted() => {
-                    let key = *s.rx_key_bytes();
-                    let mut b = d.clone();
-                    let ack = match s.open(&mut b, self.sim.now()) {
-                        Ok(Received::Ping) => {
-                            let mut out = [0u8; 64];
-                            if let Some(n) = s.seal_pong(self.sim.now(), &mut out) {
-                                reply.push(out[..n].to_vec());
-                            }
-                            true
-                        }
-                        Ok(Received::Bye) => false,
-                        Ok(_) => true,
-                        Err(_) => s.verify_duplicate(&mut d.clone()),
-                    };
-                    if ack {
-                        reply.insert(0, utack_oracle(t as u8, seq, Some(&key)));
-                    }
-                    if !s.is_closed() {
-                        dev.state = State::Up(s);
-                    }
-                }
-                (_, s) => dev.state = s,
-            }
-            for r in reply {
-                self.send(slot, &r);
             }
         }
+        self.flush(slot);
     }
 }
 
 /// Fuzz entry point: see the module documentation for the input format and invariants.
 pub fn udp_path(data: &[u8]) -> Report {
     let mut r = Input::new(data);
-    let wall = 1_700_000_000 + u64::from(r.u16());
-    let dev = |i: usize| Dev {
-        device: DEVICES[i % 3].0,
-        psk: DEVICES[i % 3].1,
-        key: i % 3,
-        cookie: None,
-        state: State::Idle,
-        sent: Vec::new(),
-        inbox: Vec::new(),
+    let now = Duration::from_secs(1_700_000_000 + u64::from(r.u16()));
+    let cfg = EndpointConfig {
+        max_peers: MAX_PEERS,
+        cookie_sources: COOKIE_SOURCES,
+        cookie_global_rate: 50.0,
+        ..EndpointConfig::default()
     };
     let mut h = Harness {
-        sim: UdpSim::new(SECRET, wall, SimLimits::default()),
-        devs: (0..4).map(dev).collect(),
+        shard: Shard {
+            now,
+            ep: Endpoint::new(cfg, &SECRET),
+            sessions: Vec::new(),
+            lockout: LockoutTable::new(LockoutPolicy { max_entries: LOCKOUT_ENTRIES, ..Default::default() }),
+            pending: 0,
+            out: Vec::new(),
+            rng: 0,
+            delivered: 0,
+            established: 0,
+        },
+        devs: (0..4).map(|_| Dev::default()).collect(),
         transcripts: BTreeMap::new(),
+        rx_keys: BTreeMap::new(),
         redeemed: Vec::new(),
         valid_cookies: BTreeMap::new(),
-        report: Report::default(),
+        started: 0,
     };
     for _ in 0..MAX_OPS {
-        if r.is_empty() || h.redeemed.len() > MAX_HANDSHAKES {
+        if r.is_empty() || h.started > MAX_HANDSHAKES {
             break;
         }
         let op = r.u8() % 10;
         let sel = r.u8();
         let slot = usize::from(sel % 4);
+        let now = h.shard.now;
         match op {
             0 => {
                 let from = if sel >= 0xC0 {
@@ -329,27 +467,21 @@ pub fn udp_path(data: &[u8]) -> Report {
             }
             1 => {
                 let (dsel, ksel, flags) = (usize::from(r.u8() % 4), usize::from(r.u8() % 3), r.u8());
-                let d = &mut h.devs[slot];
-                d.device = if dsel < 3 { DEVICES[dsel].0 } else { [0xEE; 6] };
-                d.psk = DEVICES[(dsel + usize::from(flags & 1)) % 3].1;
-                (d.key, d.cookie, d.state) = (ksel, None, State::Hello);
-                let hello = raw_frame(1, 0, &[&d.device[..], &client_public(ksel)].concat());
-                h.send(slot, &hello);
+                let device = if dsel < 3 { DEVICES[dsel].0 } else { [0xEE; 6] };
+                let psk = Psk::new(DEVICES[(dsel + usize::from(flags & 1)) % 3].1).expect("long PSK");
+                h.started += 1;
+                let dev = &mut h.devs[slot];
+                dev.session = None;
+                dev.device = Device::new(now, GATEWAY, device, psk, &CLIENT_SEEDS[ksel]).ok();
+                h.flush(slot);
             }
             2 => h.step(slot),
             3 => {
                 let len = usize::from(r.u16()) % 1900;
-                if let State::Up(s) = &mut h.devs[slot].state {
-                    let mut out = vec![0u8; MAX_SEALED_MESSAGE_LEN];
-                    if let Ok(n) = s.seal_message(&vec![0xA5; len], &mut out) {
-                        let mut at = 0;
-                        while at < n {
-                            let l = 12 + usize::from(u16::from_le_bytes([out[at + 8], out[at + 9]]));
-                            h.send(slot, &out[at..at + l]);
-                            at += l;
-                        }
-                    }
+                if let Some(s) = &h.devs[slot].session {
+                    let _ = s.send_message(now, &vec![0xA5; len]);
                 }
+                h.flush(slot);
             }
             4 => {
                 let k = usize::from(r.u8());
@@ -361,23 +493,24 @@ pub fn udp_path(data: &[u8]) -> Report {
             }
             5 => {
                 let (t, seq, len, flags) = (r.u8(), r.u32(), usize::from(r.u16()) % 453, r.u8());
-                let (key, sid) = match &h.devs[slot].state {
-                    State::Up(s) => (*s.tx_key_bytes(), *s.session_id()),
-                    _ => ([0; 32], [0; 16]),
-                };
+                let (key, _, sid) =
+                    h.devs[slot].session.as_ref().map_or(([0; 32], [0; 32], [0; 16]), |s| s.keys());
                 let f = seal_oracle(&key, &sid, t, seq, &r.vec(len), flags & 1 != 0, flags & 2 != 0);
                 h.send(slot, &f);
             }
             6 => {
                 let (mode, t, seq) = (r.u8() % 4, r.u8(), r.u32());
-                let key = match &h.devs[slot].state {
-                    State::Up(s) => *s.rx_key_bytes(),
-                    _ => [0; 32],
-                };
-                let u = match (mode, h.sim.outstanding(slot_addr(slot))) {
+                let (_, key, _) =
+                    h.devs[slot].session.as_ref().map_or(([0; 32], [0; 32], [0; 16]), |s| s.keys());
+                let exact = h.shard.session(slot_addr(slot)).and_then(|s| s.in_flight());
+                let u = match (mode, exact) {
                     (0, _) => utack_oracle(t, seq, Some(&key)),
                     (1, _) => utack_oracle(t, seq, None),
-                    (2, Some((t, s, k))) => utack_oracle(t, s, Some(&k)),
+                    (2, Some(e)) => {
+                        let mut u = utack_oracle(e.ptype, e.seq, None);
+                        u.extend(e.mac.unwrap_or_default());
+                        u
+                    }
                     _ => [&utack_oracle(t, seq, None)[..], &r.vec(8)].concat(),
                 };
                 h.send(slot, &u);
@@ -385,21 +518,28 @@ pub fn udp_path(data: &[u8]) -> Report {
             7 => {
                 let ms = u64::from(r.u16());
                 let ms = if ms & 0x8000 != 0 { (ms & 0x7FFF) * 64 } else { ms };
-                h.sim.advance(Duration::from_millis(ms));
-                let out = h.sim.take_output();
+                h.shard.advance(Duration::from_millis(ms));
+                let out = core::mem::take(&mut h.shard.out);
                 h.route(out);
             }
             8 => {
                 let len = usize::from(r.u16()) % 1900;
-                h.sim.app_send(slot_addr(slot), &vec![0x3C; len]);
-                let out = h.sim.take_output();
+                if let Some(s) = h.shard.session(slot_addr(slot)) {
+                    if s.queued_len() < OUT_HIGH_WATER {
+                        let _ = s.send_message(now, &vec![0x3C; len]);
+                    }
+                }
+                h.shard.drive();
+                let out = core::mem::take(&mut h.shard.out);
                 h.route(out);
             }
-            _ => h.sim.step_wall(u64::from(sel)),
+            _ => {
+                h.shard.advance(Duration::from_secs(u64::from(sel)));
+                let out = core::mem::take(&mut h.shard.out);
+                h.route(out);
+            }
         }
         h.check();
     }
-    h.report.established = h.sim.established;
-    h.report.messages = h.sim.delivered;
-    h.report
+    Report { established: h.shard.established, messages: h.shard.delivered, ..Report::default() }
 }

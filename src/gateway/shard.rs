@@ -353,25 +353,16 @@ async fn shard_main(
         background.push(monoio::spawn(app.clone().run(super::app::ShardContext { shard: shard.clone() })));
     }
     let udp = match sockets.udp.map(|u| wire::random::<32>(&shard.rng).map(|secret| (u, secret))) {
-        Some(Ok((u, secret))) => {
-            match super::udp::UdpShard::new(
-                u,
-                secret,
-                shard.shared.cfg.cookie_rate_per_ip,
-                shard.idx,
-                &handler,
-                shard.app.as_ref(),
-            ) {
-                Ok(udp) => {
-                    background.extend(super::udp::start(&shard, &udp, handler.clone()));
-                    Some(udp)
-                }
-                Err(e) => {
-                    tracing::error!(shard = shard.idx, error = %e, "cannot register UDP socket");
-                    None
-                }
+        Some(Ok((u, secret))) => match super::udp::UdpShard::new(u, secret, &shard, &handler) {
+            Ok(udp) => {
+                background.extend(super::udp::start(&shard, &udp, handler.clone()));
+                Some(udp)
             }
-        }
+            Err(e) => {
+                tracing::error!(shard = shard.idx, error = %e, "cannot register UDP socket");
+                None
+            }
+        },
         _ => None,
     };
     match sockets.tcp.map(TcpListener::from_std) {

@@ -1,30 +1,32 @@
-//! A shard's UDP side: one SO_REUSEPORT socket, datagrams demultiplexed by peer address into
-//! handshakes and sessions, the stateless cookie round trip before any per-peer state, and
-//! every handshake frame under the stop-and-wait ARQ. Sessions then share the connection core
-//! with TCP (`rt::conn`) and the UDP pump (`rt::udp`).
+//! A shard's UDP side as a thin loop around the sans-IO [`Endpoint`] (`proto::endpoint`):
+//! receive a batch of datagrams, feed the endpoint, send what it returns, re-arm one timer,
+//! and act on its events (admission, key lookup and X25519 budget, sessions up and down).
+//! Sessions then share the connection core with TCP (`rt::conn`) and the UDP pump (`rt::udp`).
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use monoio::net::udp::UdpSocket;
 use nix::errno::Errno;
 
-use super::shard::{close_session, links, open_session, record_failure, Failure, Shard, UNREGISTERED};
+use super::shard::{
+    close_session, links, open_session, record_failure, Failure, Shard, Ticket, EVICTED, UNREGISTERED,
+};
 use super::stats::ShardStats;
 use super::Handler;
-use crate::proto::arq::{Arq, ArqAction};
-use crate::proto::crypto::EphemeralKey;
-use crate::proto::frame::{encode_frame, Frame, PacketType};
-use crate::proto::handshake::{decode_hello, Hello, ServerExpectHelloAck};
+use crate::proto::crypto::Psk;
+use crate::proto::endpoint::{
+    DatagramEvent, Endpoint, EndpointConfig, Event, Handled, HandshakeFailure, Incoming, KeyDecision,
+};
 use crate::proto::lockout::LockoutKey;
 use crate::proto::session::Session as ProtoSession;
-use crate::proto::udp::{encode_utack, is_utack, CookieError, CookieJar, ExpectedAck, SourceLimiter};
 use crate::proto::{ErrorKind, Transport};
+use crate::psk::PskSource;
 use crate::rt::conn::{CloseReason, Conn, Links};
 use crate::rt::event::LocalEvent;
 use crate::rt::udp::{
@@ -34,30 +36,6 @@ use crate::rt::{now, wire, Error};
 
 /// Datagrams read per wake-up before the sessions they woke, the senders and timers run.
 const RECV_BATCH: usize = 64;
-/// Handshake datagrams buffered per peer before more are dropped.
-const HS_INBOX: usize = 8;
-
-/// A handshake in progress with one address.
-struct Handshake {
-    /// Evicted under pressure (stalled): give up at once.
-    evicted: std::cell::Cell<bool>,
-    /// The cookie that opened it: its retransmitted HELLO is re-ACKed by the task, any other
-    /// HELLO from the address starts over on the cookie path.
-    cookie: [u8; 16],
-    inbox: RefCell<VecDeque<Vec<u8>>>,
-    ev: LocalEvent,
-}
-
-/// Is `d` the cookie HELLO that opened `hs` (a retransmission)?
-fn is_own_hello(hs: &Handshake, d: &[u8]) -> bool {
-    d.len() == 12 + 54 && d[3] == PacketType::Hello as u8 && d[12 + 38..] == hs.cookie
-}
-
-#[derive(Default, Clone)]
-struct Peer {
-    hs: Option<Rc<Handshake>>,
-    conn: Option<Rc<Conn>>,
-}
 
 /// The UDP state of one shard.
 pub(super) struct UdpShard {
@@ -66,46 +44,59 @@ pub(super) struct UdpShard {
     port: Rc<UdpPort>,
     /// What every UDP session of the shard is wired to (the port, the inline hook if any).
     links: Rc<Links>,
-    peers: RefCell<HashMap<SocketAddr, Peer>>,
-    cookies: RefCell<CookieJar>,
-    limiter: RefCell<SourceLimiter>,
+    /// The protocol: cookie path, handshakes under ARQ, demultiplexing.
+    ep: RefCell<Endpoint<Rc<Conn>>>,
+    /// Handshakes in progress: their eviction tickets and start times.
+    pending: RefCell<HashMap<SocketAddr, (Ticket, Duration)>>,
+    /// Handshakes the shard's evictor (or shutdown) asked to end.
+    evicted: RefCell<Vec<SocketAddr>>,
+    /// Wakes the timer task: the endpoint's deadline may have moved, or evictions wait.
+    wake: LocalEvent,
 }
 
 impl UdpShard {
     pub(super) fn new(
         sock: std::net::UdpSocket,
         secret: [u8; 32],
-        per_ip: f64,
-        shard: usize,
+        shard: &Shard,
         handler: &Handler,
-        app: Option<&Rc<dyn super::app::ShardApp>>,
     ) -> std::io::Result<Rc<Self>> {
+        let cfg = &shard.shared.cfg;
+        let per_ip = cfg.cookie_rate_per_ip;
+        let ep_cfg = EndpointConfig {
+            // Every session the gateway may hold plus this shard's handshakes: the peer table
+            // never outgrows what the limits allow (0 = unlimited sessions: a large bound).
+            max_peers: if cfg.max_sessions == 0 { 1 << 22 } else { cfg.max_sessions }
+                .saturating_add(cfg.max_handshakes_per_shard),
+            handshake_timeout: cfg.handshake_timeout,
+            // Per source: `per_ip`/s with a one-second burst; plus a shard-wide ceiling.
+            cookie_rate: per_ip,
+            cookie_burst: per_ip.max(10.0),
+            cookie_global_rate: 50_000.0,
+            cookie_sources: 65_536,
+        };
         let port = UdpPort::new(UdpOut::new());
         Ok(Rc::new(UdpShard {
             sock: Rc::new(UdpSocket::from_std(sock)?),
-            links: links(shard, handler, app, Some(port.clone())),
+            links: links(shard.idx, handler, shard.app.as_ref(), Some(port.clone())),
             port,
-            peers: RefCell::new(HashMap::new()),
-            cookies: RefCell::new(CookieJar::new(&secret)),
-            // Per source: `per_ip`/s with a one-second burst; plus a shard-wide ceiling.
-            limiter: RefCell::new(SourceLimiter::new(per_ip.max(10.0), per_ip, 50_000.0, 65_536)),
+            ep: RefCell::new(Endpoint::new(ep_cfg, &secret)),
+            pending: RefCell::new(HashMap::new()),
+            evicted: RefCell::new(Vec::new()),
+            wake: LocalEvent::default(),
         }))
     }
 
     /// Peers with state (handshakes or sessions): what a HELLO flood must not grow.
     pub(super) fn peer_count(&self) -> usize {
-        self.peers.borrow().len()
+        self.ep.borrow().peer_count()
     }
 }
 
-fn unix_bucket() -> u64 {
-    CookieJar::bucket(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
-}
-
-/// Start the socket's tasks: the receiver, the sender, the retransmission timers and the
-/// reaper (their handles, to await at shutdown). Datagrams are read and sent with
-/// non-blocking calls between readiness waits, on io_uring and epoll alike: a busy socket
-/// then costs one wake-up per burst instead of an operation (and a task wake-up) per datagram.
+/// Start the socket's tasks: the receiver, the sender, the retransmission timers, the
+/// endpoint's timer and the reaper (their handles, to await at shutdown). Datagrams are read
+/// and sent with non-blocking calls between readiness waits, on io_uring and epoll alike: a
+/// busy socket then costs one wake-up per burst instead of an operation per datagram.
 pub(super) fn start(
     shard: &Rc<Shard>,
     udp: &Rc<UdpShard>,
@@ -116,8 +107,9 @@ pub(super) fn start(
         monoio::spawn(async move {
             send_loop_direct(&u2.sock, u2.port.out(), || ShardStats::inc(&s2.stats().datagrams_dropped)).await
         }),
-        monoio::spawn(recv_loop(shard.clone(), udp.clone(), handler)),
+        monoio::spawn(recv_loop(shard.clone(), udp.clone(), handler.clone())),
         monoio::spawn(udp.port.clone().run_timers()),
+        monoio::spawn(endpoint_timer(shard.clone(), udp.clone(), handler)),
         monoio::spawn(reaper(shard.clone(), udp.clone())),
     ]
 }
@@ -125,13 +117,14 @@ pub(super) fn start(
 /// Stop the socket's tasks (shutdown): sessions still waiting for their BYE's UTACK are
 /// abandoned and unregistered.
 pub(super) fn stop(shard: &Rc<Shard>, udp: &UdpShard) {
-    let left: Vec<Rc<Conn>> = udp.peers.borrow().values().filter_map(|p| p.conn.clone()).collect();
+    let left: Vec<Rc<Conn>> = udp.ep.borrow().sessions().cloned().collect();
     for c in left {
         c.close(CloseReason::Shutdown, false);
     }
     unregister_finished(shard, udp);
     udp.port.stop();
     udp.port.out().stop();
+    udp.wake.notify();
 }
 
 /// Unregister the sessions whose last frame was delivered or abandoned.
@@ -148,16 +141,7 @@ async fn reaper(shard: Rc<Shard>, udp: Rc<UdpShard>) {
 fn unregister_finished(shard: &Rc<Shard>, udp: &UdpShard) {
     for conn in udp.port.take_finished() {
         close_session(shard, &conn);
-        let from = conn.peer();
-        let mut peers = udp.peers.borrow_mut();
-        if let Some(p) = peers.get_mut(&from) {
-            if p.conn.as_ref().is_some_and(|c| Rc::ptr_eq(c, &conn)) {
-                p.conn = None;
-            }
-            if p.hs.is_none() && p.conn.is_none() {
-                peers.remove(&from);
-            }
-        }
+        udp.ep.borrow_mut().detach(conn.peer(), |c| Rc::ptr_eq(c, &conn));
     }
 }
 
@@ -169,7 +153,7 @@ async fn recv_loop(shard: Rc<Shard>, udp: Rc<UdpShard>, handler: Arc<Handler>) {
             match recv_nonblocking(fd, &mut buf, None) {
                 Ok(Some(d)) => {
                     ShardStats::inc(&shard.stats().datagrams_in);
-                    on_datagram(&shard, &udp, &mut buf[..d.len], d.from, &handler);
+                    on_datagram(&shard, &udp, &mut buf[..d.len], d.from);
                 }
                 Ok(None) => {
                     ShardStats::inc(&shard.stats().datagrams_in);
@@ -179,6 +163,7 @@ async fn recv_loop(shard: Rc<Shard>, udp: Rc<UdpShard>, handler: Arc<Handler>) {
                 Err(_) => break, // EAGAIN: drained
             }
         }
+        drive(&shard, &udp, &handler);
         let stop = shard.stopping.wait();
         if shard.is_stopping() && udp.peer_count() == 0 {
             return;
@@ -197,6 +182,35 @@ async fn recv_loop(shard: Rc<Shard>, udp: Rc<UdpShard>, handler: Arc<Handler>) {
                 _ = udp.sock.readable(false) => {},
                 _ = stop => {},
             }
+        }
+    }
+}
+
+/// Retransmit handshake frames and end handshakes on the endpoint's one deadline; end the
+/// handshakes the evictor picked.
+async fn endpoint_timer(shard: Rc<Shard>, udp: Rc<UdpShard>, handler: Arc<Handler>) {
+    loop {
+        if udp.port.is_stopped() {
+            return;
+        }
+        let evicted = std::mem::take(&mut *udp.evicted.borrow_mut());
+        for from in evicted {
+            udp.ep.borrow_mut().evict(from);
+        }
+        udp.ep.borrow_mut().handle_timeout(now());
+        drive(&shard, &udp, &handler);
+        // Created after `drive`, which notifies: a wake-up from elsewhere (a new handshake,
+        // an eviction) is still seen.
+        let wait = udp.wake.wait();
+        if !udp.evicted.borrow().is_empty() {
+            continue;
+        }
+        let next = udp.ep.borrow().poll_timeout();
+        match next {
+            Some(at) => {
+                let _ = monoio::time::timeout(at.saturating_sub(now()), wait).await;
+            }
+            None => wait.await,
         }
     }
 }
@@ -222,90 +236,39 @@ fn dropped_as(shard: &Shard, reason: impl FnOnce(&ShardStats) -> &std::sync::ato
     ShardStats::inc(reason(s));
 }
 
-fn send_utack(udp: &UdpShard, ptype: u8, seq: u32, to: SocketAddr) {
-    let (b, n) = encode_utack(ptype, seq, None);
-    udp.port.out().send(&b[..n], to);
-}
-
-fn on_datagram(
-    shard: &Rc<Shard>,
-    udp: &Rc<UdpShard>,
-    d: &mut [u8],
-    from: SocketAddr,
-    handler: &Arc<Handler>,
-) {
-    let peer = udp.peers.borrow().get(&from).cloned().unwrap_or_default();
-    // Handshake-phase traffic (types 1–4 and their UTACKs) goes to the handshake in progress.
-    let handshake_phase =
-        if is_utack(d) { d[2] < 5 } else { d.len() >= 4 && d[3] < 5 && d[3] != PacketType::Hello as u8 };
-    let to_hs = |hs: &Handshake| handshake_phase || is_own_hello(hs, d);
-    if let Some(hs) = peer.hs.as_ref().filter(|hs| to_hs(hs)) {
-        let mut q = hs.inbox.borrow_mut();
-        if q.len() < HS_INBOX {
-            q.push_back(d.to_vec());
-            hs.ev.notify();
-        } else {
-            dropped(shard);
-        }
-        return;
-    }
-    if let Some(conn) = &peer.conn {
-        match on_session_datagram(conn, udp.port.out(), d, from) {
-            Inbound::Handled | Inbound::Closed => return,
-            Inbound::Dropped(kind) => return dropped_for(shard, kind),
-            Inbound::Busy => return dropped_as(shard, |s| &s.dropped_busy),
-            Inbound::StrayAck => return dropped_as(shard, |s| &s.dropped_stray_ack),
-            Inbound::Handshake(PacketType::HelloAck) => {
-                // Our UTACK of HELLO_ACK was lost: acknowledge again, process nothing.
-                if let Ok(f) = Frame::decode_exact(d) {
-                    send_utack(udp, PacketType::HelloAck as u8, f.seq(), from);
-                }
-                return;
-            }
-            Inbound::Handshake(PacketType::Hello) => {} // a new handshake: the cookie path below
-            Inbound::Handshake(_) => return dropped(shard),
-        }
-    }
-    cookie_path(shard, udp, d, from, handler);
-}
-
-/// Stateless until a valid cookie comes back: HELLO (38 B) → UTACK + HELLO_RETRY; HELLO with
-/// cookie (54 B) → checks, cheapest first, then the handshake task.
-fn cookie_path(shard: &Rc<Shard>, udp: &Rc<UdpShard>, d: &[u8], from: SocketAddr, handler: &Arc<Handler>) {
-    if is_utack(d) {
-        // Devices acknowledge both copies of HELLO_RETRY, which left no state to match them
-        // against: expected, and not malformed.
-        return dropped_as(shard, |s| &s.dropped_stray_ack);
-    }
-    let Ok(frame) = Frame::decode_exact(d) else { return dropped(shard) };
-    let Ok(hello) = decode_hello(&frame) else { return dropped(shard) };
+fn on_datagram(shard: &Rc<Shard>, udp: &Rc<UdpShard>, d: &mut [u8], from: SocketAddr) {
+    let ev = udp.ep.borrow_mut().handle_datagram(now(), from, d);
     let s = shard.stats();
-    let Some(cookie) = hello.cookie else {
-        if !udp.limiter.borrow_mut().allow(from.ip(), now()) {
-            ShardStats::inc(&s.cookie_rate_limited);
-            return;
-        }
-        let c = udp.cookies.borrow().issue(from, &hello.device_id, &hello.pub_c, unix_bucket());
-        send_utack(udp, PacketType::Hello as u8, hello.seq, from);
-        let mut b = [0u8; 32];
-        let n = encode_frame(PacketType::HelloRetry, 0, &c, &mut b).expect("cookie frame fits");
-        // HELLO_RETRY travels without ARQ and a device that loses it waits for a frame that
-        // never comes (the reference client does): send it twice. Devices discard the copy.
-        udp.port.out().send(&b[..n], from);
-        udp.port.out().send(&b[..n], from);
-        ShardStats::inc(&s.cookies_sent);
-        return;
-    };
-    match udp.cookies.borrow_mut().redeem(from, &hello.device_id, &hello.pub_c, &cookie, unix_bucket()) {
-        Ok(()) => {}
-        Err(CookieError::Invalid | CookieError::Replayed) => {
-            ShardStats::inc(&s.cookies_refused);
-            return;
-        }
+    match ev {
+        DatagramEvent::Session(conn) => match on_session_datagram(&conn, udp.port.out(), d, from) {
+            Inbound::Handled | Inbound::Closed => {}
+            Inbound::Dropped(kind) => dropped_for(shard, kind),
+            Inbound::Busy => dropped_as(shard, |s| &s.dropped_busy),
+            Inbound::StrayAck => dropped_as(shard, |s| &s.dropped_stray_ack),
+            Inbound::Handshake(_) => dropped(shard),
+        },
+        DatagramEvent::Incoming(inc) => admit(shard, udp, inc),
+        DatagramEvent::Done(h) => match h {
+            Handled::Step => {}
+            Handled::CookieSent => ShardStats::inc(&s.cookies_sent),
+            Handled::RateLimited => ShardStats::inc(&s.cookie_rate_limited),
+            Handled::CookieInvalid | Handled::CookieReplayed => ShardStats::inc(&s.cookies_refused),
+            Handled::PeerTableFull => ShardStats::inc(&s.refused_over_limit),
+            // Devices acknowledge both copies of HELLO_RETRY, which left no state to match
+            // them against: expected, and not malformed.
+            Handled::StrayAck => dropped_as(shard, |s| &s.dropped_stray_ack),
+            Handled::Unverified => dropped_as(shard, |s| &s.dropped_unauthenticated),
+            Handled::Malformed => dropped(shard),
+        },
     }
-    if shard.locked(&LockoutKey::Ip(from.ip()))
-        || shard.locked(&LockoutKey::Device(from.ip(), hello.device_id))
-    {
+}
+
+/// A valid cookie HELLO: the admission checks, cheapest first (lockout, handshake slots,
+/// session limits), before any state or crypto.
+fn admit(shard: &Rc<Shard>, udp: &Rc<UdpShard>, inc: Incoming) {
+    let s = shard.stats();
+    let (from, device) = (inc.from, inc.hello.device_id);
+    if shard.locked(&LockoutKey::Ip(from.ip())) || shard.locked(&LockoutKey::Device(from.ip(), device)) {
         ShardStats::inc(&s.refused_locked_out);
         return;
     }
@@ -318,179 +281,136 @@ fn cookie_path(shard: &Rc<Shard>, udp: &Rc<UdpShard>, d: &[u8], from: SocketAddr
         ShardStats::inc(&s.refused_over_limit);
         return;
     }
-    let hs = Rc::new(Handshake {
-        evicted: std::cell::Cell::new(false),
-        cookie,
-        inbox: RefCell::new(VecDeque::new()),
-        ev: LocalEvent::default(),
-    });
-    udp.peers.borrow_mut().entry(from).or_default().hs = Some(hs.clone());
-    send_utack(udp, PacketType::Hello as u8, hello.seq, from);
     shard.handshakes.set(shard.handshakes.get() + 1);
-    monoio::spawn(handshake_task(shard.clone(), udp.clone(), hs, hello, from, handler.clone()));
-}
-
-async fn next(hs: &Handshake, deadline: Option<Duration>) -> Option<Vec<u8>> {
-    loop {
-        let wait = hs.ev.wait();
-        if let Some(d) = hs.inbox.borrow_mut().pop_front() {
-            return Some(d);
-        }
-        let left = deadline?.saturating_sub(now());
-        if left.is_zero() || monoio::time::timeout(left, wait).await.is_err() {
-            return None;
-        }
-    }
-}
-
-fn forget_handshake(udp: &UdpShard, from: SocketAddr, hs: &Rc<Handshake>) {
-    let mut peers = udp.peers.borrow_mut();
-    if let Some(p) = peers.get_mut(&from) {
-        if p.hs.as_ref().is_some_and(|h| Rc::ptr_eq(h, hs)) {
-            p.hs = None;
-        }
-        if p.hs.is_none() && p.conn.is_none() {
-            peers.remove(&from);
-        }
-    }
-}
-
-async fn handshake_task(
-    shard: Rc<Shard>,
-    udp: Rc<UdpShard>,
-    hs: Rc<Handshake>,
-    hello: Hello,
-    from: SocketAddr,
-    handler: Arc<Handler>,
-) {
-    let timeout = shard.shared.cfg.handshake_timeout;
-    let started = now();
-    let pending = {
-        let h = hs.clone();
+    let ticket = {
+        let u = Rc::downgrade(udp);
         shard.register_pending(Rc::new(move || {
-            h.evicted.set(true);
-            h.ev.notify();
+            if let Some(u) = u.upgrade() {
+                u.evicted.borrow_mut().push(from);
+                u.wake.notify();
+            }
         }))
     };
-    let res = monoio::time::timeout(timeout, until_hello_ack(&shard, &udp, &hs, &hello, from)).await;
-    shard.handshakes.set(shard.handshakes.get() - 1);
-    shard.unregister_pending(pending);
-    let (expect, mut arq) = match res {
-        Ok(Ok(x)) => x,
-        Ok(Err(f)) => return fail(&shard, &udp, &hs, from, f),
-        Err(_) => {
-            let f = Failure { error: Error::timeout("handshake timed out"), device: Some(hello.device_id) };
-            return fail(&shard, &udp, &hs, from, f);
-        }
-    };
-    // Step 4: SESSION_OK. Keys are installed before it leaves, so the device's first frames
-    // (and the UTACKs for them) already find the session.
-    let sid = match wire::random::<16>(&shard.rng) {
-        Ok(s) => s,
-        Err(e) => return fail(&shard, &udp, &hs, from, Failure { error: e, device: Some(hello.device_id) }),
-    };
-    let mut ok = [0u8; 64];
-    let (est, n) = expect.finish(sid, &mut ok).expect("SESSION_OK fits");
-    let conn = Conn::with_links(ProtoSession::new(&est, Transport::Udp), from, Some(udp.links.clone()));
-    let old = udp.peers.borrow_mut().entry(from).or_default().conn.replace(conn.clone());
-    if let Some(old) = old {
-        old.close(CloseReason::Replaced, false);
+    if let Some((old, _)) = udp.pending.borrow_mut().insert(from, (ticket, now())) {
+        shard.unregister_pending(old);
     }
-    arq.on_send(ExpectedAck::new(PacketType::SessionOk as u8, 0, None), now());
-    ShardStats::inc(&shard.stats().handshakes_ok);
-    udp.port.out().send(&ok[..n], from);
-    shard.shared.hs_latency[shard.idx].record(now().saturating_sub(started));
-    // From here the session runs without a task of its own: datagrams, the application and
-    // the port's timers drive it, and the reaper unregisters it (and releases its limit slot).
-    open_session(&shard, &conn, &handler);
-    // Retransmit SESSION_OK until it is acknowledged (or the device's traffic proves it arrived).
-    while arq.is_busy() && conn.close_reason().is_none() && conn.stats().frames_in == 0 {
-        match next(&hs, arq.poll_timeout()).await {
-            Some(d) if is_utack(&d) => {
-                arq.handle_ack(&d, now());
+    udp.ep.borrow_mut().accept(now(), inc);
+    udp.wake.notify();
+}
+
+/// Send what the endpoint queued and act on its events, until it has nothing more to say.
+fn drive(shard: &Rc<Shard>, udp: &Rc<UdpShard>, handler: &Arc<Handler>) {
+    loop {
+        while let Some(t) = udp.ep.borrow_mut().poll_transmit() {
+            udp.port.out().send(t.bytes(), t.to);
+        }
+        let Some(ev) = udp.ep.borrow_mut().poll_event() else { break };
+        match ev {
+            Event::KeyNeeded { from, device_id } => key_needed(shard, udp, from, device_id),
+            Event::Established { from, est } => {
+                let conn =
+                    Conn::with_links(ProtoSession::new(&est, Transport::Udp), from, Some(udp.links.clone()));
+                let old = udp.ep.borrow_mut().attach(from, conn.clone());
+                if let Some(old) = old {
+                    old.close(CloseReason::Replaced, false);
+                }
+                ended(shard, udp, from);
+                ShardStats::inc(&shard.stats().handshakes_ok);
+                if let Some((_, started)) = udp.pending.borrow_mut().remove(&from) {
+                    shard.shared.hs_latency[shard.idx].record(now().saturating_sub(started));
+                }
+                // From here the session runs without a task of its own: datagrams, the
+                // application and the port's timers drive it, and the reaper unregisters it
+                // (and releases its limit slot).
+                open_session(shard, &conn, handler);
             }
-            Some(d) => {
-                if let Ok(f) = Frame::decode_exact(&d) {
-                    if f.packet_type() == PacketType::HelloAck {
-                        send_utack(&udp, PacketType::HelloAck as u8, f.seq(), from);
+            Event::Failed { from, device_id, reason } => {
+                ended(shard, udp, from);
+                udp.pending.borrow_mut().remove(&from);
+                shard.shared.release(from.ip());
+                let error = match reason {
+                    HandshakeFailure::Timeout => Error::timeout("handshake timed out"),
+                    HandshakeFailure::PeerGone => Error::timeout("device stopped answering"),
+                    HandshakeFailure::Evicted => Error::timeout(EVICTED),
+                    HandshakeFailure::BadProof => Error::Protocol(crate::proto::Error::misbehaved(
+                        ErrorKind::Auth,
+                        "HELLO_ACK proof did not verify",
+                    )),
+                    HandshakeFailure::Unregistered => {
+                        Error::Protocol(crate::proto::Error::misbehaved(ErrorKind::Handshake, UNREGISTERED))
                     }
+                    HandshakeFailure::Crypto => Error::Protocol(crate::proto::Error::misbehaved(
+                        ErrorKind::Crypto,
+                        "key agreement failed",
+                    )),
+                    // Refusals were counted when made; a superseded handshake is no failure.
+                    HandshakeFailure::OverBudget => {
+                        Error::misuse(ErrorKind::NotConnected, "handshake budget exhausted")
+                    }
+                    HandshakeFailure::Superseded => Error::misuse(ErrorKind::NotConnected, "superseded"),
+                };
+                record_failure(shard, from, Failure { error, device: Some(device_id) });
+            }
+            Event::SessionOkUnacked(conn) => {
+                // Retransmitted SESSION_OK until acknowledged, unless the device's traffic
+                // proved it arrived.
+                if conn.stats().frames_in == 0 {
+                    conn.close(CloseReason::PeerGone, false);
                 }
             }
-            None => match arq.handle_timeout(now()) {
-                ArqAction::Wait => {}
-                ArqAction::Retransmit(_) => udp.port.out().send(&ok[..n], from),
-                ArqAction::GiveUp => conn.close(CloseReason::PeerGone, false),
-            },
         }
     }
-    forget_handshake(&udp, from, &hs);
+    udp.wake.notify();
 }
 
-fn fail(shard: &Shard, udp: &UdpShard, hs: &Rc<Handshake>, from: SocketAddr, f: Failure) {
-    record_failure(shard, from, f);
-    forget_handshake(udp, from, hs);
-    shard.shared.release(from.ip());
+/// A handshake left the shard's handshake table (either way).
+fn ended(shard: &Shard, udp: &UdpShard, from: SocketAddr) {
+    shard.handshakes.set(shard.handshakes.get().saturating_sub(1));
+    if let Some((ticket, _)) = udp.pending.borrow().get(&from) {
+        shard.unregister_pending(*ticket);
+    }
 }
 
-/// Steps 2–3 under ARQ: CHALLENGE until acknowledged (or answered), then a verified HELLO_ACK.
-async fn until_hello_ack(
-    shard: &Shard,
-    udp: &UdpShard,
-    hs: &Handshake,
-    hello: &Hello,
-    from: SocketAddr,
-) -> Result<(ServerExpectHelloAck, Arq), Failure> {
-    let fail = |error: Error| Failure { error, device: Some(hello.device_id) };
+/// Key lookup first, then the X25519 budget (an unregistered device never spends it), then
+/// the endpoint's step 2. Resolvers that need I/O answer from a task of their own.
+fn key_needed(shard: &Rc<Shard>, udp: &Rc<UdpShard>, from: SocketAddr, device: [u8; 6]) {
+    let src = shard.shared.cfg.psk.as_ref();
+    let now_key = match src {
+        None => Some(None),
+        Some(PskSource::Single(p)) => Some(Some(p.clone())),
+        Some(PskSource::Registry { current, .. }) => Some(current.read().lookup(&device).cloned()),
+        Some(PskSource::Resolver(_)) => None,
+    };
+    match now_key {
+        Some(psk) => {
+            let d = decide(shard, psk);
+            udp.ep.borrow_mut().handle_key(now(), from, d);
+        }
+        None => {
+            let (shard, udp) = (shard.clone(), udp.clone());
+            monoio::spawn(async move {
+                let psk = match shard.shared.cfg.psk.as_ref() {
+                    Some(src) => src.lookup(device).await,
+                    None => None,
+                };
+                let d = decide(&shard, psk);
+                udp.ep.borrow_mut().handle_key(now(), from, d);
+                udp.wake.notify(); // the timer task sends what it queued
+            });
+        }
+    }
+}
+
+fn decide(shard: &Shard, psk: Option<Psk>) -> KeyDecision {
+    let Some(psk) = psk else { return KeyDecision::Unregistered };
+    // X25519 only within the shard's budget: a flood cannot take every cycle from live sessions.
     if !shard.crypto_allowed() {
         ShardStats::inc(&shard.stats().refused_over_limit);
-        return Err(fail(Error::misuse(ErrorKind::NotConnected, "handshake budget exhausted")));
+        return KeyDecision::OverBudget;
     }
-    let psk = match shard.shared.cfg.psk.as_ref() {
-        Some(src) => src.lookup(hello.device_id).await,
-        None => None,
-    }
-    .ok_or_else(|| {
-        fail(Error::Protocol(crate::proto::Error::misbehaved(ErrorKind::Handshake, UNREGISTERED)))
-    })?;
-    let seed = wire::random::<32>(&shard.rng).map_err(fail)?;
-    let nonce = wire::random::<32>(&shard.rng).map_err(fail)?;
-    let key = EphemeralKey::from_seed(&seed).map_err(|e| fail(e.into()))?;
-    let expect = ServerExpectHelloAck::new(hello, &psk, key, nonce).map_err(|e| fail(e.into()))?;
-    let mut challenge = [0u8; 80];
-    let n = expect.encode_challenge(&mut challenge).map_err(|e| fail(e.into()))?;
-    let mut arq = Arq::default();
-    arq.on_send(ExpectedAck::new(PacketType::Challenge as u8, 0, None), now());
-    udp.port.out().send(&challenge[..n], from);
-    loop {
-        let got = next(hs, arq.poll_timeout().or(Some(now() + Duration::from_secs(3600)))).await;
-        if hs.evicted.get() {
-            return Err(fail(Error::timeout(super::shard::EVICTED)));
-        }
-        let Some(d) = got else {
-            match arq.handle_timeout(now()) {
-                ArqAction::Wait => continue,
-                ArqAction::Retransmit(_) => {
-                    udp.port.out().send(&challenge[..n], from);
-                    continue;
-                }
-                ArqAction::GiveUp => return Err(fail(Error::timeout("device stopped answering"))),
-            }
-        };
-        if is_utack(&d) {
-            arq.handle_ack(&d, now());
-            continue;
-        }
-        let Ok(f) = Frame::decode_exact(&d) else { continue };
-        match f.packet_type() {
-            // The device did not get our UTACK of its cookie HELLO: acknowledge again.
-            PacketType::Hello => send_utack(udp, PacketType::Hello as u8, f.seq(), from),
-            PacketType::HelloAck => {
-                send_utack(udp, PacketType::HelloAck as u8, f.seq(), from);
-                arq.assume_acked();
-                expect.verify_hello_ack(&f).map_err(|e| fail(e.into()))?;
-                return Ok((expect, Arq::default()));
-            }
-            _ => {}
-        }
+    let r = (wire::random::<32>(&shard.rng), wire::random::<32>(&shard.rng), wire::random::<16>(&shard.rng));
+    match r {
+        (Ok(seed), Ok(nonce), Ok(session_id)) => KeyDecision::Key { psk, seed, nonce, session_id },
+        _ => KeyDecision::OverBudget,
     }
 }

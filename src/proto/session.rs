@@ -9,7 +9,9 @@ use super::crypto::{
     REKEY_SALT_LEN, SESSION_ID_LEN,
 };
 use super::error::{Error, ErrorKind, Result, Transport};
-use super::frame::{check_header, finish_crc, write_header, PacketType, AAD_LEN, HEADER_LEN, MAX_FRAME_LEN};
+use super::frame::{
+    check_header, finish_crc, write_header, PacketType, AAD_LEN, HEADER_LEN, MAX_FRAME_LEN, MAX_PAYLOAD_LEN,
+};
 use super::handshake::{Established, Role};
 use super::reassembly::{Reassembly, MAX_MESSAGE_FRAMES, MAX_MESSAGE_LEN, MAX_PLAINTEXT_LEN};
 use super::window::ReplayWindow;
@@ -79,6 +81,19 @@ pub enum Received<'a> {
     Rekeyed,
 }
 
+/// UDP: the receive key and window from before the last REKEY. Frames the peer sealed before
+/// it switched (in flight, queued, or retransmitted when our UTACK was lost) still open with
+/// it, until a frame under the new key verifies (PROTOCOL.md §6 says such frames "will fail";
+/// on UDP that loses acknowledged-to-be data, so we keep them).
+#[derive(Debug, Clone, Copy)]
+struct PrevRx {
+    key: [u8; KEY_LEN],
+    window: ReplayWindow,
+    /// The last frame opened (or verified as a duplicate) was sealed under this key (kept
+    /// here, not in the session: every byte of a session is per-device memory).
+    opened: bool,
+}
+
 /// One established session, either side, either transport.
 pub struct Session {
     transport: Transport,
@@ -97,6 +112,8 @@ pub struct Session {
     rx_control: FloodGuard,
     tx_control: FloodGuard,
     closed: bool,
+    /// Boxed: only between a REKEY and the first frame under the new key.
+    prev_rx: Option<Box<PrevRx>>,
 }
 
 impl core::fmt::Debug for Session {
@@ -128,6 +145,7 @@ impl Session {
             rx_control: FloodGuard::default(),
             tx_control: FloodGuard::default(),
             closed: false,
+            prev_rx: None,
         }
     }
 
@@ -298,13 +316,70 @@ impl Session {
     }
 
     fn install_keys(&mut self, tx: [u8; KEY_LEN], rx: [u8; KEY_LEN]) {
+        if self.transport == Transport::Udp {
+            self.prev_rx =
+                Some(Box::new(PrevRx { key: self.rx_key_bytes, window: self.window, opened: false }));
+        } else {
+            self.reasm.clear();
+        }
         self.expanded = None; // expanded from the new bytes on first use
         self.tx_key_bytes = tx;
         self.rx_key_bytes = rx;
-        self.tx_seq = 0;
+        // UDP: our sequence numbers go on from where they were instead of restarting at 0.
+        // A receiver's window accepts any forward jump (PROTOCOL.md §4), so correct peers
+        // see no difference, and the reference's UDP transport, which keeps its pre-REKEY
+        // replay baseline, no longer drops (while acknowledging) our frames after a REKEY.
+        // The key is new, so no GCM nonce repeats either way.
+        if self.transport != Transport::Udp {
+            self.tx_seq = 0;
+        }
         self.rx_next = 0;
         self.window.reset();
-        self.reasm.clear();
+        // UDP keeps a message being reassembled: its last frames may still come under the
+        // previous key, and a new message's first frame (seq 0) is not consecutive with it.
+    }
+
+    fn opened_prev(&self) -> bool {
+        self.prev_rx.as_ref().is_some_and(|p| p.opened)
+    }
+
+    fn set_opened_prev(&mut self, opened: bool) {
+        if let Some(p) = self.prev_rx.as_mut() {
+            p.opened = opened;
+        }
+    }
+
+    /// No REKEY is in progress: no previous receive key is kept (see [`Session::ack_key_bytes`]).
+    pub fn rekey_settled(&self) -> bool {
+        self.prev_rx.is_none()
+    }
+
+    /// UDP: the key the last opened (or duplicate-verified) frame was sealed with, which its
+    /// UTACK is MAC'd with: the receive key, or the one from before the last REKEY.
+    pub fn ack_key_bytes(&self) -> &[u8; KEY_LEN] {
+        match &self.prev_rx {
+            Some(p) if p.opened => &p.key,
+            _ => &self.rx_key_bytes,
+        }
+    }
+
+    /// Open `payload` with the previous receive key if its window allows `seq`; `current` is
+    /// what the current key said. A frame the previous window has seen is a replay (a
+    /// retransmission for [`Session::verify_duplicate`] to recognise).
+    fn open_prev(
+        &mut self,
+        seq: u32,
+        header: &[u8],
+        payload: &mut [u8],
+        current: Error,
+    ) -> Result<core::ops::Range<usize>> {
+        let Some(prev) = self.prev_rx.as_mut() else { return Err(current) };
+        prev.window.check(seq)?;
+        let nonce = gcm_nonce(seq, &self.session_id);
+        let range =
+            RecordKey::new(&prev.key).open_record(nonce, &header[..AAD_LEN], payload).map_err(|_| current)?;
+        prev.window.mark(seq);
+        Ok(range)
     }
 
     /// The seq a frame carries, for transports that need it before opening (UTACKs).
@@ -332,12 +407,26 @@ impl Session {
             return false;
         }
         let seq = u32::from_le_bytes([frame[4], frame[5], frame[6], frame[7]]);
-        if self.window.check(seq).is_ok() {
-            return false;
-        }
         let (header, payload) = frame.split_at_mut(HEADER_LEN);
         let nonce = gcm_nonce(seq, &self.session_id);
-        self.keys().1.open_record(nonce, &header[..AAD_LEN], payload).is_ok()
+        // A failed open leaves the payload unspecified: keep a copy for the previous key.
+        let mut copy = [0u8; MAX_PAYLOAD_LEN];
+        let n = payload.len().min(MAX_PAYLOAD_LEN);
+        copy[..n].copy_from_slice(&payload[..n]);
+        if self.window.check(seq).is_err()
+            && self.keys().1.open_record(nonce, &header[..AAD_LEN], payload).is_ok()
+        {
+            self.set_opened_prev(false);
+            return true;
+        }
+        let Some(prev) = self.prev_rx.as_mut() else { return false };
+        if prev.window.check(seq).is_ok() {
+            return false;
+        }
+        payload[..n].copy_from_slice(&copy[..n]);
+        let ok = RecordKey::new(&prev.key).open_record(nonce, &header[..AAD_LEN], payload).is_ok();
+        prev.opened = ok;
+        ok
     }
 
     /// Open one complete frame in place (from [`crate::proto::deframer::Deframer::next_frame`]
@@ -358,16 +447,40 @@ impl Session {
             .filter(|t| t.is_encrypted())
             .ok_or(Error::misbehaved(ErrorKind::Frame, "unexpected frame type in session"))?;
         let seq = u32::from_le_bytes([frame[4], frame[5], frame[6], frame[7]]);
-        self.check_seq(seq)?;
         let (header, payload) = frame.split_at_mut(HEADER_LEN);
         let nonce = gcm_nonce(seq, &self.session_id);
-        let range = self.keys().1.open_record(nonce, &header[..AAD_LEN], payload)?;
+        self.set_opened_prev(false);
+        let range = if self.prev_rx.is_none() {
+            self.check_seq(seq)?;
+            self.keys().1.open_record(nonce, &header[..AAD_LEN], payload)?
+        } else {
+            // Between a REKEY and the first frame under the new key: the previous key too.
+            let mut copy = [0u8; MAX_PAYLOAD_LEN];
+            let n = payload.len().min(MAX_PAYLOAD_LEN);
+            copy[..n].copy_from_slice(&payload[..n]);
+            match self
+                .check_seq(seq)
+                .and_then(|()| self.keys().1.open_record(nonce, &header[..AAD_LEN], payload))
+            {
+                Ok(range) => {
+                    self.prev_rx = None; // the peer has switched: old frames are done
+                    range
+                }
+                Err(e) => {
+                    payload[..n].copy_from_slice(&copy[..n]);
+                    let range = self.open_prev(seq, header, payload, e)?;
+                    self.set_opened_prev(true);
+                    range
+                }
+            }
+        };
         if seq == SPENT_SEQ {
             self.closed = true;
             return Err(Error::left(ErrorKind::Sequence, "peer sequence space spent"));
         }
         match self.transport {
             Transport::Tcp => self.rx_next = seq + 1,
+            Transport::Udp if self.opened_prev() => {}
             Transport::Udp => self.window.mark(seq),
         }
         let plaintext = &payload[range];
@@ -389,6 +502,11 @@ impl Session {
             }
             PacketType::Rekey => {
                 self.reasm.check_control()?;
+                if self.opened_prev() {
+                    // Sealed before the peer saw our own REKEY (both started one): the keys
+                    // cannot follow both. Dropped; the peer's retransmissions go unanswered.
+                    return Err(Error::misbehaved(ErrorKind::Sequence, "REKEY crossed ours"));
+                }
                 let salt: &[u8; REKEY_SALT_LEN] = plaintext
                     .try_into()
                     .map_err(|_| Error::misbehaved(ErrorKind::Payload, "REKEY payload is not 32 bytes"))?;
@@ -396,6 +514,8 @@ impl Session {
                 let (init_tx, init_rx) =
                     derive_rekey_keys(&self.rx_key_bytes, &self.tx_key_bytes, &self.session_id, salt);
                 self.install_keys(init_rx, init_tx);
+                // This frame was sealed under what is now the previous key: so is its UTACK.
+                self.set_opened_prev(true);
                 Ok(Received::Rekeyed)
             }
             PacketType::DataFrag => {

@@ -276,12 +276,13 @@ impl SourceLimiter {
 }
 
 /// Jacobson/Karn retransmission timer (PROTOCOL.md §7): srtt 0.2 s, rttvar 0.1 s, RTO 0.5 s
-/// at first; samples only from first-attempt ACKs; RTO clamped to [0.1 s, 5 s].
+/// at first; samples only from first-attempt ACKs; RTO clamped to [0.1 s, 5 s]. Kept in `f32`
+/// seconds (microsecond precision is plenty): one lives in every UDP session.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rto {
-    srtt: f64,
-    rttvar: f64,
-    rto: f64,
+    srtt: f32,
+    rttvar: f32,
+    rto: f32,
 }
 
 impl Default for Rto {
@@ -291,19 +292,19 @@ impl Default for Rto {
 }
 
 impl Rto {
-    /// Current RTO.
+    /// Current RTO, to the microsecond.
     pub fn rto(&self) -> Duration {
-        Duration::from_secs_f64(self.rto)
+        Duration::from_micros((f64::from(self.rto) * 1e6).round() as u64)
     }
 
     /// Deadline of attempt `k` (0-based): `min(5 s, max(50 ms, RTO·2^k))`.
     pub fn timeout(&self, attempt: u32) -> Duration {
-        Duration::from_secs_f64((self.rto * f64::from(1u32 << attempt.min(20))).clamp(0.05, 5.0))
+        (self.rto() * (1u32 << attempt.min(20))).clamp(Duration::from_millis(50), Duration::from_secs(5))
     }
 
     /// Feed the RTT of a frame ACKed on its first transmission (Karn: never a retransmitted one).
     pub fn on_sample(&mut self, rtt: Duration) {
-        let r = rtt.as_secs_f64();
+        let r = rtt.as_secs_f32().min(60.0);
         let err = r - self.srtt;
         self.rttvar += 0.25 * (err.abs() - self.rttvar);
         self.srtt += 0.125 * err;

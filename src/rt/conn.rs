@@ -19,12 +19,11 @@ use monoio::net::TcpStream;
 use super::event::LocalEvent;
 use super::udp::UdpPort;
 use super::{now, Error};
-use crate::proto::arq::Arq;
 use crate::proto::crypto::REKEY_SALT_LEN;
 use crate::proto::deframer::Deframer;
 use crate::proto::frame::HEADER_LEN;
+use crate::proto::link::{frame_count, Link};
 use crate::proto::session::{sealed_len, Received, Session, MAX_SEALED_MESSAGE_LEN};
-use crate::proto::udp::ExpectedAck;
 use crate::proto::{ErrorKind, Reaction, Transport};
 
 /// Outgoing bytes above which `send` waits for the socket to drain (and an inline-delivering
@@ -213,35 +212,17 @@ pub struct Conn {
     links: Option<Rc<Links>>,
     /// The owner's handle for this connection (the gateway's slab key).
     pub(crate) tag: Cell<u32>,
-    /// UDP: the UTACK each queued frame expects, in `out` order.
-    /// Taken out while touched (a `Cell`: no borrow flag in every session).
-    acks: Cell<VecDeque<ExpectedAck>>,
-    /// UDP: the stop-and-wait state of the frame in flight (the first frame of `out`).
-    pub(crate) arq: RefCell<Arq>,
+    /// UDP: the transport state (`proto::link`): the frame in flight (the first frame of
+    /// `out`), the UTACK each queued frame expects, signs of UTACK loss.
+    pub(crate) link: RefCell<Link>,
     /// UDP (port-driven): the earliest deadline this connection has in the port's timers
     /// (nanoseconds, 0 = none).
     timer_at: Cell<u64>,
     /// Closed without BYE: stop retransmitting at once.
     pub(crate) abandon: Cell<bool>,
-    /// UDP: when the peer last retransmitted a frame we had already accepted (our UTACK was
-    /// lost): UTACKs then go out twice for a while (nanoseconds, 0 = never).
-    ack_loss_seen: Cell<u64>,
 }
 
-/// What one received frame did to the session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FrameOutcome {
-    /// Authenticated and processed (acknowledge it on UDP).
-    Accepted,
-    /// Authenticated and delivered to a hook that holds its acknowledgement.
-    AcceptedHeld,
-    /// Authenticated, and it ended the session (BYE): acknowledge, then stop.
-    AcceptedAndClosed,
-    /// Dropped without harm to the session (UDP), with the reason.
-    Rejected(ErrorKind),
-    /// The session is over (TCP violation, flood guard, spent sequence).
-    Closed,
-}
+pub use crate::proto::link::FrameOutcome;
 
 impl Conn {
     /// Wrap an established session talking to `peer`.
@@ -257,11 +238,9 @@ impl Conn {
             transport,
             links,
             tag: Cell::new(0),
-            acks: Cell::new(VecDeque::new()),
-            arq: RefCell::new(Arq::default()),
+            link: RefCell::new(Link::default()),
             timer_at: Cell::new(0),
             abandon: Cell::new(false),
-            ack_loss_seen: Cell::new(0),
             session: RefCell::new(session),
             peer,
             out: RefCell::new(Vec::new()),
@@ -313,14 +292,6 @@ impl Conn {
         self.timer_at.set(at.map_or(0, |t| nanos(t).max(1)));
     }
 
-    /// UDP: when the peer last showed that one of our UTACKs was lost.
-    pub(crate) fn ack_loss_seen(&self) -> Option<Duration> {
-        Some(self.ack_loss_seen.get()).filter(|&n| n != 0).map(Duration::from_nanos)
-    }
-
-    pub(crate) fn note_ack_loss(&self, t: Duration) {
-        self.ack_loss_seen.set(nanos(t).max(1));
-    }
     /// Traffic counters.
     pub fn stats(&self) -> ConnStats {
         self.stats.get().into()
@@ -353,9 +324,8 @@ impl Conn {
         *out = Vec::new();
         let q = self.inbox.take().filter(|q| !q.is_empty());
         self.inbox.set(q);
-        let acks = self.acks.take();
-        if !acks.is_empty() {
-            self.acks.set(acks);
+        if let Ok(mut l) = self.link.try_borrow_mut() {
+            l.shrink();
         }
         self.ev.shrink();
         true
@@ -395,19 +365,12 @@ impl Conn {
         drop(session);
         let n = *res.as_ref().unwrap_or(&0);
         out.truncate(at + n);
-        // Walk the frames just sealed: count them, and on UDP note the UTACK each expects.
-        let mut frames = 0u64;
-        let mut acks = self.acks.take();
-        let mut i = at;
-        while i + HEADER_LEN <= out.len() {
-            if self.transport == Transport::Udp {
-                let seq = u32::from_le_bytes([out[i + 4], out[i + 5], out[i + 6], out[i + 7]]);
-                acks.push_back(ExpectedAck::new(out[i + 3], seq, Some(&key)));
-            }
-            frames += 1;
-            i += HEADER_LEN + u16::from_le_bytes([out[i + 8], out[i + 9]]) as usize;
-        }
-        self.acks.set(acks);
+        // Count the frames just sealed; on UDP the link notes the UTACK each expects.
+        let frames = if self.transport == Transport::Udp {
+            self.link.borrow_mut().on_queued(&out[at..], &key)
+        } else {
+            frame_count(&out[at..])
+        };
         drop(out);
         if n > 0 {
             self.bump(|s| {
@@ -434,7 +397,7 @@ impl Conn {
                     port.finished(me);
                 }
             }
-        } else if let Some(at) = self.arq.borrow().poll_timeout() {
+        } else if let Some(at) = self.link.borrow().poll_timeout() {
             port.arm(self, at);
         }
     }
@@ -539,7 +502,7 @@ impl Conn {
             let _ = self.queue(CONTROL_FRAME_LEN, |s, out| s.seal_bye(out));
         } else {
             self.out.borrow_mut().clear();
-            self.acks.set(VecDeque::new());
+            self.link.borrow_mut().abandon();
             self.abandon.set(true);
         }
         self.closing.set(Some(reason));
@@ -605,7 +568,12 @@ impl Conn {
                     }
                     Received::Ping => {
                         drop(session);
-                        let _ = self.queue(CONTROL_FRAME_LEN, |s, out| s.seal_pong(t, out).ok_or(()));
+                        // PONGs are bounded like every other output: a peer that pings at the
+                        // flood guard's rate and never takes our frames (UDP: acknowledges
+                        // slowly) cannot grow the queue. The PING itself was accepted.
+                        if self.out.borrow().len() < OUT_HIGH_WATER {
+                            let _ = self.queue(CONTROL_FRAME_LEN, |s, out| s.seal_pong(t, out).ok_or(()));
+                        }
                         return FrameOutcome::Accepted;
                     }
                     Received::Bye => {
@@ -640,17 +608,14 @@ impl Conn {
         self.session.borrow_mut()
     }
 
-    /// UDP: the first queued frame (the one in flight once sent) and the UTACK it expects.
-    pub(crate) fn head_frame<R>(&self, f: impl FnOnce(&[u8], Option<ExpectedAck>) -> R) -> Option<R> {
+    /// UDP: the first queued frame (the one in flight once sent).
+    pub(crate) fn head_frame<R>(&self, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
         let out = self.out.borrow();
         if out.len() < HEADER_LEN {
             return None;
         }
         let n = head_len(&out);
-        let acks = self.acks.take();
-        let expect = acks.front().copied();
-        self.acks.set(acks);
-        Some(f(&out[..n], expect))
+        Some(f(&out[..n]))
     }
 
     /// UDP: the frame in flight was acknowledged: drop it from the queue.
@@ -659,9 +624,6 @@ impl Conn {
         if out.len() >= HEADER_LEN {
             let n = head_len(&out);
             out.drain(..n);
-            let mut acks = self.acks.take();
-            acks.pop_front();
-            self.acks.set(acks);
         }
         drop(out);
         self.ev.notify();

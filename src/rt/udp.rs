@@ -19,27 +19,15 @@ use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, Ms
 use super::conn::{CloseReason, Conn, FrameOutcome};
 use super::event::LocalEvent;
 use super::now;
-use crate::proto::arq::ArqAction;
-use crate::proto::frame::{Frame, PacketType, MAX_FRAME_LEN};
-use crate::proto::udp::{encode_utack, is_utack, MAX_ATTEMPTS};
-use crate::proto::ErrorKind;
+use crate::proto::frame::MAX_FRAME_LEN;
+use crate::proto::link::{self, Link, LinkHost, SendAction};
 
 /// Datagrams queued per socket before new ones are dropped (UDP semantics under overload).
 const MAX_QUEUED: usize = 65_536;
 /// Spare buffers kept for reuse: enough for a busy loop turn; a burst's worth beyond this is
 /// freed rather than held for the life of the socket.
 const MAX_POOLED: usize = 512;
-/// Copies of each session-phase UTACK once the peer has shown it loses them: on a link losing
-/// a fraction `p` of datagrams an attempt then fails with about `p + p²` instead of `2p`, and
-/// `(p + p²)^5` is what loses a session (at 10 % loss: 1.5e-5 per frame instead of 2.5e-4).
-/// On a clean link one copy is sent: the second costs a syscall per frame on both sides.
-pub const UTACK_COPIES: usize = 2;
-/// How long after the last sign of UTACK loss the copies keep going out.
-pub const ACK_LOSS_MEMORY: std::time::Duration = std::time::Duration::from_secs(30);
-/// How many of the final transmissions are sent as two copies. With loss `p` per datagram a
-/// frame is then lost for good with about `(p+p²)^3 · (p²)^2` instead of `(p+p²)^5`:
-/// at 10 % loss 1.3e-7 per frame instead of 1.5e-5.
-pub const LAST_ATTEMPTS_DOUBLED: u32 = 2;
+pub use crate::proto::link::{Inbound, ACK_LOSS_MEMORY, LAST_ATTEMPTS_DOUBLED, UTACK_COPIES};
 /// Receive buffer: larger than any valid datagram, so oversize ones are seen (and dropped).
 pub const RECV_BUF_LEN: usize = 2048;
 
@@ -243,47 +231,26 @@ pub(crate) async fn send_loop_direct(sock: &UdpSocket, out: &UdpOut, refused: im
     }
 }
 
-/// Advance one session's stop-and-wait sender at `t`: retransmit or give up when the frame in
-/// flight is due, send the next queued frame when none is in flight. The frame in flight stays
-/// first in the connection's output until its UTACK arrives, so nothing is copied to keep it.
+/// Advance one session's stop-and-wait sender at `t` (the rules are `proto::link`'s): send
+/// what [`Link::poll`](crate::proto::link::Link::poll) says. The frame in flight stays first in
+/// the connection's output until its UTACK arrives, so nothing is copied to keep it.
 /// Returns whether the session is finished: closing with nothing left to deliver.
 pub(crate) fn step(conn: &Conn, out: &UdpOut, t: Duration) -> bool {
     if conn.abandon.get() {
-        conn.arq.borrow_mut().assume_acked();
+        conn.link.borrow_mut().abandon();
         return true;
     }
-    let action = conn.arq.borrow_mut().handle_timeout(t);
-    match action {
-        ArqAction::Wait => {}
-        ArqAction::Retransmit(attempt) => {
-            conn.bump(|s| s.retransmits += 1);
-            // The last attempts go out twice, back to back: the same frame (never a second
-            // one), so a device's one spare datagram slot only ever holds a copy.
-            let copies = if attempt + LAST_ATTEMPTS_DOUBLED >= MAX_ATTEMPTS { 2 } else { 1 };
-            conn.head_frame(|f, _| {
-                for _ in 0..copies {
-                    out.send(f, conn.peer());
-                }
-            });
-        }
-        ArqAction::GiveUp => {
+    match link::poll_sender(&ConnLink { conn, out, peer: conn.peer() }, t) {
+        SendAction::Send { retransmit: true, .. } => conn.bump(|s| s.retransmits += 1),
+        SendAction::GiveUp => {
             conn.close(CloseReason::PeerGone, false);
             return true;
         }
+        // A frame without its expected UTACK cannot be in the queue; never spin on one.
+        SendAction::Skip => conn.pop_head(),
+        SendAction::Send { .. } | SendAction::Idle => {}
     }
-    if !conn.arq.borrow().is_busy() {
-        let sent = conn.head_frame(|f, expect| {
-            out.send(f, conn.peer());
-            expect
-        });
-        match sent {
-            Some(Some(expect)) => conn.arq.borrow_mut().on_send(expect, t),
-            // A frame without its expected UTACK cannot be in the queue; never spin on one.
-            Some(None) => conn.pop_head(),
-            None => {}
-        }
-    }
-    conn.close_reason().is_some() && !conn.arq.borrow().is_busy() && conn.is_drained()
+    conn.close_reason().is_some() && !conn.link.borrow().is_busy() && conn.is_drained()
 }
 
 /// Stop-and-wait sender of one session as a task (the client's): wakes when output is
@@ -296,7 +263,7 @@ pub async fn pump(conn: Rc<Conn>, out: Rc<UdpOut>) {
         if step(&conn, &out, now()) {
             break;
         }
-        let deadline = conn.arq.borrow().poll_timeout();
+        let deadline = conn.link.borrow().poll_timeout();
         match deadline {
             // Dropping an event wait is free: no I/O is lost (unlike a socket read).
             Some(at) => {
@@ -447,87 +414,57 @@ impl UdpPort {
     }
 }
 
-/// What a session's datagram turned out to be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Inbound {
-    /// Handled here (UTACK, accepted or re-ACKed frame).
-    Handled,
-    /// Dropped: malformed, unauthenticated, replayed, out of order (reason inside).
-    Dropped(ErrorKind),
-    /// A UTACK that acknowledges nothing outstanding (late, duplicate, forged).
-    StrayAck,
-    /// Left unacknowledged because the application is not keeping up (the device retransmits
-    /// it later: UDP's backpressure).
-    Busy,
-    /// A handshake-phase frame (type inside): the caller decides (re-ACK, new handshake).
-    Handshake(PacketType),
-    /// The session ended with this datagram.
-    Closed,
+/// A connection as the host of its UDP link, sending through `out`.
+struct ConnLink<'a> {
+    conn: &'a Conn,
+    out: &'a UdpOut,
+    peer: SocketAddr,
 }
 
-/// Handle one datagram from the peer of an established UDP session: a UTACK completes the
-/// frame in flight (if it matches, MAC included); a frame is opened and, only once it
-/// authenticated, acknowledged with the key of its direction.
-pub fn on_session_datagram(conn: &Conn, out: &UdpOut, d: &mut [u8], peer: SocketAddr) -> Inbound {
-    if is_utack(d) {
-        if conn.arq.borrow_mut().handle_ack(d, now()) {
-            conn.pop_head();
-            conn.kick();
-            return Inbound::Handled;
-        }
-        return Inbound::StrayAck;
+impl LinkHost for ConnLink<'_> {
+    fn with_link<R>(&self, f: impl FnOnce(&mut Link) -> R) -> R {
+        f(&mut self.conn.link.borrow_mut())
     }
-    let frame = match Frame::decode_exact(d) {
-        Ok(f) => f,
-        Err(e) => return Inbound::Dropped(e.kind()),
-    };
-    let (ptype, seq) = (frame.packet_type(), frame.seq());
-    if !ptype.is_encrypted() {
-        return Inbound::Handshake(ptype);
+    fn input_blocked(&self) -> bool {
+        self.conn.input_blocked()
     }
-    // Only messages wait; control frames (PING, BYE, REKEY) always get through.
-    if matches!(ptype, PacketType::Data | PacketType::DataFrag) && conn.input_blocked() {
-        return Inbound::Busy;
+    fn ack_key(&self) -> [u8; 32] {
+        *self.conn.session().ack_key_bytes()
     }
-    // The UTACK's MAC key is the key this frame was sealed with: our rx key *before* opening
-    // it (a REKEY switches keys while being opened).
-    let key = *conn.session().rx_key_bytes();
-    let ack = |out: &UdpOut| {
-        let (b, n) = encode_utack(ptype as u8, seq, Some(&key));
-        // A lost UTACK costs the sender a retransmission, and five lost attempts end the
-        // session: once this peer has shown ACK loss, send copies (senders ignore UTACKs
-        // that match nothing, so a copy is harmless).
-        let lossy = conn.ack_loss_seen().is_some_and(|t| now().saturating_sub(t) < ACK_LOSS_MEMORY);
-        for _ in 0..if lossy { UTACK_COPIES } else { 1 } {
-            out.send(&b[..n], peer);
-        }
-    };
-    match conn.on_frame(d) {
-        FrameOutcome::Accepted => {
-            ack(out);
-            Inbound::Handled
-        }
-        FrameOutcome::AcceptedHeld => {
-            // The application holds this message's UTACK (until it is stored downstream):
-            // hand it the bytes. Retransmissions meanwhile meet a blocked input and go
-            // unanswered, so the device hears of the message only once it is safe.
-            let (b, n) = encode_utack(ptype as u8, seq, Some(&key));
-            if let (Some(hook), Some(me)) = (conn.links_hook(), conn.weak().upgrade()) {
-                hook.on_ack_held(&me, &b[..n]);
+    fn open(&self, _now: Duration, frame: &mut [u8]) -> FrameOutcome {
+        self.conn.on_frame(frame)
+    }
+    fn verify_duplicate(&self, frame: &mut [u8]) -> bool {
+        self.conn.session().verify_duplicate(frame)
+    }
+    fn acked(&self) {
+        self.conn.pop_head();
+        self.conn.kick();
+    }
+    fn send(&self, datagram: &[u8]) {
+        self.out.send(datagram, self.peer);
+    }
+    fn has_head(&self) -> bool {
+        !self.conn.is_drained()
+    }
+    fn send_head(&self, copies: usize) {
+        self.conn.head_frame(|f| {
+            for _ in 0..copies {
+                self.out.send(f, self.peer);
             }
-            Inbound::Handled
-        }
-        FrameOutcome::AcceptedAndClosed => {
-            ack(out);
-            Inbound::Closed
-        }
-        FrameOutcome::Rejected(ErrorKind::Sequence) if conn.session().verify_duplicate(d) => {
-            // A retransmission whose UTACK was lost: acknowledge again, deliver nothing.
-            conn.note_ack_loss(now());
-            ack(out);
-            Inbound::Handled
-        }
-        FrameOutcome::Rejected(kind) => Inbound::Dropped(kind),
-        FrameOutcome::Closed => Inbound::Closed,
+        });
     }
+    fn hold_ack(&self, utack: &[u8]) {
+        // The application holds this message's UTACK (until it is stored downstream): hand
+        // it the bytes.
+        if let (Some(hook), Some(me)) = (self.conn.links_hook(), self.conn.weak().upgrade()) {
+            hook.on_ack_held(&me, utack);
+        }
+    }
+}
+
+/// Handle one datagram from the peer of an established UDP session (`proto::link` decides:
+/// UTACKs complete the frame in flight, frames are acknowledged only once authentic).
+pub fn on_session_datagram(conn: &Conn, out: &UdpOut, d: &mut [u8], peer: SocketAddr) -> Inbound {
+    link::handle_datagram(&ConnLink { conn, out, peer }, now(), d)
 }

@@ -176,7 +176,7 @@ class Driver:
                 await self.echo(bytes([tag]) + i.to_bytes(4, "little") + bytes(11))
             return count
 
-        before = await burst(1, 75)
+        before = await burst(1, self.args.before_rekey)
         await self.session.rekey()
         after_client = await burst(2, 10)
         await self.client.send(b"REKEY-NOW")
@@ -357,7 +357,9 @@ def parse_args(argv=None):
     p.add_argument("--seconds", type=float, default=5.0, help="duration for ping-only")
     p.add_argument("--keep-flood-guard", action="store_true",
                    help="ping-only: do not neutralise the reference's own PONG flood guard on the final recv")
-    p.add_argument("--no-udp-rekey-fix", action="store_true")
+    p.add_argument("--no-udp-rekey-fix", action="store_true",
+                   help="run the reference's UDP transport as published (it keeps its replay baseline across REKEY)")
+    p.add_argument("--before-rekey", type=int, default=75, help="rekey: echoes before the client's REKEY")
     args = p.parse_args(argv)
     if args.device_id_hex is not None and len(bytes.fromhex(args.device_id_hex)) != 6:
         p.error("--device-id-hex must be 12 hex digits")
