@@ -6,6 +6,7 @@ pub mod conn;
 pub mod error;
 pub mod event;
 mod fd;
+pub mod tcp;
 pub mod udp;
 pub mod wire;
 
