@@ -67,6 +67,9 @@ pub enum CloseReason {
     Replaced,
     /// The device connected elsewhere (another gateway of the fleet).
     Takeover,
+    /// Its output did not move for longer than the watchdog, or its closing frames (BYE)
+    /// did not leave within the close grace: the output was abandoned and the socket reset.
+    Stalled,
 }
 
 impl CloseReason {
@@ -86,6 +89,7 @@ impl CloseReason {
             CloseReason::PeerGone => "peer_gone",
             CloseReason::Replaced => "replaced",
             CloseReason::Takeover => "takeover",
+            CloseReason::Stalled => "stalled",
         }
     }
 }
@@ -218,9 +222,11 @@ pub struct Conn {
     timer_at: Cell<u64>,
     /// Closed without BYE: stop retransmitting at once.
     pub(crate) abandon: Cell<bool>,
+    /// One time stamp per transport (nanoseconds, 0 = none); every byte here is per session.
     /// UDP: when the peer last retransmitted a frame we had already accepted (our UTACK was
-    /// lost): UTACKs then go out twice for a while (nanoseconds, 0 = never).
-    ack_loss_seen: Cell<u64>,
+    /// lost): UTACKs then go out twice for a while. TCP: since when queued output has not
+    /// moved (the socket's buffer is full and the peer takes nothing).
+    stamp: Cell<u64>,
 }
 
 /// What one received frame did to the session.
@@ -256,7 +262,7 @@ impl Conn {
             arq: RefCell::new(Arq::default()),
             timer_at: Cell::new(0),
             abandon: Cell::new(false),
-            ack_loss_seen: Cell::new(0),
+            stamp: Cell::new(0),
             session: RefCell::new(session),
             peer,
             out: RefCell::new(Vec::new()),
@@ -310,11 +316,31 @@ impl Conn {
 
     /// UDP: when the peer last showed that one of our UTACKs was lost.
     pub(crate) fn ack_loss_seen(&self) -> Option<Duration> {
-        Some(self.ack_loss_seen.get()).filter(|&n| n != 0).map(Duration::from_nanos)
+        (self.transport == Transport::Udp).then(|| self.stamp_at()).flatten()
     }
 
     pub(crate) fn note_ack_loss(&self, t: Duration) {
-        self.ack_loss_seen.set(nanos(t).max(1));
+        self.stamp.set(nanos(t).max(1));
+    }
+
+    fn stamp_at(&self) -> Option<Duration> {
+        Some(self.stamp.get()).filter(|&n| n != 0).map(Duration::from_nanos)
+    }
+
+    /// TCP: since when queued output has not moved (`None` while it moves or is empty).
+    /// The gateway's sweeper abandons a session stalled for longer than its watchdog, or a
+    /// closing one stalled for longer than the close grace.
+    pub fn out_stalled_since(&self) -> Option<Duration> {
+        (self.transport == Transport::Tcp).then(|| self.stamp_at()).flatten()
+    }
+
+    /// TCP driver: a send attempt left `left` bytes queued, having moved some bytes or not.
+    pub(crate) fn note_out_progress(&self, t: Duration, moved: bool, left: bool) {
+        if !left {
+            self.stamp.set(0);
+        } else if moved || self.stamp.get() == 0 {
+            self.stamp.set(nanos(t).max(1));
+        }
     }
     /// Traffic counters.
     pub fn stats(&self) -> ConnStats {
@@ -540,6 +566,35 @@ impl Conn {
         self.closing.set(Some(reason));
         self.ev.notify();
         self.kick();
+    }
+
+    /// End the session now whatever is queued: the output is discarded (no BYE can reach a
+    /// peer that takes nothing) and a TCP socket is reset rather than closed gracefully.
+    /// The way out for a session whose peer stopped reading; any state, closing included.
+    pub fn abort(&self, reason: CloseReason) {
+        if self.done.get() {
+            return;
+        }
+        self.out.borrow_mut().clear();
+        self.acks.set(VecDeque::new());
+        self.abandon.set(true);
+        if self.closing.get().is_none() {
+            self.closing.set(Some(reason));
+        }
+        self.stamp.set(0);
+        self.ev.notify();
+        self.kick();
+    }
+
+    /// Close for an operator or a timer (kick, revocation, watchdog): with BYE while the
+    /// peer takes our output, by [`Conn::abort`] once it has stopped taking it (a BYE queued
+    /// behind output that never leaves would keep the session forever).
+    pub fn end(&self, reason: CloseReason) {
+        if self.out_stalled_since().is_some() {
+            self.abort(reason);
+        } else {
+            self.close(reason, true);
+        }
     }
 
     /// Wait until the socket is closed and both loops ended.

@@ -89,6 +89,7 @@ pub fn drive_then<F: FnOnce(&Rc<Conn>)>(
         return_read_buf(&mut deframer);
         let mut stalled = conn.input_blocked() && deframer.buffered() > 0;
         let mut write_blocked = false;
+        let mut reset = false;
         loop {
             if !write_blocked {
                 match flush(&conn, &sock) {
@@ -102,6 +103,12 @@ pub fn drive_then<F: FnOnce(&Rc<Conn>)>(
             if conn.closing.get().is_some() {
                 if !write_blocked {
                     break; // the last frames (BYE) are out
+                }
+                if conn.abandon.get() {
+                    // Aborted: the peer takes nothing. Reset instead of waiting for room.
+                    let _ = sock.set_linger(Some(std::time::Duration::ZERO));
+                    reset = true;
+                    break;
                 }
                 reading = false;
             }
@@ -166,7 +173,9 @@ pub fn drive_then<F: FnOnce(&Rc<Conn>)>(
         if conn.closing.get().is_none() {
             conn.close(CloseReason::PeerClosed, false);
         }
-        let _ = sock.shutdown(std::net::Shutdown::Write);
+        if !reset {
+            let _ = sock.shutdown(std::net::Shutdown::Write);
+        }
         return_read_buf(&mut deframer);
         conn.set_done();
         then(&conn);
@@ -238,6 +247,7 @@ fn flush(conn: &Conn, sock: &socket2::Socket) -> std::io::Result<bool> {
             }
         }
     }
+    conn.note_out_progress(super::now(), off > 0, off < out.len());
     if off > 0 {
         out.drain(..off);
         if out.capacity() > 4 * MAX_SEALED_MESSAGE_LEN && out.len() <= MAX_SEALED_MESSAGE_LEN {
