@@ -48,7 +48,9 @@ pub(super) async fn inbox_loop(shard: Rc<Shard>, inbox: flume::Receiver<Command>
                     conn.end(CloseReason::Kicked);
                 }
             }
-            Command::Lockout { key, failed, at } => shard.apply_lockout(key, failed, at, false),
+            Command::Lockout { ip, device, failed, at } => {
+                shard.apply_lockout(ip, &device, failed, at, false)
+            }
             Command::ListSessions(reply) => {
                 let rows = shard
                     .sessions

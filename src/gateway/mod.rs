@@ -44,7 +44,7 @@ pub use directory::SessionInfo;
 pub use session::Session;
 pub use stats::{LatencyHist, LatencySnapshot, ShardStats, StatsSnapshot, HANDSHAKE_BUCKETS_US};
 
-use crate::proto::lockout::{LockoutKey, LockoutPolicy};
+use crate::proto::lockout::LockoutPolicy;
 use crate::psk::{parse_device_id, ConfigError, PskSource};
 use crate::rt::Error;
 use directory::Directory;
@@ -383,8 +383,10 @@ pub(crate) enum Command {
     },
     Broadcast(Arc<[u8]>),
     Kick([u8; 6]),
+    /// A handshake of `device` from `ip` failed or succeeded on another shard.
     Lockout {
-        key: LockoutKey,
+        ip: IpAddr,
+        device: [u8; 6],
         failed: bool,
         at: Duration,
     },

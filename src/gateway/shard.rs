@@ -4,7 +4,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::{IpAddr, SocketAddr, TcpListener as StdListener};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -24,7 +24,7 @@ use crate::proto::crypto::EphemeralKey;
 use crate::proto::deframer::Deframer;
 use crate::proto::frame::Frame;
 use crate::proto::handshake::{decode_hello, ServerExpectHelloAck, MAX_HANDSHAKE_FRAME_LEN};
-use crate::proto::lockout::{LockoutKey, LockoutTable};
+use crate::proto::lockout::{Admission, LockoutTable};
 use crate::proto::session::Session as ProtoSession;
 use crate::proto::{ErrorKind, Transport};
 use crate::psk::{format_device_id, to_hex};
@@ -189,37 +189,72 @@ impl Shard {
         self.shared.shutting_down.load(Ordering::Acquire)
     }
 
-    /// Apply a lockout event here and tell every other shard.
-    pub(super) fn lockout_event(&self, key: LockoutKey, failed: bool) {
+    /// A handshake of `device` from `ip` failed (or succeeded): apply it here and tell every
+    /// other shard, so the rule holds gateway-wide.
+    pub(super) fn lockout_event(&self, ip: IpAddr, device: [u8; 6], failed: bool) {
         let at = now();
-        self.apply_lockout(key, failed, at, true);
+        self.apply_lockout(ip, &device, failed, at, true);
         for i in 0..self.shared.inboxes.len() {
             if i != self.idx {
-                self.shared.post(i, Command::Lockout { key, failed, at });
+                self.shared.post(i, Command::Lockout { ip, device, failed, at });
             }
         }
     }
 
     /// `local`: the failure happened on this shard (count and log it once, here).
-    pub(super) fn apply_lockout(&self, key: LockoutKey, failed: bool, at: Duration, local: bool) {
+    pub(super) fn apply_lockout(
+        &self,
+        ip: IpAddr,
+        device: &[u8; 6],
+        failed: bool,
+        at: Duration,
+        local: bool,
+    ) {
         let mut t = self.lockout.borrow_mut();
-        if failed {
-            let started = t.record_failure(key, at);
-            if !local {
-                t.forget_report(&key);
-            }
-            if let (Some(len), true) = (started, local) {
+        if !failed {
+            t.succeed(ip, device, at);
+            return;
+        }
+        let overflowed = t.overflowed();
+        let started = t.fail(ip, device, at);
+        if t.overflowed() > overflowed {
+            tracing::warn!(%ip, "lockout table full of locked sources: failure not recorded");
+        }
+        match started {
+            Some((key, _)) if !local => t.forget_report(&key),
+            Some((key, len)) => {
                 ShardStats::inc(&self.stats().lockouts_started);
                 tracing::warn!(ip = %key.ip(), ?key, seconds = len.as_secs_f64(), "lockout started");
             }
-        } else {
-            t.record_success(&key);
-            t.record_success(&LockoutKey::Ip(key.ip()));
+            None => {}
         }
     }
 
-    /// Log a refused connection or handshake, at most 10 lines per second per shard.
+    /// Refuse a HELLO of `device` from `peer` whose source or device is locked out (a
+    /// locked source still admits devices that authenticated from it recently); counted.
+    pub(super) fn refuse_locked(&self, peer: SocketAddr, device: &[u8; 6]) -> bool {
+        let verdict = self.lockout.borrow().admit(peer.ip(), device, now());
+        let reason = match verdict {
+            Admission::Admit => return false,
+            Admission::SourceLocked(_) => "source_locked_out",
+            Admission::DeviceLocked(_) => "device_locked_out",
+        };
+        ShardStats::inc(&self.stats().refused_locked_out);
+        self.log_refusal(peer, reason);
+        true
+    }
+
+    /// Log a refused connection or handshake, within [`Shard::may_log`]'s budget.
     pub(super) fn log_refusal(&self, peer: SocketAddr, reason: &'static str) {
+        if self.may_log() {
+            tracing::info!(%peer, reason, "handshake refused");
+        }
+    }
+
+    /// Whether one more refusal or failure line may be logged: at most 10 per second per
+    /// shard; the rest are summed into one line the next second (a flood must not flood
+    /// the logs).
+    pub(super) fn may_log(&self) -> bool {
         let t = now();
         let (start, n, suppressed) = self.refusal_log.get();
         if t.saturating_sub(start) >= Duration::from_secs(1) {
@@ -227,16 +262,17 @@ impl Shard {
                 tracing::info!(
                     shard = self.idx,
                     suppressed,
-                    "more refusals in the last second (not logged one by one)"
+                    "more handshake refusals and failures in the last second (not logged one by one)"
                 );
             }
             self.refusal_log.set((t, 1, 0));
-            tracing::info!(%peer, reason, "handshake refused");
+            true
         } else if n < REFUSAL_LOG_PER_SEC {
             self.refusal_log.set((start, n + 1, suppressed));
-            tracing::info!(%peer, reason, "handshake refused");
+            true
         } else {
             self.refusal_log.set((start, n, suppressed + 1));
+            false
         }
     }
 
@@ -271,10 +307,6 @@ impl Shard {
         if p.get(key).is_some_and(|e| e.id == id) {
             p.remove(key);
         }
-    }
-
-    pub(super) fn locked(&self, key: &LockoutKey) -> bool {
-        self.lockout.borrow().check(key, now()).is_some()
     }
 }
 
@@ -437,12 +469,8 @@ pub(super) struct Failure {
 
 async fn serve_conn(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr, handler: Arc<Handler>) {
     let ip = peer.ip();
-    // Cheapest checks first, before any crypto: lockout, handshake budget, session limits.
-    if shard.locked(&LockoutKey::Ip(ip)) {
-        ShardStats::inc(&shard.stats().refused_locked_out);
-        shard.log_refusal(peer, "locked_out");
-        return;
-    }
+    // Cheapest checks first, before any crypto: handshake slots, session limits, then (once
+    // the HELLO names the device) lockout, key lookup, the X25519 budget.
     if shard.handshakes.get() >= shard.shared.cfg.max_handshakes_per_shard || shard.is_stopping() {
         ShardStats::inc(&shard.stats().refused_over_limit);
         shard.log_refusal(peer, "handshake_limit");
@@ -538,25 +566,20 @@ pub(super) fn record_failure(shard: &Shard, peer: SocketAddr, f: Failure) {
     // A peer that connected and left without a byte is not an attack on a key.
     let silent_close = matches!(&f.error, Error::Protocol(e) if e.kind() == ErrorKind::ConnectionClosed)
         && f.device.is_none();
-    let Some(counter) = counted else {
-        if matches!(&f.error, Error::Protocol(e) if e.detail() == "device locked out") {
-            ShardStats::inc(&s.refused_locked_out);
-        }
-        return;
-    };
+    let Some(counter) = counted else { return };
     ShardStats::inc(counter);
-    tracing::info!(%peer, device = ?f.device.map(|d| format_device_id(&d)), reason = %f.error, "handshake failed");
+    if !silent_close && shard.may_log() {
+        tracing::info!(%peer, device = ?f.device.map(|d| format_device_id(&d)), reason = %f.error, "handshake failed");
+    }
     // An eviction follows from our load, not from the peer's key: during a reconnect storm
     // it must not lock a NAT address full of healthy devices out.
     let evicted = matches!(&f.error, Error::Protocol(e) if e.detail() == EVICTED);
-    if silent_close || evicted {
-        return;
+    // Only a handshake that named a device counts: garbage, silence or a socket closed
+    // before a HELLO tries no key, and must not lock a whole NAT address out.
+    match f.device {
+        Some(device) if !evicted => shard.lockout_event(peer.ip(), device, true),
+        _ => {}
     }
-    let key = match f.device {
-        Some(d) => LockoutKey::Device(peer.ip(), d),
-        None => LockoutKey::Ip(peer.ip()),
-    };
-    shard.lockout_event(key, true);
 }
 
 /// Steps 1–4 of PROTOCOL.md §3, server side.
@@ -572,10 +595,10 @@ async fn server_handshake(
     // Step 1: HELLO.
     let f = wire::read_frame_cancelable(stream, deframer, cancel.clone()).await.map_err(fail)?;
     let hello = Frame::decode(&f).and_then(|f| decode_hello(&f)).map_err(|e| fail(e.into()))?;
-    device.set(Some(hello.device_id));
-    if shard.locked(&LockoutKey::Device(peer.ip(), hello.device_id)) {
-        return Err(fail(Error::misuse(ErrorKind::NotConnected, "device locked out")));
+    if shard.refuse_locked(peer, &hello.device_id) {
+        return Err(fail(Error::misuse(ErrorKind::NotConnected, "locked out")));
     }
+    device.set(Some(hello.device_id));
     let psk = match shard.shared.cfg.psk.as_ref() {
         Some(src) => src.lookup(hello.device_id).await,
         None => None,
@@ -617,7 +640,7 @@ pub(super) fn open_session(shard: &Rc<Shard>, conn: &Rc<Conn>, handler: &Handler
     let transport = conn.transport();
     let peer = conn.peer();
     let conn_id = shard.shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
-    shard.lockout_event(LockoutKey::Device(peer.ip(), device_id), false);
+    shard.lockout_event(peer.ip(), device_id, false);
     let live = Live { conn: conn.clone(), conn_id, since: SystemTime::now() };
     shard.shared.directory.insert(live.info(shard.idx));
     let key = shard.sessions.borrow_mut().insert(live);
@@ -651,8 +674,8 @@ fn open_gauge(shard: &Shard, transport: Transport) -> &std::sync::atomic::Atomic
 /// the device index and the directory, and release its limit slot.
 pub(super) fn close_session(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     let key = conn.tag.get() as usize;
-    let Some(conn_id) =
-        shard.sessions.borrow().get(key).filter(|l| Rc::ptr_eq(&l.conn, conn)).map(|l| l.conn_id)
+    let Some((conn_id, since)) =
+        shard.sessions.borrow().get(key).filter(|l| Rc::ptr_eq(&l.conn, conn)).map(|l| (l.conn_id, l.since))
     else {
         return;
     };
@@ -678,6 +701,11 @@ pub(super) fn close_session(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     }
     drop(by);
     shard.shared.directory.remove(&device_id, conn_id);
+    // A session that lasted half the trust window renews its device's trust at its source.
+    let trust = shard.shared.cfg.lockout.trust_window / 2;
+    if !matches!(reason, CloseReason::Protocol(_)) && since.elapsed().is_ok_and(|d| d > trust) {
+        shard.lockout_event(peer.ip(), device_id, false);
+    }
     shard.shared.release(peer.ip());
     if let Some(app) = &shard.app {
         app.on_close(&Session { conn: conn.clone(), shard: shard.idx, transport: conn.transport() }, reason);

@@ -21,7 +21,6 @@ use crate::proto::arq::{Arq, ArqAction};
 use crate::proto::crypto::EphemeralKey;
 use crate::proto::frame::{encode_frame, Frame, PacketType};
 use crate::proto::handshake::{decode_hello, Hello, ServerExpectHelloAck};
-use crate::proto::lockout::LockoutKey;
 use crate::proto::session::Session as ProtoSession;
 use crate::proto::udp::{encode_utack, is_utack, CookieError, CookieJar, ExpectedAck, SourceLimiter};
 use crate::proto::{ErrorKind, Transport};
@@ -303,10 +302,7 @@ fn cookie_path(shard: &Rc<Shard>, udp: &Rc<UdpShard>, d: &[u8], from: SocketAddr
             return;
         }
     }
-    if shard.locked(&LockoutKey::Ip(from.ip()))
-        || shard.locked(&LockoutKey::Device(from.ip(), hello.device_id))
-    {
-        ShardStats::inc(&s.refused_locked_out);
+    if shard.refuse_locked(from, &hello.device_id) {
         return;
     }
     if shard.handshakes.get() >= shard.shared.cfg.max_handshakes_per_shard || shard.is_stopping() {
