@@ -7,7 +7,7 @@ use super::shard::Shard;
 use super::stats::ShardStats;
 use super::Command;
 use crate::proto::ErrorKind;
-use crate::psk::format_device_id;
+use crate::psk::{format_device_id, KeyState};
 use crate::rt::conn::{CloseReason, Conn};
 use crate::rt::Error;
 
@@ -79,15 +79,23 @@ pub(super) async fn inbox_loop(shard: Rc<Shard>, inbox: flume::Receiver<Command>
                     (Some(b), Some(n)) => b.raw_key(d) != n.raw_key(d),
                     _ => false,
                 };
-                let revoked: Vec<Rc<Conn>> = shard
+                let revoked: Vec<(Rc<Conn>, &str)> = shard
                     .sessions
                     .borrow()
                     .iter()
-                    .filter(|(_, l)| !psk.still_accepts(&l.conn.device_id()) || rotated(&l.conn.device_id()))
-                    .map(|(_, l)| l.conn.clone())
+                    .filter_map(|(_, l)| {
+                        let d = l.conn.device_id();
+                        let why = match psk.key_state(&d) {
+                            KeyState::Unknown => return None,
+                            KeyState::Removed => "key removed",
+                            KeyState::Key(fp) if fp != l.key || rotated(&d) => "key rotated",
+                            KeyState::Key(_) => return None,
+                        };
+                        Some((l.conn.clone(), why))
+                    })
                     .collect();
-                for c in revoked {
-                    tracing::info!(device = %format_device_id(&c.device_id()), peer = %c.peer(), "session closed: key revoked");
+                for (c, why) in revoked {
+                    tracing::info!(device = %format_device_id(&c.device_id()), peer = %c.peer(), why, "session closed: key revoked");
                     c.end(CloseReason::Revoked);
                 }
             }

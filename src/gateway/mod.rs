@@ -151,6 +151,20 @@ impl Default for Config {
     }
 }
 
+/// Handshakes per second per shard the budget can express: slower than one in 1000 s or
+/// faster than 10^9 a second would overflow its arithmetic.
+pub const HANDSHAKE_RATE_RANGE: (f64, f64) = (0.001, 1e9);
+
+/// Check a handshake rate (0 = unlimited); the message says what is allowed.
+pub fn check_handshake_rate(r: f64) -> Result<(), String> {
+    let (lo, hi) = HANDSHAKE_RATE_RANGE;
+    if r == 0.0 || (r.is_finite() && (lo..=hi).contains(&r)) {
+        Ok(())
+    } else {
+        Err(format!("must be 0 (unlimited) or between {lo} and {hi:e} per second, not {r:e}"))
+    }
+}
+
 /// Builder for a [`Gateway`]; call [`GatewayBuilder::serve`] last.
 #[derive(Clone, Default)]
 pub struct GatewayBuilder {
@@ -277,6 +291,8 @@ impl GatewayBuilder {
         if !(c.cookie_rate_per_ip.is_finite() && c.cookie_rate_per_ip > 0.0) {
             return Err(ConfigError::new("cookie_rate_per_ip", "must be a positive rate"));
         }
+        check_handshake_rate(c.handshake_rate_per_shard)
+            .map_err(|m| ConfigError::new("handshake_rate_per_shard", m))?;
         Ok(())
     }
 

@@ -126,6 +126,9 @@ pub(super) struct Live {
     /// The directory entry's id (the rest of its info is the connection's).
     conn_id: u64,
     since: SystemTime,
+    /// Fingerprint of the key the device authenticated with ([`crate::psk::key_fingerprint`]):
+    /// a reload that changes the device's key ends the session.
+    pub(super) key: u64,
 }
 
 impl Live {
@@ -641,7 +644,13 @@ pub(super) fn open_session(shard: &Rc<Shard>, conn: &Rc<Conn>, handler: &Handler
     let peer = conn.peer();
     let conn_id = shard.shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
     shard.lockout_event(peer.ip(), device_id, false);
-    let live = Live { conn: conn.clone(), conn_id, since: SystemTime::now() };
+    // The key in force now is the one the handshake that just ended used (a reload in the
+    // last round trip is the only gap, and its revalidation follows in the inbox).
+    let key = match shard.shared.cfg.psk.as_ref().map(|p| p.key_state(&device_id)) {
+        Some(crate::psk::KeyState::Key(fp)) => fp,
+        _ => 0,
+    };
+    let live = Live { conn: conn.clone(), conn_id, since: SystemTime::now(), key };
     shard.shared.directory.insert(live.info(shard.idx));
     let key = shard.sessions.borrow_mut().insert(live);
     conn.tag.set(key as u32);
