@@ -11,9 +11,11 @@
 //! *                  fallback-key-for-every-other-device
 //! ```
 
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -21,6 +23,9 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 
 use crate::proto::crypto::{Psk, DEVICE_ID_LEN, MIN_PSK_LEN};
+
+/// What `Debug` output shows in place of a key or token.
+pub const REDACTED: &str = "<redacted>";
 
 /// A device id as 6 raw bytes.
 pub type DeviceIdBytes = [u8; DEVICE_ID_LEN];
@@ -179,8 +184,9 @@ impl Registry {
                 reg.wildcard = Some(psk);
                 reg.raw_wildcard = Some(key);
             } else {
+                // The field is not echoed: a line with its fields swapped would print the key.
                 let dev = parse_device_id(id).ok_or_else(|| {
-                    ConfigError::new(&at, format!("`{id}` is not a device id (12 hex digits or colon hex)"))
+                    ConfigError::new(&at, "the first field is not a device id (12 hex digits or colon hex)")
                 })?;
                 reg.keys.insert(dev, psk);
                 reg.raw.insert(dev, key);
@@ -189,12 +195,71 @@ impl Registry {
         Ok(reg)
     }
 
-    /// Read and parse a registry file.
+    /// Read and parse a registry file. An empty registry, or a file whose last line has no
+    /// newline (cut off while written), is refused like a corrupt one: a reload keeps the
+    /// old keys instead of disconnecting the fleet. Warns when the file is readable by group
+    /// or others.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let name = path.display().to_string();
         let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new(path.display().to_string(), format!("cannot read: {e}")))?;
-        Self::parse(&text, &path.display().to_string())
+            .map_err(|e| ConfigError::new(&name, format!("cannot read: {e}")))?;
+        if let Some(w) = std::fs::metadata(path).ok().and_then(|m| permission_warning(&m)) {
+            tracing::warn!(path = %name, "{w}");
+        }
+        if !text.is_empty() && !text.ends_with('\n') {
+            return Err(ConfigError::new(
+                &name,
+                "truncated: the last line has no newline (write the file whole, then rename it into place)",
+            ));
+        }
+        let reg = Self::parse(&text, &name)?;
+        if reg.is_empty() {
+            return Err(ConfigError::new(
+                &name,
+                "no device and no wildcard: an empty registry is refused (a half-written file would disconnect the fleet)",
+            ));
+        }
+        Ok(reg)
     }
+
+    /// A fingerprint of the key `device_id` authenticates with now (its own, else the
+    /// wildcard): equal fingerprints, same key. A keyed hash: it tells nothing about the key.
+    pub fn fingerprint(&self, device_id: &DeviceIdBytes) -> Option<u64> {
+        self.raw_key(device_id).map(key_fingerprint)
+    }
+}
+
+/// The process's fingerprint of a key's bytes (SipHash under a random key, fixed per process).
+pub fn key_fingerprint(key: &[u8]) -> u64 {
+    static HASHER: std::sync::OnceLock<RandomState> = std::sync::OnceLock::new();
+    HASHER.get_or_init(RandomState::new).hash_one(key)
+}
+
+/// Why a key file's permissions are unsafe, if they are: readable by group or others.
+#[cfg(unix)]
+pub fn permission_warning(meta: &std::fs::Metadata) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = meta.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!("key file mode is {mode:03o}: readable by group or others (chmod 600, owned by the gateway's user)")
+    })
+}
+
+/// Why a key file's permissions are unsafe (not checked off Unix).
+#[cfg(not(unix))]
+pub fn permission_warning(_meta: &std::fs::Metadata) -> Option<String> {
+    None
+}
+
+/// Which key a device would authenticate with now, as [`PskSource::key_state`] tells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    /// The source cannot tell without I/O (a resolver, asked at the next handshake).
+    Unknown,
+    /// The device is no longer accepted.
+    Removed,
+    /// Its key has this [`key_fingerprint`].
+    Key(u64),
 }
 
 /// A future resolving a device's key (`None` refuses the device). Runs on the shard's thread.
@@ -267,6 +332,19 @@ impl PskSource {
         }
     }
 
+    /// Which key `device_id` would authenticate with now (a session remembers it, and a
+    /// reload that changes it ends the session).
+    pub fn key_state(&self, device_id: &DeviceIdBytes) -> KeyState {
+        match self {
+            PskSource::Single(_) => KeyState::Key(0),
+            PskSource::Resolver(_) => KeyState::Unknown,
+            PskSource::Registry { current, .. } => match current.read().fingerprint(device_id) {
+                Some(fp) => KeyState::Key(fp),
+                None => KeyState::Removed,
+            },
+        }
+    }
+
     /// Resolve the key for `device_id` (awaits only for resolvers).
     pub async fn lookup(&self, device_id: DeviceIdBytes) -> Option<Psk> {
         match self {
@@ -302,6 +380,8 @@ mod tests {
         assert!(e.message.contains("at least 16"), "{e}");
         let e = Registry::parse("0011223344 sixteen-byte-key", "k").unwrap_err();
         assert!(e.message.contains("not a device id"));
+        let e = Registry::parse("a-swapped-secret-key-0123 001122334455", "k").unwrap_err();
+        assert!(!e.to_string().contains("a-swapped-secret"), "the key is not echoed: {e}");
         let e = Registry::parse("001122334455", "k").unwrap_err();
         assert!(e.message.contains("no key"));
         let e = Registry::parse("001122334455 hex:zz00", "k").unwrap_err();

@@ -153,3 +153,14 @@ fn ack_and_log_modes() {
     let ts = v["timestamp"].as_str().unwrap();
     assert!(ts.len() == 27 && ts.ends_with('Z') && ts.as_bytes()[10] == b'T', "{ts}");
 }
+
+#[test]
+fn handshake_rates_that_would_overflow_are_refused_with_a_clear_error() {
+    for rate in ["1e-300", "1e300", "-1", "NaN", "inf"] {
+        let flag = format!("--handshake-rate={rate}");
+        let out = Command::new(BIN).args(["--psk", "0123456789abcdef", &flag]).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{rate}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--handshake-rate") && !err.contains("panicked"), "{rate}: {err}");
+    }
+}

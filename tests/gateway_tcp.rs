@@ -210,10 +210,11 @@ fn garbage_is_refused_fast_and_other_sessions_live_on() {
 }
 
 #[test]
-fn lockout_after_five_failures_spans_shards_and_spares_other_devices() {
+fn lockout_after_five_failures_spans_shards_and_spares_known_devices() {
     let mut reg = Registry::new();
     reg.insert([1, 1, 1, 1, 1, 1], PSK).unwrap();
     reg.insert([2, 2, 2, 2, 2, 2], PSK).unwrap();
+    reg.insert([3, 3, 3, 3, 3, 3], PSK).unwrap();
     let gw = Gateway::builder()
         .listen("127.0.0.1:0".parse().unwrap())
         .shards(2)
@@ -223,6 +224,9 @@ fn lockout_after_five_failures_spans_shards_and_spares_other_devices() {
     let addr = gw.local_addr();
     let h = gw.handle();
     usmp::rt::block_on(async {
+        // Device 2 authenticated from this address before the attack.
+        let other = ClientConfig { device_id: Some([2; 6]), ..ClientConfig::new(addr, PSK) };
+        Client::connect(&other).await.unwrap().disconnect().await;
         let bad = ClientConfig {
             device_id: Some([1; 6]),
             ..ClientConfig::new(addr, &b"wrong-key-for-device-1"[..])
@@ -230,13 +234,14 @@ fn lockout_after_five_failures_spans_shards_and_spares_other_devices() {
         for _ in 0..5 {
             assert!(Client::connect(&bad).await.is_err());
         }
-        // Failures landed on both shards (SO_REUSEPORT spreads accepts), yet the device is locked.
+        // Failures landed on both shards (SO_REUSEPORT spreads accepts), yet the source is locked.
         let good = ClientConfig { device_id: Some([1; 6]), ..ClientConfig::new(addr, PSK) };
         for _ in 0..4 {
-            assert!(Client::connect(&good).await.is_err(), "locked device must be refused");
+            assert!(Client::connect(&good).await.is_err(), "locked source must be refused");
         }
-        // Another device behind the same address still gets in.
-        let other = ClientConfig { device_id: Some([2; 6]), ..ClientConfig::new(addr, PSK) };
+        let unseen = ClientConfig { device_id: Some([3; 6]), ..ClientConfig::new(addr, PSK) };
+        assert!(Client::connect(&unseen).await.is_err(), "so is a device never seen from there");
+        // A device that authenticated from the same address still gets in.
         Client::connect(&other).await.unwrap().disconnect().await;
         // After the 1 s lockout the right key works and clears the record.
         monoio::time::sleep(Duration::from_millis(1100)).await;
@@ -245,7 +250,7 @@ fn lockout_after_five_failures_spans_shards_and_spares_other_devices() {
     let s = h.stats();
     assert_eq!(s.handshakes_bad_key, 5, "{s:?}");
     assert_eq!(s.lockouts_started, 1, "{s:?}");
-    assert!(s.refused_locked_out >= 4, "{s:?}");
+    assert!(s.refused_locked_out >= 5, "{s:?}");
     gw.shutdown();
 }
 

@@ -5,11 +5,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::gateway_bin::{start_binary, wait_log, BIN};
 use usmp::client::{Client, ClientConfig};
 use usmp::gateway::{Gateway, Session};
 use usmp::ops::{self, OpsOptions};
@@ -21,19 +22,18 @@ fn hexs(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// One HTTP request; returns (status, body).
+/// One HTTP request with a real HTTP client; returns (status, body).
 fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let head = format!("{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {}\r\n\r\n", body.len());
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, body)
+    let mut req = ureq::request(method, &format!("http://{addr}{path}")).timeout(Duration::from_secs(10));
+    if let Some(t) = token {
+        req = req.set("Authorization", &format!("Bearer {t}"));
+    }
+    let resp = match req.send_bytes(body) {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{method} {path}: {e}"),
+    };
+    (resp.status(), resp.into_string().unwrap())
 }
 
 /// A strict reader of the Prometheus text format: every sample belongs to a declared family
@@ -142,9 +142,12 @@ fn admin_api_downlink_broadcast_kick_and_token() {
     let h = gw.handle();
     let open = ops::serve("127.0.0.1:0".parse().unwrap(), h.clone(), OpsOptions::default()).unwrap();
     let token = "admin-token-0123456789";
-    let locked =
-        ops::serve("127.0.0.1:0".parse().unwrap(), h.clone(), OpsOptions { admin_token: Some(token.into()) })
-            .unwrap();
+    let locked = ops::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        h.clone(),
+        OpsOptions { admin_token: Some(token.into()), ..Default::default() },
+    )
+    .unwrap();
     // One reference device (holding, printing what it receives) and Rust devices on both shards.
     let mut py = Command::new(common::pyref::python())
         .arg(common::pyref::script("ref_client.py"))
@@ -229,46 +232,6 @@ fn admin_api_downlink_broadcast_kick_and_token() {
     assert!(rest.last().unwrap().contains("ConnectionClosedError"), "{rest:?}");
     let _ = py.wait();
     gw.shutdown();
-}
-
-const BIN: &str = env!("CARGO_BIN_EXE_usmp-gateway");
-
-fn start_binary(args: &[&str]) -> (common::child::ChildGuard, SocketAddr, std::sync::mpsc::Receiver<String>) {
-    let mut child = common::child::ChildGuard(
-        Command::new(BIN).args(args).env("RUST_LOG", "info").stderr(Stdio::piped()).spawn().unwrap(),
-    );
-    let (tx, rx) = std::sync::mpsc::channel();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut addr = None;
-    for line in lines.by_ref() {
-        let plain: String = line.unwrap().chars().filter(|c| !c.is_control()).collect();
-        if plain.contains("usmp-gateway listening") {
-            let rest = &plain[plain.find("address").unwrap()..];
-            let start = rest.find("127.0.0.1").unwrap();
-            let a: String =
-                rest[start..].chars().take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':').collect();
-            addr = Some(a.parse().unwrap());
-            break;
-        }
-    }
-    std::thread::spawn(move || {
-        for l in lines {
-            let _ = tx.send(l.unwrap_or_default());
-        }
-    });
-    (child, addr.expect("listening line"), rx)
-}
-
-fn wait_log(rx: &std::sync::mpsc::Receiver<String>, needle: &str) {
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(10) {
-        if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
-            if l.contains(needle) {
-                return;
-            }
-        }
-    }
-    panic!("no log line with {needle:?}");
 }
 
 #[test]

@@ -43,7 +43,8 @@ enum Mode {
 }
 
 /// Emulate USMP devices and measure a gateway.
-#[derive(Debug, Parser, Clone)]
+// No `Debug`: it would print the key.
+#[derive(Parser, Clone)]
 #[command(name = "loadgen", version, about)]
 struct Args {
     /// Gateway address.

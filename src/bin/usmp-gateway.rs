@@ -11,6 +11,7 @@ use std::path::PathBuf;
 
 use usmp::gateway::{Gateway, Session, Transports};
 use usmp::nats::{NatsBridge, NatsConfig};
+use usmp::ops::msglog::MessageLog;
 use usmp::ops::settings::{LogFormat, ReplyMode, Resolved, Settings, TransportName};
 use usmp::ops::{self, OpsOptions};
 use usmp::psk::{ConfigError, PskSource};
@@ -21,7 +22,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Thread-per-core io_uring gateway for USMP devices.
 ///
 /// Every flag can also be set in the `--config` file (same name, no dashes); flags win.
-#[derive(Debug, Parser)]
+// No `Debug`: it would print the key and the admin token.
+#[derive(Parser)]
 #[command(name = "usmp-gateway", version, about)]
 struct Args {
     /// TOML config file with any of the settings below.
@@ -72,6 +74,14 @@ struct Args {
     /// Bearer token for the admin API (without it the admin API is loopback-only).
     #[arg(long, value_name = "TOKEN")]
     admin_token: Option<String>,
+    /// File holding the admin bearer token (first line); keeps it out of `ps`. The
+    /// `USMP_ADMIN_TOKEN` environment variable is read when neither token flag is given.
+    #[arg(long, value_name = "PATH")]
+    admin_token_file: Option<PathBuf>,
+    /// Host name an admin request may name in `Host` besides IP addresses and `localhost`
+    /// (repeatable; against DNS rebinding).
+    #[arg(long, value_name = "NAME")]
+    admin_host: Vec<String>,
     /// Log line format [default: text].
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
@@ -140,6 +150,8 @@ impl Args {
             max_handshakes: self.max_handshakes,
             metrics: self.metrics,
             admin_token: self.admin_token.clone(),
+            admin_token_file: self.admin_token_file.clone(),
+            admin_hosts: (!self.admin_host.is_empty()).then(|| self.admin_host.clone()),
             log_format: self.log_format,
             cookie_rate_per_ip: self.cookie_rate_per_ip,
             handshake_rate: self.handshake_rate,
@@ -194,7 +206,7 @@ fn rfc3339(t: SystemTime) -> String {
 
 /// The built-in modes answer inline, on the shard that received the message: no task per
 /// session (see `GatewayBuilder::serve_messages`).
-fn on_message(session: &Session, msg: &[u8], mode: ReplyMode) {
+fn on_message(session: &Session, msg: &[u8], mode: ReplyMode, log: &MessageLog) {
     let sent = match mode {
         ReplyMode::Echo => session.try_send(msg),
         ReplyMode::Ack => session.try_send(b"ACK"),
@@ -205,7 +217,7 @@ fn on_message(session: &Session, msg: &[u8], mode: ReplyMode) {
                 "timestamp": rfc3339(SystemTime::now()),
                 "payload": base64::engine::general_purpose::STANDARD.encode(msg),
             });
-            println!("{line}");
+            log.log(line.to_string());
             Ok(())
         }
         // Served by the NATS bridge, never by this hook.
@@ -242,7 +254,10 @@ fn start_bridge(cfg: &NatsConfig, r: &Resolved) -> Result<NatsBridge, ConfigErro
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour codes only for a terminal: a journal or a log file gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -259,6 +274,16 @@ fn main() -> ExitCode {
         }
     };
     init_logs(r.log_format);
+    for w in &r.warnings {
+        tracing::warn!("{w}");
+    }
+    let log = match MessageLog::to_stdout() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("usmp-gateway: error: cannot start the message log: {e}");
+            return ExitCode::from(1);
+        }
+    };
     if let Some(key) = &r.generated_key {
         tracing::warn!("no key configured: generated a one-off PSK for this run (echo mode)");
         eprintln!("USMP PSK (text, {} bytes): {key}", key.len());
@@ -282,7 +307,7 @@ fn main() -> ExitCode {
     let builder = Gateway::builder().config(r.config.clone());
     let started = match &bridge {
         Some(b) => builder.serve_app(b.app()),
-        None => builder.serve_messages(move |s, m| on_message(s, m, mode)),
+        None => builder.serve_messages(move |s, m| on_message(s, m, mode, &log)),
     };
     let gw = match started {
         Ok(g) => g,
@@ -298,7 +323,9 @@ fn main() -> ExitCode {
     let _ops = match r.metrics {
         None => None,
         Some(addr) => {
-            match ops::serve(addr, handle.clone(), OpsOptions { admin_token: r.admin_token.clone() }) {
+            let opts =
+                OpsOptions { admin_token: r.admin_token.clone(), allowed_hosts: r.admin_hosts.clone() };
+            match ops::serve(addr, handle.clone(), opts) {
                 Ok(s) => {
                     tracing::info!(address = %s.local_addr(), admin_token = r.admin_token.is_some(), "metrics and admin API listening");
                     Some(s)

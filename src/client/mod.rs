@@ -26,8 +26,8 @@ use crate::psk::{format_device_id, to_hex};
 use crate::rt::conn::{self, CloseReason, Conn};
 use crate::rt::{wire, Error};
 
-/// How to reach and authenticate to a gateway.
-#[derive(Debug, Clone)]
+/// How to reach and authenticate to a gateway. Its `Debug` never shows the key.
+#[derive(Clone)]
 pub struct ClientConfig {
     /// Gateway address.
     pub addr: SocketAddr,
@@ -43,6 +43,20 @@ pub struct ClientConfig {
     pub bind: Option<SocketAddr>,
     /// Transport: TCP or UDP (cookie round trip, UTACKs, stop-and-wait ARQ).
     pub transport: Transport,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("addr", &self.addr)
+            .field("psk", &crate::psk::REDACTED)
+            .field("device_id", &self.device_id.map(|d| format_device_id(&d)))
+            .field("connect_timeout", &self.connect_timeout)
+            .field("keepalive", &self.keepalive)
+            .field("bind", &self.bind)
+            .field("transport", &self.transport)
+            .finish()
+    }
 }
 
 impl ClientConfig {

@@ -1,5 +1,6 @@
 //! A client that re-handshakes (fresh keys every time) after losing its session, backing off
-//! 2 s, 4 s, … up to 60 s between attempts, as device firmware does.
+//! 2 s, 4 s, … up to 60 s between attempts, as device firmware does, with jitter: a fleet
+//! that lost its gateway at the same instant does not come back in lockstep.
 
 use std::time::Duration;
 
@@ -26,6 +27,16 @@ impl Backoff {
     pub fn delay(&self, attempt: u32) -> Duration {
         self.initial.saturating_mul(1u32 << attempt.min(16)).min(self.max)
     }
+
+    /// [`Backoff::delay`] with "equal jitter": uniform in [delay/2, delay], `r` a random u32.
+    pub fn jittered(&self, attempt: u32, r: u32) -> Duration {
+        let d = self.delay(attempt);
+        d / 2 + (d / 2).mul_f64(f64::from(r) / f64::from(u32::MAX))
+    }
+}
+
+fn random_u32() -> u32 {
+    crate::rt::wire::random::<4>(&ring::rand::SystemRandom::new()).map_or(0, u32::from_le_bytes)
 }
 
 /// Keeps one session alive across gateway restarts and network loss.
@@ -50,6 +61,10 @@ impl ReconnectingClient {
     pub async fn client(&mut self, give_up_after: u32) -> Result<&Client, Error> {
         if self.client.as_ref().is_some_and(|c| c.close_reason().is_some()) {
             self.client = None;
+            // Lost, maybe with the whole fleet at once: spread the first attempts over
+            // [0, initial) instead of every device reconnecting in the same instant.
+            let spread = self.backoff.initial.mul_f64(f64::from(random_u32()) / f64::from(u32::MAX));
+            monoio::time::sleep(spread).await;
         }
         if self.client.is_none() {
             let mut attempt = 0;
@@ -62,7 +77,7 @@ impl ReconnectingClient {
                     }
                     Err(e) if attempt + 1 >= give_up_after => return Err(e),
                     Err(_) => {
-                        monoio::time::sleep(self.backoff.delay(attempt)).await;
+                        monoio::time::sleep(self.backoff.jittered(attempt, random_u32())).await;
                         attempt += 1;
                     }
                 }
@@ -86,5 +101,19 @@ mod tests {
         let b = Backoff::default();
         let got: Vec<u64> = (0..7).map(|i| b.delay(i).as_secs()).collect();
         assert_eq!(got, vec![2, 4, 8, 16, 32, 60, 60]);
+    }
+
+    #[test]
+    fn retries_are_jittered_within_half_to_all_of_the_delay() {
+        let b = Backoff::default();
+        for attempt in 0..7 {
+            let d = b.delay(attempt);
+            assert_eq!(b.jittered(attempt, 0), d / 2);
+            assert_eq!(b.jittered(attempt, u32::MAX), d);
+        }
+        let draws: std::collections::HashSet<Duration> =
+            (0..64).map(|_| b.jittered(3, random_u32())).collect();
+        assert!(draws.len() > 32, "random spread, not one value: {draws:?}");
+        assert!(draws.iter().all(|d| (Duration::from_secs(8)..=Duration::from_secs(16)).contains(d)));
     }
 }

@@ -23,9 +23,11 @@
 
 pub mod app;
 mod directory;
+mod inbox;
 mod session;
 mod shard;
 mod stats;
+mod sweeper;
 mod udp;
 
 use std::collections::HashMap;
@@ -42,7 +44,7 @@ pub use directory::SessionInfo;
 pub use session::Session;
 pub use stats::{LatencyHist, LatencySnapshot, ShardStats, StatsSnapshot, HANDSHAKE_BUCKETS_US};
 
-use crate::proto::lockout::{LockoutKey, LockoutPolicy};
+use crate::proto::lockout::LockoutPolicy;
 use crate::psk::{parse_device_id, ConfigError, PskSource};
 use crate::rt::Error;
 use directory::Directory;
@@ -107,6 +109,9 @@ pub struct Config {
     pub on_timeout: Option<TimeoutHook>,
     /// How long shutdown waits for BYEs to flush.
     pub shutdown_grace: Duration,
+    /// A closing TCP session whose last frames (BYE) have not moved for this long is reset:
+    /// a peer that stopped reading cannot hold its descriptor, output and slot for good.
+    pub close_grace: Duration,
     /// I/O driver: io_uring (falling back to epoll where unavailable), or epoll only.
     pub io_driver: crate::rt::Driver,
     /// X25519 computations started per second per shard (0 = unlimited): under a flood of
@@ -134,6 +139,7 @@ impl Default for Config {
             lockout: LockoutPolicy::default(),
             on_timeout: None,
             shutdown_grace: Duration::from_secs(5),
+            close_grace: Duration::from_secs(5),
             cookie_rate_per_ip: 1000.0,
             handshake_rate_per_shard: 20_000.0,
             io_driver: if std::env::var_os("USMP_FORCE_EPOLL").is_some_and(|v| v == "1") {
@@ -142,6 +148,20 @@ impl Default for Config {
                 crate::rt::Driver::IoUring
             },
         }
+    }
+}
+
+/// Handshakes per second per shard the budget can express: slower than one in 1000 s or
+/// faster than 10^9 a second would overflow its arithmetic.
+pub const HANDSHAKE_RATE_RANGE: (f64, f64) = (0.001, 1e9);
+
+/// Check a handshake rate (0 = unlimited); the message says what is allowed.
+pub fn check_handshake_rate(r: f64) -> Result<(), String> {
+    let (lo, hi) = HANDSHAKE_RATE_RANGE;
+    if r == 0.0 || (r.is_finite() && (lo..=hi).contains(&r)) {
+        Ok(())
+    } else {
+        Err(format!("must be 0 (unlimited) or between {lo} and {hi:e} per second, not {r:e}"))
     }
 }
 
@@ -219,6 +239,12 @@ impl GatewayBuilder {
         self.cfg.max_handshakes_per_shard = n;
         self
     }
+    /// How long a closing session's last frames may stall before its socket is reset
+    /// (default 5 s).
+    pub fn close_grace(mut self, d: Duration) -> Self {
+        self.cfg.close_grace = d;
+        self
+    }
     /// Lockout policy.
     pub fn lockout(mut self, p: LockoutPolicy) -> Self {
         self.cfg.lockout = p;
@@ -265,6 +291,8 @@ impl GatewayBuilder {
         if !(c.cookie_rate_per_ip.is_finite() && c.cookie_rate_per_ip > 0.0) {
             return Err(ConfigError::new("cookie_rate_per_ip", "must be a positive rate"));
         }
+        check_handshake_rate(c.handshake_rate_per_shard)
+            .map_err(|m| ConfigError::new("handshake_rate_per_shard", m))?;
         Ok(())
     }
 
@@ -316,7 +344,7 @@ impl GatewayBuilder {
         let cfg = self.cfg;
         let listeners = shard::bind_sockets(cfg.listen, cfg.shards, cfg.transports)?;
         let local_addr = listeners[0].local_addr()?;
-        let (txs, rxs): (Vec<_>, Vec<_>) = (0..cfg.shards).map(|_| flume::unbounded()).unzip();
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..cfg.shards).map(|_| flume::bounded(INBOX_CAP)).unzip();
         let shared = Arc::new(Shared {
             stats: (0..cfg.shards).map(|_| ShardStats::default()).collect(),
             hs_latency: (0..cfg.shards).map(|_| LatencyHist::default()).collect(),
@@ -358,16 +386,23 @@ pub(crate) enum Handler {
     App(Arc<dyn app::App>),
 }
 
+/// Commands a shard's inbox holds at most; more are refused and counted (`inbox_full`).
+pub const INBOX_CAP: usize = 8192;
+
 /// Commands a shard receives in its inbox.
 pub(crate) enum Command {
     SendTo {
         device_id: [u8; 6],
         msg: Arc<[u8]>,
+        /// Where the shard answers (queued, not connected, busy), if anyone waits.
+        reply: Option<flume::Sender<Result<(), Error>>>,
     },
     Broadcast(Arc<[u8]>),
     Kick([u8; 6]),
+    /// A handshake of `device` from `ip` failed or succeeded on another shard.
     Lockout {
-        key: LockoutKey,
+        ip: IpAddr,
+        device: [u8; 6],
         failed: bool,
         at: Duration,
     },
@@ -448,8 +483,16 @@ impl Shared {
         }
     }
 
-    fn post(&self, shard: usize, cmd: Command) {
-        let _ = self.inboxes[shard].send(cmd);
+    /// Hand `cmd` to a shard without waiting; false (and counted) when its inbox is full.
+    fn post(&self, shard: usize, cmd: Command) -> bool {
+        match self.inboxes[shard].try_send(cmd) {
+            Ok(()) => true,
+            Err(flume::TrySendError::Full(_)) => {
+                ShardStats::inc(&self.stats[shard].inbox_full);
+                false
+            }
+            Err(flume::TrySendError::Disconnected(_)) => false,
+        }
     }
 }
 
@@ -476,8 +519,30 @@ impl GatewayHandle {
             self.shared.directory.get(&id).ok_or_else(|| {
                 Error::misuse(crate::proto::ErrorKind::NotConnected, "device not connected")
             })?;
-        self.shared.post(info.shard, Command::SendTo { device_id: id, msg: msg.into() });
+        if !self.shared.post(info.shard, Command::SendTo { device_id: id, msg: msg.into(), reply: None }) {
+            return Err(Error::misuse(crate::proto::ErrorKind::Timeout, "shard busy: its inbox is full"));
+        }
         Ok(())
+    }
+
+    /// [`GatewayHandle::send_to`], waiting for the owning shard's answer: `Ok` once the
+    /// message is queued on the session, `NotConnectedError` when the device has no session,
+    /// `TimeoutError` ("busy") when its send queue or its shard's inbox is full. The shard
+    /// answers at once (it never waits for a session), so this is for async callers off the
+    /// shards' threads: the admin API, a message bridge.
+    pub async fn deliver(&self, device_id: &str, msg: &[u8]) -> Result<(), Error> {
+        if msg.len() > crate::proto::reassembly::MAX_MESSAGE_LEN {
+            return Err(Error::misuse(crate::proto::ErrorKind::Payload, "message over 1808 bytes"));
+        }
+        let id = device_arg(device_id)?;
+        let not_connected = || Error::misuse(crate::proto::ErrorKind::NotConnected, "device not connected");
+        let info = self.shared.directory.get(&id).ok_or_else(not_connected)?;
+        let (tx, rx) = flume::bounded(1);
+        let cmd = Command::SendTo { device_id: id, msg: msg.into(), reply: Some(tx) };
+        if !self.shared.post(info.shard, cmd) {
+            return Err(Error::misuse(crate::proto::ErrorKind::Timeout, "shard busy: its inbox is full"));
+        }
+        rx.recv_async().await.unwrap_or_else(|_| Err(not_connected()))
     }
 
     /// Queue one message for every session on every shard; returns the sessions addressed.

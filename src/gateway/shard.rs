@@ -4,7 +4,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::{IpAddr, SocketAddr, TcpListener as StdListener};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -24,7 +24,7 @@ use crate::proto::crypto::EphemeralKey;
 use crate::proto::deframer::Deframer;
 use crate::proto::frame::Frame;
 use crate::proto::handshake::{decode_hello, ServerExpectHelloAck, MAX_HANDSHAKE_FRAME_LEN};
-use crate::proto::lockout::{LockoutKey, LockoutTable};
+use crate::proto::lockout::{Admission, LockoutTable};
 use crate::proto::session::Session as ProtoSession;
 use crate::proto::{ErrorKind, Transport};
 use crate::psk::{format_device_id, to_hex};
@@ -122,10 +122,13 @@ fn bind_sockets_once(
 }
 
 pub(super) struct Live {
-    conn: Rc<Conn>,
+    pub(super) conn: Rc<Conn>,
     /// The directory entry's id (the rest of its info is the connection's).
     conn_id: u64,
     since: SystemTime,
+    /// Fingerprint of the key the device authenticated with ([`crate::psk::key_fingerprint`]):
+    /// a reload that changes the device's key ends the session.
+    pub(super) key: u64,
 }
 
 impl Live {
@@ -133,7 +136,7 @@ impl Live {
         &self.conn
     }
 
-    fn info(&self, shard: usize) -> SessionInfo {
+    pub(super) fn info(&self, shard: usize) -> SessionInfo {
         SessionInfo {
             device_id: self.conn.device_id(),
             session_id: self.conn.session_id(),
@@ -170,19 +173,12 @@ pub(super) struct Shard {
 /// Identifies a registered handshake: slab key plus a unique id.
 pub(super) type Ticket = (usize, u64);
 
-/// A pending handshake as the evictor sees it: start time, ticket, how to stop it.
-type Evictable = (Duration, Ticket, Rc<dyn Fn()>);
-
 /// A handshake in progress: when it started and how to stop it.
 pub(super) struct Pending {
     pub(super) id: u64,
     pub(super) started: Duration,
     pub(super) evict: Rc<dyn Fn()>,
 }
-
-/// Under pressure (handshake table ⅞ full), handshakes older than this may be evicted: legitimate devices finish in a few round trips; a flood of idle or never-finishing
-/// handshakes otherwise holds the slots for the whole handshake timeout.
-pub const EVICT_AFTER: Duration = Duration::from_secs(1);
 
 /// Refusals logged per shard per second; the rest are summed into one line.
 const REFUSAL_LOG_PER_SEC: u32 = 10;
@@ -196,37 +192,72 @@ impl Shard {
         self.shared.shutting_down.load(Ordering::Acquire)
     }
 
-    /// Apply a lockout event here and tell every other shard.
-    pub(super) fn lockout_event(&self, key: LockoutKey, failed: bool) {
+    /// A handshake of `device` from `ip` failed (or succeeded): apply it here and tell every
+    /// other shard, so the rule holds gateway-wide.
+    pub(super) fn lockout_event(&self, ip: IpAddr, device: [u8; 6], failed: bool) {
         let at = now();
-        self.apply_lockout(key, failed, at, true);
+        self.apply_lockout(ip, &device, failed, at, true);
         for i in 0..self.shared.inboxes.len() {
             if i != self.idx {
-                self.shared.post(i, Command::Lockout { key, failed, at });
+                self.shared.post(i, Command::Lockout { ip, device, failed, at });
             }
         }
     }
 
     /// `local`: the failure happened on this shard (count and log it once, here).
-    fn apply_lockout(&self, key: LockoutKey, failed: bool, at: Duration, local: bool) {
+    pub(super) fn apply_lockout(
+        &self,
+        ip: IpAddr,
+        device: &[u8; 6],
+        failed: bool,
+        at: Duration,
+        local: bool,
+    ) {
         let mut t = self.lockout.borrow_mut();
-        if failed {
-            let started = t.record_failure(key, at);
-            if !local {
-                t.forget_report(&key);
-            }
-            if let (Some(len), true) = (started, local) {
+        if !failed {
+            t.succeed(ip, device, at);
+            return;
+        }
+        let overflowed = t.overflowed();
+        let started = t.fail(ip, device, at);
+        if t.overflowed() > overflowed {
+            tracing::warn!(%ip, "lockout table full of locked sources: failure not recorded");
+        }
+        match started {
+            Some((key, _)) if !local => t.forget_report(&key),
+            Some((key, len)) => {
                 ShardStats::inc(&self.stats().lockouts_started);
                 tracing::warn!(ip = %key.ip(), ?key, seconds = len.as_secs_f64(), "lockout started");
             }
-        } else {
-            t.record_success(&key);
-            t.record_success(&LockoutKey::Ip(key.ip()));
+            None => {}
         }
     }
 
-    /// Log a refused connection or handshake, at most 10 lines per second per shard.
+    /// Refuse a HELLO of `device` from `peer` whose source or device is locked out (a
+    /// locked source still admits devices that authenticated from it recently); counted.
+    pub(super) fn refuse_locked(&self, peer: SocketAddr, device: &[u8; 6]) -> bool {
+        let verdict = self.lockout.borrow().admit(peer.ip(), device, now());
+        let reason = match verdict {
+            Admission::Admit => return false,
+            Admission::SourceLocked(_) => "source_locked_out",
+            Admission::DeviceLocked(_) => "device_locked_out",
+        };
+        ShardStats::inc(&self.stats().refused_locked_out);
+        self.log_refusal(peer, reason);
+        true
+    }
+
+    /// Log a refused connection or handshake, within [`Shard::may_log`]'s budget.
     pub(super) fn log_refusal(&self, peer: SocketAddr, reason: &'static str) {
+        if self.may_log() {
+            tracing::info!(%peer, reason, "handshake refused");
+        }
+    }
+
+    /// Whether one more refusal or failure line may be logged: at most 10 per second per
+    /// shard; the rest are summed into one line the next second (a flood must not flood
+    /// the logs).
+    pub(super) fn may_log(&self) -> bool {
         let t = now();
         let (start, n, suppressed) = self.refusal_log.get();
         if t.saturating_sub(start) >= Duration::from_secs(1) {
@@ -234,16 +265,17 @@ impl Shard {
                 tracing::info!(
                     shard = self.idx,
                     suppressed,
-                    "more refusals in the last second (not logged one by one)"
+                    "more handshake refusals and failures in the last second (not logged one by one)"
                 );
             }
             self.refusal_log.set((t, 1, 0));
-            tracing::info!(%peer, reason, "handshake refused");
+            true
         } else if n < REFUSAL_LOG_PER_SEC {
             self.refusal_log.set((start, n + 1, suppressed));
-            tracing::info!(%peer, reason, "handshake refused");
+            true
         } else {
             self.refusal_log.set((start, n, suppressed + 1));
+            false
         }
     }
 
@@ -278,10 +310,6 @@ impl Shard {
         if p.get(key).is_some_and(|e| e.id == id) {
             p.remove(key);
         }
-    }
-
-    pub(super) fn locked(&self, key: &LockoutKey) -> bool {
-        self.lockout.borrow().check(key, now()).is_some()
     }
 }
 
@@ -345,9 +373,9 @@ async fn shard_main(
     );
     // Background tasks are awaited at shutdown: a runtime dropped with pending tasks leaks them.
     let mut background = vec![
-        monoio::spawn(inbox_loop(shard.clone(), inbox)),
-        monoio::spawn(sweeper(shard.clone())),
-        monoio::spawn(evictor(shard.clone())),
+        monoio::spawn(super::inbox::inbox_loop(shard.clone(), inbox)),
+        monoio::spawn(super::sweeper::sweeper(shard.clone())),
+        monoio::spawn(super::sweeper::evictor(shard.clone())),
     ];
     if let Some(app) = &shard.app {
         background.push(monoio::spawn(app.clone().run(super::app::ShardContext { shard: shard.clone() })));
@@ -427,224 +455,6 @@ async fn accept_loop(shard: &Rc<Shard>, listener: TcpListener, handler: &Arc<Han
     }
 }
 
-async fn inbox_loop(shard: Rc<Shard>, inbox: flume::Receiver<Command>) {
-    while let Ok(cmd) = inbox.recv_async().await {
-        match cmd {
-            Command::SendTo { device_id, msg } => {
-                if let Some(conn) = live_conn(&shard, &device_id) {
-                    let _ = conn.send(&msg).await;
-                }
-            }
-            Command::Broadcast(msg) => {
-                let conns: Vec<Rc<Conn>> =
-                    shard.sessions.borrow().iter().map(|(_, l)| l.conn.clone()).collect();
-                for c in conns {
-                    let _ = c.send(&msg).await;
-                }
-            }
-            Command::Kick(device_id) => {
-                if let Some(conn) = live_conn(&shard, &device_id) {
-                    tracing::info!(device = %format_device_id(&device_id), "session kicked");
-                    conn.close(CloseReason::Kicked, true);
-                }
-            }
-            Command::Lockout { key, failed, at } => shard.apply_lockout(key, failed, at, false),
-            Command::ListSessions(reply) => {
-                let rows = shard
-                    .sessions
-                    .borrow()
-                    .iter()
-                    .map(|(_, l)| {
-                        let st = l.conn.stats();
-                        super::SessionRow {
-                            info: l.info(shard.idx),
-                            frames_in: st.frames_in,
-                            frames_out: st.frames_out,
-                        }
-                    })
-                    .collect();
-                let _ = reply.send(rows);
-            }
-            Command::Revalidate(before) => {
-                let Some(psk) = shard.shared.cfg.psk.as_ref() else { continue };
-                let now = match psk {
-                    crate::psk::PskSource::Registry { current, .. } => Some(current.read().clone()),
-                    _ => None,
-                };
-                // A device whose key (its own, else the wildcard) changed was authenticated
-                // with a key no longer in force: end its session too.
-                let rotated = |d: &[u8; 6]| match (&before, &now) {
-                    (Some(b), Some(n)) => b.raw_key(d) != n.raw_key(d),
-                    _ => false,
-                };
-                let revoked: Vec<Rc<Conn>> = shard
-                    .sessions
-                    .borrow()
-                    .iter()
-                    .filter(|(_, l)| !psk.still_accepts(&l.conn.device_id()) || rotated(&l.conn.device_id()))
-                    .map(|(_, l)| l.conn.clone())
-                    .collect();
-                for c in revoked {
-                    tracing::info!(device = %format_device_id(&c.device_id()), peer = %c.peer(), "session closed: key revoked");
-                    c.close(CloseReason::Revoked, true);
-                }
-            }
-            Command::Shutdown => {
-                shard.stopping.notify();
-                return;
-            }
-        }
-    }
-}
-
-fn live_conn(shard: &Shard, device_id: &[u8; 6]) -> Option<Rc<Conn>> {
-    let key = *shard.by_device.borrow().get(device_id)?;
-    shard.sessions.borrow().get(key).map(|l| l.conn.clone())
-}
-
-/// Under pressure (the handshake table ⅞ full), evict the oldest handshakes pending for longer
-/// than [`EVICT_AFTER`] until it is ¾ full. Only near the limit, and only as many as needed:
-/// a reconnect storm on a busy shard has many slow but legitimate handshakes, and evicting them
-/// throws away the X25519 already spent on them.
-async fn evictor(shard: Rc<Shard>) {
-    let max = shard.shared.cfg.max_handshakes_per_shard;
-    let (high, low) = ((max * 7).div_ceil(8), (max * 3) / 4);
-    loop {
-        let stop = shard.stopping.wait();
-        if shard.is_stopping() {
-            return;
-        }
-        monoio::select! {
-            _ = monoio::time::sleep(Duration::from_millis(100)) => {},
-            _ = stop => continue,
-        }
-        let len = shard.pending.borrow().len();
-        if len < high.max(1) {
-            continue;
-        }
-        let t = now();
-        let mut old: Vec<Evictable> = shard
-            .pending
-            .borrow()
-            .iter()
-            .filter(|(_, p)| t.saturating_sub(p.started) > EVICT_AFTER)
-            .map(|(k, p)| (p.started, (k, p.id), p.evict.clone()))
-            .collect();
-        old.sort_by_key(|(started, _, _)| *started);
-        old.truncate(len.saturating_sub(low));
-        if !old.is_empty() {
-            tracing::info!(
-                shard = shard.idx,
-                evicted = old.len(),
-                "handshake table under pressure: evicting stalled handshakes"
-            );
-        }
-        for (_, ticket, evict) in old {
-            ShardStats::inc(&shard.stats().handshakes_evicted);
-            shard.unregister_pending(ticket);
-            evict();
-        }
-    }
-}
-
-/// Sessions the sweeper looks at before letting the shard's other tasks run. In one go, a
-/// sweep of 50 000 sessions held the shard for tens of milliseconds every tick, and that
-/// showed as the p99 latency of every message arriving meanwhile.
-const SWEEP_CHUNK: usize = 512;
-
-/// The watchdog for every session of the shard, key parking, the live-traffic gauges, plus
-/// lockout pruning.
-async fn sweeper(shard: Rc<Shard>) {
-    let timeout = shard.shared.cfg.session_timeout;
-    let tick = (timeout / 20).clamp(Duration::from_millis(20), Duration::from_secs(1));
-    let mut last_prune = now();
-    loop {
-        let stop = shard.stopping.wait();
-        if shard.is_stopping() && shard.sessions.borrow().is_empty() {
-            return;
-        }
-        monoio::select! {
-            _ = monoio::time::sleep(tick) => {},
-            _ = stop => {},
-        }
-        let t = now();
-        let mut sweep = Sweep::default();
-        let mut next = 0;
-        loop {
-            next = sweep_chunk(&shard, t, next, &mut sweep);
-            if next >= shard.sessions.borrow().capacity() {
-                break;
-            }
-            crate::rt::yield_now().await;
-        }
-        ShardStats::set(&shard.stats().sessions_parked, sweep.parked);
-        for c in sweep.expired {
-            if c.close_reason().is_some() {
-                continue;
-            }
-            let (dev, sid) = (format_device_id(&c.device_id()), to_hex(&c.session_id()));
-            tracing::info!(device = %dev, session = %sid, "session timed out (watchdog)");
-            ShardStats::inc(&shard.stats().closed_watchdog);
-            if let Some(hook) = &shard.shared.cfg.on_timeout {
-                hook(&dev, &sid);
-            }
-            c.close(CloseReason::Watchdog, true);
-        }
-        if t.saturating_sub(last_prune) > Duration::from_secs(10) {
-            shard.lockout.borrow_mut().prune(t);
-            last_prune = t;
-        }
-        for key in shard.lockout.borrow_mut().take_ended(t) {
-            tracing::info!(ip = %key.ip(), ?key, "lockout ended");
-        }
-        publish_gauges(&shard, t, &sweep.live);
-        if shard.is_stopping() && shard.sessions.borrow().is_empty() {
-            return;
-        }
-    }
-}
-
-/// What one sweep found.
-#[derive(Default)]
-struct Sweep {
-    parked: u64,
-    expired: Vec<Rc<Conn>>,
-    live: crate::rt::conn::ConnStats,
-}
-
-/// Sweep the sessions with slab keys `from..from + SWEEP_CHUNK`; returns the next key.
-fn sweep_chunk(shard: &Shard, t: Duration, from: usize, sweep: &mut Sweep) -> usize {
-    let (timeout, park_after) = (shard.shared.cfg.session_timeout, shard.shared.cfg.park_keys_after);
-    let sessions = shard.sessions.borrow();
-    let to = (from + SWEEP_CHUNK).min(sessions.capacity());
-    for l in (from..to).filter_map(|k| sessions.get(k)) {
-        let st = l.conn.stats();
-        sweep.live.frames_in += st.frames_in;
-        sweep.live.frames_out += st.frames_out;
-        sweep.live.bytes_in += st.bytes_in;
-        sweep.live.bytes_out += st.bytes_out;
-        if l.conn.close_reason().is_some() {
-            continue;
-        }
-        if t.saturating_sub(l.conn.last_rx()) > timeout {
-            sweep.expired.push(l.conn.clone());
-        } else if l.conn.park_if_idle(t, park_after) {
-            sweep.parked += 1;
-        }
-    }
-    to
-}
-
-/// Publish the gauges the metrics thread reads (live traffic, active lockouts), off the frame path.
-fn publish_gauges(shard: &Shard, t: Duration, live: &crate::rt::conn::ConnStats) {
-    let s = shard.stats();
-    ShardStats::set(&s.live_frames_in, live.frames_in);
-    ShardStats::set(&s.live_frames_out, live.frames_out);
-    ShardStats::set(&s.live_bytes_in, live.bytes_in);
-    ShardStats::set(&s.live_bytes_out, live.bytes_out);
-    ShardStats::set(&s.lockouts_active, shard.lockout.borrow().active(t) as u64);
-}
-
 /// Why a handshake failed, and which lockout key it counts against.
 pub(super) struct Failure {
     pub(super) error: Error,
@@ -653,12 +463,8 @@ pub(super) struct Failure {
 
 async fn serve_conn(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr, handler: Arc<Handler>) {
     let ip = peer.ip();
-    // Cheapest checks first, before any crypto: lockout, handshake budget, session limits.
-    if shard.locked(&LockoutKey::Ip(ip)) {
-        ShardStats::inc(&shard.stats().refused_locked_out);
-        shard.log_refusal(peer, "locked_out");
-        return;
-    }
+    // Cheapest checks first, before any crypto: handshake slots, session limits, then (once
+    // the HELLO names the device) lockout, key lookup, the X25519 budget.
     if shard.handshakes.get() >= shard.shared.cfg.max_handshakes_per_shard || shard.is_stopping() {
         ShardStats::inc(&shard.stats().refused_over_limit);
         shard.log_refusal(peer, "handshake_limit");
@@ -670,6 +476,12 @@ async fn serve_conn(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr, h
         return;
     }
     let _ = stream.set_nodelay(true);
+    // A backstop in the kernel: it gives up on a peer that acknowledges none of our bytes
+    // (zero-window probes included) for twice the watchdog (at least 30 s), whatever the
+    // session's state. The sweeper ends stalled sessions first (after the watchdog, or the
+    // close grace).
+    let user_timeout = shard.shared.cfg.session_timeout.saturating_mul(2).max(Duration::from_secs(30));
+    let _ = socket2::SockRef::from(&crate::rt::fd::borrow(&stream)).set_tcp_user_timeout(Some(user_timeout));
     let mut deframer = Deframer::new();
     // The handshake's state lives in its own future, freed before the session starts: this
     // task's future is held for the whole session, so it must only hold what the session needs.
@@ -748,25 +560,20 @@ pub(super) fn record_failure(shard: &Shard, peer: SocketAddr, f: Failure) {
     // A peer that connected and left without a byte is not an attack on a key.
     let silent_close = matches!(&f.error, Error::Protocol(e) if e.kind() == ErrorKind::ConnectionClosed)
         && f.device.is_none();
-    let Some(counter) = counted else {
-        if matches!(&f.error, Error::Protocol(e) if e.detail() == "device locked out") {
-            ShardStats::inc(&s.refused_locked_out);
-        }
-        return;
-    };
+    let Some(counter) = counted else { return };
     ShardStats::inc(counter);
-    tracing::info!(%peer, device = ?f.device.map(|d| format_device_id(&d)), reason = %f.error, "handshake failed");
+    if !silent_close && shard.may_log() {
+        tracing::info!(%peer, device = ?f.device.map(|d| format_device_id(&d)), reason = %f.error, "handshake failed");
+    }
     // An eviction follows from our load, not from the peer's key: during a reconnect storm
     // it must not lock a NAT address full of healthy devices out.
     let evicted = matches!(&f.error, Error::Protocol(e) if e.detail() == EVICTED);
-    if silent_close || evicted {
-        return;
+    // Only a handshake that named a device counts: garbage, silence or a socket closed
+    // before a HELLO tries no key, and must not lock a whole NAT address out.
+    match f.device {
+        Some(device) if !evicted => shard.lockout_event(peer.ip(), device, true),
+        _ => {}
     }
-    let key = match f.device {
-        Some(d) => LockoutKey::Device(peer.ip(), d),
-        None => LockoutKey::Ip(peer.ip()),
-    };
-    shard.lockout_event(key, true);
 }
 
 /// Steps 1–4 of PROTOCOL.md §3, server side.
@@ -782,10 +589,10 @@ async fn server_handshake(
     // Step 1: HELLO.
     let f = wire::read_frame_cancelable(stream, deframer, cancel.clone()).await.map_err(fail)?;
     let hello = Frame::decode(&f).and_then(|f| decode_hello(&f)).map_err(|e| fail(e.into()))?;
-    device.set(Some(hello.device_id));
-    if shard.locked(&LockoutKey::Device(peer.ip(), hello.device_id)) {
-        return Err(fail(Error::misuse(ErrorKind::NotConnected, "device locked out")));
+    if shard.refuse_locked(peer, &hello.device_id) {
+        return Err(fail(Error::misuse(ErrorKind::NotConnected, "locked out")));
     }
+    device.set(Some(hello.device_id));
     let psk = match shard.shared.cfg.psk.as_ref() {
         Some(src) => src.lookup(hello.device_id).await,
         None => None,
@@ -827,8 +634,14 @@ pub(super) fn open_session(shard: &Rc<Shard>, conn: &Rc<Conn>, handler: &Handler
     let transport = conn.transport();
     let peer = conn.peer();
     let conn_id = shard.shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
-    shard.lockout_event(LockoutKey::Device(peer.ip(), device_id), false);
-    let live = Live { conn: conn.clone(), conn_id, since: SystemTime::now() };
+    shard.lockout_event(peer.ip(), device_id, false);
+    // The key in force now is the one the handshake that just ended used (a reload in the
+    // last round trip is the only gap, and its revalidation follows in the inbox).
+    let key = match shard.shared.cfg.psk.as_ref().map(|p| p.key_state(&device_id)) {
+        Some(crate::psk::KeyState::Key(fp)) => fp,
+        _ => 0,
+    };
+    let live = Live { conn: conn.clone(), conn_id, since: SystemTime::now(), key };
     shard.shared.directory.insert(live.info(shard.idx));
     let key = shard.sessions.borrow_mut().insert(live);
     conn.tag.set(key as u32);
@@ -861,8 +674,8 @@ fn open_gauge(shard: &Shard, transport: Transport) -> &std::sync::atomic::Atomic
 /// the device index and the directory, and release its limit slot.
 pub(super) fn close_session(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     let key = conn.tag.get() as usize;
-    let Some(conn_id) =
-        shard.sessions.borrow().get(key).filter(|l| Rc::ptr_eq(&l.conn, conn)).map(|l| l.conn_id)
+    let Some((conn_id, since)) =
+        shard.sessions.borrow().get(key).filter(|l| Rc::ptr_eq(&l.conn, conn)).map(|l| (l.conn_id, l.since))
     else {
         return;
     };
@@ -888,6 +701,11 @@ pub(super) fn close_session(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     }
     drop(by);
     shard.shared.directory.remove(&device_id, conn_id);
+    // A session that lasted half the trust window renews its device's trust at its source.
+    let trust = shard.shared.cfg.lockout.trust_window / 2;
+    if !matches!(reason, CloseReason::Protocol(_)) && since.elapsed().is_ok_and(|d| d > trust) {
+        shard.lockout_event(peer.ip(), device_id, false);
+    }
     shard.shared.release(peer.ip());
     if let Some(app) = &shard.app {
         app.on_close(&Session { conn: conn.clone(), shard: shard.idx, transport: conn.transport() }, reason);

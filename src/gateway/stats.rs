@@ -86,6 +86,13 @@ counters! {
     dropped_busy,
     /// Dropped frames that broke a session rule on UDP (fragment order, control mid-message).
     dropped_violation,
+    /// Sessions abandoned and reset because their output stopped moving (the peer stopped
+    /// reading) for longer than the watchdog, or their BYE for longer than the close grace.
+    closed_stalled,
+    /// Downlinks and broadcast copies refused because the session's send queue was full.
+    downlinks_busy,
+    /// Commands refused because this shard's inbox was full.
+    inbox_full,
     /// Gauge: TCP sessions open.
     sessions_open_tcp,
     /// Gauge: UDP sessions open.

@@ -23,7 +23,6 @@ use crate::proto::crypto::Psk;
 use crate::proto::endpoint::{
     DatagramEvent, Endpoint, EndpointConfig, Event, Handled, HandshakeFailure, Incoming, KeyDecision,
 };
-use crate::proto::lockout::LockoutKey;
 use crate::proto::session::Session as ProtoSession;
 use crate::proto::{ErrorKind, Transport};
 use crate::psk::PskSource;
@@ -268,8 +267,7 @@ fn on_datagram(shard: &Rc<Shard>, udp: &Rc<UdpShard>, d: &mut [u8], from: Socket
 fn admit(shard: &Rc<Shard>, udp: &Rc<UdpShard>, inc: Incoming) {
     let s = shard.stats();
     let (from, device) = (inc.from, inc.hello.device_id);
-    if shard.locked(&LockoutKey::Ip(from.ip())) || shard.locked(&LockoutKey::Device(from.ip(), device)) {
-        ShardStats::inc(&s.refused_locked_out);
+    if shard.refuse_locked(from, &device) {
         return;
     }
     if shard.handshakes.get() >= shard.shared.cfg.max_handshakes_per_shard || shard.is_stopping() {

@@ -67,7 +67,7 @@ pub(super) fn rfc3339(t: std::time::SystemTime) -> String {
 pub(super) fn close_reason_label(r: CloseReason) -> &'static str {
     match r {
         CloseReason::PeerBye | CloseReason::LocalBye => "bye",
-        CloseReason::Watchdog => "timeout",
+        CloseReason::Watchdog | CloseReason::Stalled => "timeout",
         CloseReason::Revoked => "revoked",
         CloseReason::Kicked => "kicked",
         CloseReason::Takeover | CloseReason::Replaced => "takeover",

@@ -1,124 +1,61 @@
-//! A deliberately small HTTP/1.1 server for the metrics and admin endpoints: one request per
-//! connection (`Connection: close`), bounded header and body sizes, read timeouts, a thread
-//! per connection up to a cap. It runs beside the shards and never touches the frame path.
+//! The HTTP server under the metrics and admin endpoints: hyper (HTTP/1.1) serving an axum
+//! router on one small dedicated thread with its own tokio runtime, beside the shards and
+//! never on the frame path. Route handlers are async, so they can await the shards' answers
+//! (and, later, a message bus).
+//!
+//! Abuse it survives:
+//! - **a deadline for the whole request** ([`REQUEST_DEADLINE`]: reading it, handling it,
+//!   writing the answer), not per read: a client that drips one byte a second is cut off,
+//!   and slow clients cost a small task each, not a thread;
+//! - one request per connection, at most [`MAX_CONNECTIONS`] at once (more are closed at
+//!   once, counted by nobody but never queued);
+//! - hyper's header parser (linear, at most [`MAX_HEADER`] bytes and 100 headers), real
+//!   reason phrases, `Transfer-Encoding: chunked` bodies decoded (not read as empty), bodies
+//!   over [`MAX_BODY`] refused with 413.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-const MAX_HEADER: usize = 16 * 1024;
-/// Largest body read; bigger requests get 413 without being read.
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tower::ServiceExt;
+
+/// Largest body read; bigger requests get 413.
 pub const MAX_BODY: usize = 64 * 1024;
-const MAX_CONNECTIONS: usize = 64;
+/// Largest request head (request line and headers).
+pub const MAX_HEADER: usize = 16 * 1024;
+/// The whole request (head, body, handling, answer) must be done within this.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// Connections served at once; more are closed on accept.
+pub const MAX_CONNECTIONS: usize = 1024;
 
-/// A parsed request.
-#[derive(Debug, Clone)]
-pub struct Request {
-    /// `GET`, `POST`, …
-    pub method: String,
-    /// Path without the query string.
-    pub path: String,
-    /// Headers, names lowercased.
-    pub headers: Vec<(String, String)>,
-    /// The body (at most [`MAX_BODY`] bytes).
-    pub body: Vec<u8>,
-    /// The client's address.
-    pub peer: SocketAddr,
-}
-
-impl Request {
-    /// A header's value (name in lowercase).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
-    }
-}
-
-/// A response.
-#[derive(Debug, Clone)]
-pub struct Response {
-    /// Status code.
-    pub status: u16,
-    /// Content type.
-    pub content_type: &'static str,
-    /// Body.
-    pub body: Vec<u8>,
-}
-
-impl Response {
-    /// A plain-text response.
-    pub fn text(status: u16, body: impl Into<String>) -> Self {
-        Response { status, content_type: "text/plain; charset=utf-8", body: body.into().into_bytes() }
-    }
-    /// A JSON response.
-    pub fn json(status: u16, v: &serde_json::Value) -> Self {
-        Response { status, content_type: "application/json", body: v.to_string().into_bytes() }
-    }
-}
-
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        202 => "Accepted",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        413 => "Payload Too Large",
-        422 => "Unprocessable Entity",
-        500 => "Internal Server Error",
-        503 => "Service Unavailable",
-        _ => "Status",
-    }
-}
-
-/// The route table of a server.
-pub type Handler = Arc<dyn Fn(&Request) -> Response + Send + Sync>;
-
-/// A running server; stops accepting when dropped.
+/// A running server; stops accepting and ends its thread when dropped.
 pub struct HttpServer {
     addr: SocketAddr,
-    stop: Arc<AtomicBool>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl HttpServer {
-    /// Bind `addr` and serve `handler` on a background thread.
-    pub fn start(addr: SocketAddr, handler: Handler) -> std::io::Result<HttpServer> {
-        let listener = TcpListener::bind(addr)?;
-        let addr = listener.local_addr()?;
+    /// Bind `addr` and serve `router` on a thread of its own (`usmp-admin`). Each request's
+    /// extensions carry the client's address as `ConnectInfo<SocketAddr>`.
+    pub fn start(addr: SocketAddr, router: axum::Router) -> std::io::Result<HttpServer> {
+        let listener = std::net::TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let active = Arc::new(AtomicUsize::new(0));
-        std::thread::Builder::new().name("usmp-http".into()).spawn(move || {
-            while !stop2.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((stream, peer)) => {
-                        if active.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
-                            let _ = write_response(stream, &Response::text(503, "busy\n"));
-                            continue;
-                        }
-                        active.fetch_add(1, Ordering::Relaxed);
-                        let (h, a) = (handler.clone(), active.clone());
-                        let spawned =
-                            std::thread::Builder::new().name("usmp-http-conn".into()).spawn(move || {
-                                serve_one(stream, peer, &h);
-                                a.fetch_sub(1, Ordering::Relaxed);
-                            });
-                        if spawned.is_err() {
-                            active.fetch_sub(1, Ordering::Relaxed);
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        let addr = listener.local_addr()?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let thread = std::thread::Builder::new().name("usmp-admin".into()).spawn(move || {
+            rt.block_on(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => accept_loop(l, router, stopped).await,
+                    Err(e) => tracing::error!(error = %e, "cannot register the admin listener"),
                 }
-            }
+            });
         })?;
-        Ok(HttpServer { addr, stop })
+        Ok(HttpServer { addr, stop: Some(stop), thread: Some(thread) })
     }
 
     /// The bound address.
@@ -129,80 +66,53 @@ impl HttpServer {
 
 impl Drop for HttpServer {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
-fn serve_one(mut stream: TcpStream, peer: SocketAddr, handler: &Handler) {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
-    let resp = match read_request(&mut stream, peer) {
-        Ok(req) => handler(&req),
-        Err(r) => r,
-    };
-    let _ = write_response(stream, &resp);
-}
-
-fn read_request(stream: &mut TcpStream, peer: SocketAddr) -> Result<Request, Response> {
-    let bad = |m: &str| Response::text(400, format!("{m}\n"));
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i;
-        }
-        if buf.len() > MAX_HEADER {
-            return Err(Response::text(431, "headers too large\n"));
-        }
-        let n = stream.read(&mut chunk).map_err(|_| bad("incomplete request"))?;
-        if n == 0 {
-            return Err(bad("incomplete request"));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = std::str::from_utf8(&buf[..head_end]).map_err(|_| bad("headers are not UTF-8"))?;
-    let mut lines = head.split("\r\n");
-    let mut first = lines.next().unwrap_or("").split_whitespace();
-    let (method, target) = match (first.next(), first.next()) {
-        (Some(m), Some(t)) => (m.to_string(), t.to_string()),
-        _ => return Err(bad("bad request line")),
-    };
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let len: usize = headers
-        .iter()
-        .find(|(n, _)| n == "content-length")
-        .map(|(_, v)| v.parse().map_err(|_| bad("bad content-length")))
-        .transpose()?
-        .unwrap_or(0);
-    if len > MAX_BODY {
-        return Err(Response::text(413, "body too large\n"));
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut stopped => return,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors and the like: wait for the next readiness, not a spin.
+                tracing::warn!(error = %e, "admin listener: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let router = router.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = stream.set_nodelay(true);
+            let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                router.clone().oneshot(req)
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
+                .max_buf_size(MAX_HEADER)
+                .serve_connection(TokioIo::new(stream), svc);
+            // The whole request, whatever the client does: dropping the connection closes it.
+            let _ = tokio::time::timeout(REQUEST_DEADLINE, conn).await;
+        });
     }
-    let mut body = buf[head_end + 4..].to_vec();
-    while body.len() < len {
-        let n = stream.read(&mut chunk).map_err(|_| bad("incomplete body"))?;
-        if n == 0 {
-            return Err(bad("incomplete body"));
-        }
-        body.extend_from_slice(&chunk[..n]);
-    }
-    body.truncate(len);
-    let path = target.split('?').next().unwrap_or("").to_string();
-    Ok(Request { method, path, headers, body, peer })
-}
-
-fn write_response(mut stream: TcpStream, r: &Response) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        r.status,
-        reason(r.status),
-        r.content_type,
-        r.body.len()
-    );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(&r.body)?;
-    stream.flush()
 }

@@ -95,9 +95,25 @@ pub fn render(h: &GatewayHandle) -> String {
     let _ =
         writeln!(o, "usmp_sessions_closed_total{{reason=\"protocol_error\"}} {}", s.closed_protocol_error);
     let _ = writeln!(o, "usmp_sessions_closed_total{{reason=\"watchdog\"}} {}", s.closed_watchdog);
+    let _ = writeln!(o, "usmp_sessions_closed_total{{reason=\"stalled\"}} {}", s.closed_stalled);
     let _ = writeln!(o, "usmp_sessions_closed_total{{reason=\"all\"}} {}", s.sessions_closed);
     family(&mut o, "usmp_watchdog_timeouts_total", "counter", "Sessions ended by the inactivity watchdog.");
     let _ = writeln!(o, "usmp_watchdog_timeouts_total {}", s.closed_watchdog);
+
+    family(
+        &mut o,
+        "usmp_downlinks_busy_total",
+        "counter",
+        "Downlinks refused: the session's send queue was full.",
+    );
+    let _ = writeln!(o, "usmp_downlinks_busy_total {}", s.downlinks_busy);
+    family(
+        &mut o,
+        "usmp_inbox_full_total",
+        "counter",
+        "Cross-shard commands refused: the shard's inbox was full.",
+    );
+    let _ = writeln!(o, "usmp_inbox_full_total {}", s.inbox_full);
 
     family(&mut o, "usmp_udp_datagrams_total", "counter", "UDP datagrams received.");
     let _ = writeln!(o, "usmp_udp_datagrams_total {}", s.datagrams_in);

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod http;
 pub mod metrics;
+pub mod msglog;
 pub mod settings;
 
 pub use admin::{serve, OpsOptions};

@@ -48,8 +48,9 @@ pub enum LogFormat {
     Json,
 }
 
-/// Every setting, each optional so that layers (file, flags) can be merged.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+/// Every setting, each optional so that layers (file, flags) can be merged. Its `Debug`
+/// shows whether a key or token is set, never the secret.
+#[derive(Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Settings {
     /// `--listen`
@@ -82,6 +83,10 @@ pub struct Settings {
     pub metrics: Option<SocketAddr>,
     /// `--admin-token`
     pub admin_token: Option<String>,
+    /// `--admin-token-file` (the token is the file's first line)
+    pub admin_token_file: Option<PathBuf>,
+    /// `--admin-host` (repeatable): host names an admin request may name in `Host`
+    pub admin_hosts: Option<Vec<String>>,
     /// `--log-format`
     pub log_format: Option<LogFormat>,
     /// `--cookie-rate-per-ip`
@@ -116,6 +121,47 @@ pub struct Settings {
     pub nats_threads: Option<usize>,
 }
 
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secret = |v: &Option<String>| v.as_ref().map(|_| crate::psk::REDACTED);
+        f.debug_struct("Settings")
+            .field("listen", &self.listen)
+            .field("transport", &self.transport)
+            .field("shards", &self.shards)
+            .field("cpus", &self.cpus)
+            .field("psk", &secret(&self.psk))
+            .field("psk_hex", &secret(&self.psk_hex))
+            .field("psk_file", &self.psk_file)
+            .field("mode", &self.mode)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("session_timeout", &self.session_timeout)
+            .field("max_sessions", &self.max_sessions)
+            .field("max_per_ip", &self.max_per_ip)
+            .field("max_handshakes", &self.max_handshakes)
+            .field("metrics", &self.metrics)
+            .field("admin_token", &secret(&self.admin_token))
+            .field("admin_token_file", &self.admin_token_file)
+            .field("admin_hosts", &self.admin_hosts)
+            .field("log_format", &self.log_format)
+            .field("cookie_rate_per_ip", &self.cookie_rate_per_ip)
+            .field("handshake_rate", &self.handshake_rate)
+            .field("nats", &self.nats)
+            .field("nats_creds", &self.nats_creds)
+            .field("nats_user", &self.nats_user)
+            .field("nats_password", &secret(&self.nats_password))
+            .field("nats_tls_ca", &self.nats_tls_ca)
+            .field("nats_prefix", &self.nats_prefix)
+            .field("gateway_id", &self.gateway_id)
+            .field("downlink_ttl", &self.downlink_ttl)
+            .field("downlink_queue", &self.downlink_queue)
+            .field("psk_kv", &self.psk_kv)
+            .field("nats_max_unacked", &self.nats_max_unacked)
+            .field("nats_replicas", &self.nats_replicas)
+            .field("nats_threads", &self.nats_threads)
+            .finish()
+    }
+}
+
 /// Settings resolved into a gateway configuration plus what the binary needs around it.
 #[derive(Clone)]
 pub struct Resolved {
@@ -125,14 +171,24 @@ pub struct Resolved {
     pub mode: ReplyMode,
     /// Metrics/admin listener.
     pub metrics: Option<SocketAddr>,
-    /// Admin bearer token.
+    /// Admin bearer token (from `--admin-token`, `--admin-token-file` or `USMP_ADMIN_TOKEN`).
     pub admin_token: Option<String>,
+    /// Host names an admin request may name besides IP addresses and `localhost`.
+    pub admin_hosts: Vec<String>,
     /// Log format.
     pub log_format: LogFormat,
     /// A key generated because none was configured (printed once by the binary).
     pub generated_key: Option<String>,
     /// The NATS bridge's settings (`--mode nats`).
     pub nats: Option<NatsConfig>,
+    /// Warnings for the operator (key files others can read), logged once logging is up.
+    pub warnings: Vec<String>,
+}
+
+/// A key or token file readable by group or others, as a warning naming the file.
+fn file_warning(path: &std::path::Path) -> Option<String> {
+    let meta = std::fs::metadata(path).ok()?;
+    crate::psk::permission_warning(&meta).map(|w| format!("{}: {w}", path.display()))
 }
 
 fn named(key: &str) -> String {
@@ -207,6 +263,8 @@ impl Settings {
             max_handshakes: top.max_handshakes.or(self.max_handshakes),
             metrics: top.metrics.or(self.metrics),
             admin_token: top.admin_token.or(self.admin_token),
+            admin_token_file: top.admin_token_file.or(self.admin_token_file),
+            admin_hosts: top.admin_hosts.or(self.admin_hosts),
             log_format: top.log_format.or(self.log_format),
             cookie_rate_per_ip: top.cookie_rate_per_ip.or(self.cookie_rate_per_ip),
             handshake_rate: top.handshake_rate.or(self.handshake_rate),
@@ -295,6 +353,35 @@ impl Settings {
         Ok((PskSource::single(text.as_bytes())?, Some(text)))
     }
 
+    /// The admin token: from `admin-token`, else `admin-token-file` (a flag shows in `ps`, a
+    /// file need not), else the `USMP_ADMIN_TOKEN` environment variable.
+    fn admin_token(&self, warnings: &mut Vec<String>) -> Result<Option<String>, ConfigError> {
+        if self.admin_token.is_some() && self.admin_token_file.is_some() {
+            return Err(ConfigError::new(
+                named("admin-token"),
+                "give only one of admin-token, admin-token-file",
+            ));
+        }
+        let (token, field) = if let Some(t) = &self.admin_token {
+            (t.clone(), named("admin-token"))
+        } else if let Some(path) = &self.admin_token_file {
+            let field = named("admin-token-file");
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::new(&field, format!("cannot read {}: {e}", path.display())))?;
+            warnings.extend(file_warning(path));
+            (text.lines().next().unwrap_or("").trim().to_string(), field)
+        } else {
+            match std::env::var("USMP_ADMIN_TOKEN") {
+                Ok(t) if !t.is_empty() => (t, "USMP_ADMIN_TOKEN".to_string()),
+                _ => return Ok(None),
+            }
+        };
+        if token.len() < 16 {
+            return Err(ConfigError::new(field, "use at least 16 characters"));
+        }
+        Ok(Some(token))
+    }
+
     /// Validate everything and build the gateway configuration (defaults for what is unset).
     pub fn resolve(&self) -> Result<Resolved, ConfigError> {
         let nats = self.nats_config()?;
@@ -332,16 +419,12 @@ impl Settings {
             config.cookie_rate_per_ip = r;
         }
         if let Some(r) = self.handshake_rate {
-            if !(r.is_finite() && r >= 0.0) {
-                return Err(ConfigError::new(named("handshake-rate"), "must be ≥ 0 (0 = unlimited)"));
-            }
+            crate::gateway::check_handshake_rate(r)
+                .map_err(|m| ConfigError::new(named("handshake-rate"), m))?;
             config.handshake_rate_per_shard = r;
         }
-        if let Some(t) = &self.admin_token {
-            if t.len() < 16 {
-                return Err(ConfigError::new(named("admin-token"), "use at least 16 characters"));
-            }
-        }
+        let mut warnings: Vec<String> = self.psk_file.iter().filter_map(|p| file_warning(p)).collect();
+        let admin_token = self.admin_token(&mut warnings)?;
         Ok(Resolved {
             config,
             // Without a configured key the quick start echoes, so the printed key can be tried.
@@ -351,10 +434,12 @@ impl Settings {
                 m => m.unwrap_or(ReplyMode::Echo),
             },
             metrics: self.metrics,
-            admin_token: self.admin_token.clone(),
+            admin_token,
+            admin_hosts: self.admin_hosts.clone().unwrap_or_default(),
             log_format: self.log_format.unwrap_or(LogFormat::Text),
             generated_key,
             nats,
+            warnings,
         })
     }
 }

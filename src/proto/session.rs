@@ -219,6 +219,11 @@ impl Session {
         let seq = self.tx_seq;
         // Burn the seq before the frame exists: a failed write can never reuse a GCM nonce.
         self.tx_seq = seq.saturating_add(1);
+        if seq == SPENT_SEQ {
+            // The last nonce is used now: the session is over, so that no later call can seal
+            // under it again whatever checks it skipped (the counter saturates here).
+            self.closed = true;
+        }
         let payload_len = plain_len + RECORD_OVERHEAD;
         let total = HEADER_LEN + payload_len;
         let frame = &mut frame[..total];

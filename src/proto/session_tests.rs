@@ -254,6 +254,28 @@ fn spent_sequence_rules() {
     assert_eq!(e.reaction(Transport::Udp), crate::proto::Reaction::Close);
 }
 
+/// The last nonce is used once, whatever path seals with it: afterwards every sealing call
+/// is refused, so the saturating counter can never hand out 0xFFFFFFFF twice.
+#[test]
+fn the_last_sequence_number_is_sealed_under_once() {
+    let mut out = [0u8; MAX_SEALED_MESSAGE_LEN];
+    let mut nonces = std::collections::HashSet::new();
+    for last in [PacketType::Bye, PacketType::Ping, PacketType::Data] {
+        let (mut c, _) = pair(Transport::Tcp);
+        c.tx_seq = SPENT_SEQ - 1;
+        let n = c.seal_message(b"second to last", &mut out).unwrap();
+        assert!(nonces.insert((last as u8, u32::from_le_bytes(out[4..8].try_into().unwrap()))));
+        let n_last = c.seal_one(last, &[], &mut out[n..]);
+        assert_eq!(u32::from_le_bytes(out[n + 4..n + 8].try_into().unwrap()), SPENT_SEQ);
+        assert!(n_last > 0 && c.is_closed(), "{last:?} on the last seq ends the session");
+        assert!(c.seal_message(b"", &mut out).is_err());
+        assert!(c.seal_ping(T0, &mut out).is_err());
+        assert!(c.seal_pong(T0, &mut out).is_none());
+        assert!(c.seal_bye(&mut out).is_err());
+        assert!(c.seal_rekey(&[0; 32], &mut out).is_err());
+    }
+}
+
 #[test]
 fn handshake_frames_inside_a_session_are_refused() {
     let (_, mut s) = pair(Transport::Tcp);

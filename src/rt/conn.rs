@@ -1,4 +1,4 @@
-//! One established connection on one thread. TCP: one future ([`drive`]) waits for
+//! One established connection on one thread. TCP: one future ([`drive`], in `rt::tcp`) waits for
 //! readiness, reads into a buffer lent only while frames are open, opens frames in place,
 //! answers PINGs and refreshes the watchdog clock whether or not the application reads, and
 //! sends the one outgoing buffer without waiting. The application side (`send`, `recv`,
@@ -11,19 +11,14 @@ use std::net::SocketAddr;
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
-use std::future::Future;
-use std::task::Poll;
-
-use monoio::net::TcpStream;
-
 use super::event::LocalEvent;
+pub use super::tcp::{drive, drive_then};
 use super::udp::UdpPort;
 use super::{now, Error};
 use crate::proto::crypto::REKEY_SALT_LEN;
-use crate::proto::deframer::Deframer;
 use crate::proto::frame::HEADER_LEN;
 use crate::proto::link::{frame_count, Link};
-use crate::proto::session::{sealed_len, Received, Session, MAX_SEALED_MESSAGE_LEN};
+use crate::proto::session::{sealed_len, Received, Session};
 use crate::proto::{ErrorKind, Reaction, Transport};
 
 /// Outgoing bytes above which `send` waits for the socket to drain (and an inline-delivering
@@ -71,6 +66,9 @@ pub enum CloseReason {
     Replaced,
     /// The device connected elsewhere (another gateway of the fleet).
     Takeover,
+    /// Its output did not move for longer than the watchdog, or its closing frames (BYE)
+    /// did not leave within the close grace: the output was abandoned and the socket reset.
+    Stalled,
 }
 
 impl CloseReason {
@@ -90,6 +88,7 @@ impl CloseReason {
             CloseReason::PeerGone => "peer_gone",
             CloseReason::Replaced => "replaced",
             CloseReason::Takeover => "takeover",
+            CloseReason::Stalled => "stalled",
         }
     }
 }
@@ -193,17 +192,17 @@ pub struct Conn {
     me: Weak<Conn>,
     session: RefCell<Session>,
     peer: SocketAddr,
-    out: RefCell<Vec<u8>>,
+    pub(super) out: RefCell<Vec<u8>>,
     /// Every waiter of this connection waits here (the TCP writer or UDP pump for output,
     /// UTACKs and closing; the application for messages, room to send and the end; a paused
     /// reader for room). One event, not one per condition: each is 32 bytes of every session,
     /// and every wait re-checks its own condition, so a wake meant for another costs a poll.
-    ev: LocalEvent,
+    pub(super) ev: LocalEvent,
     /// Messages for `recv`. Boxed on purpose: 8 bytes instead of 40 in every connection, and
     /// inline-delivering connections never allocate it. Taken out while touched.
     #[allow(clippy::box_collection)]
     inbox: Cell<Option<Box<VecDeque<Vec<u8>>>>>,
-    closing: Cell<Option<CloseReason>>,
+    pub(super) closing: Cell<Option<CloseReason>>,
     done: Cell<bool>,
     /// Nanoseconds of [`now`] (times are stored as `u64`: every byte here is per session).
     last_rx: Cell<u64>,
@@ -220,6 +219,9 @@ pub struct Conn {
     timer_at: Cell<u64>,
     /// Closed without BYE: stop retransmitting at once.
     pub(crate) abandon: Cell<bool>,
+    /// TCP: since when queued output has not moved (the socket's buffer is full and the
+    /// peer takes nothing; nanoseconds, 0 = moving or empty).
+    stamp: Cell<u64>,
 }
 
 pub use crate::proto::link::FrameOutcome;
@@ -241,6 +243,7 @@ impl Conn {
             link: RefCell::new(Link::default()),
             timer_at: Cell::new(0),
             abandon: Cell::new(false),
+            stamp: Cell::new(0),
             session: RefCell::new(session),
             peer,
             out: RefCell::new(Vec::new()),
@@ -290,6 +293,26 @@ impl Conn {
 
     pub(crate) fn set_timer_at(&self, at: Option<Duration>) {
         self.timer_at.set(at.map_or(0, |t| nanos(t).max(1)));
+    }
+
+    fn stamp_at(&self) -> Option<Duration> {
+        Some(self.stamp.get()).filter(|&n| n != 0).map(Duration::from_nanos)
+    }
+
+    /// TCP: since when queued output has not moved (`None` while it moves or is empty).
+    /// The gateway's sweeper abandons a session stalled for longer than its watchdog, or a
+    /// closing one stalled for longer than the close grace.
+    pub fn out_stalled_since(&self) -> Option<Duration> {
+        (self.transport == Transport::Tcp).then(|| self.stamp_at()).flatten()
+    }
+
+    /// TCP driver: a send attempt left `left` bytes queued, having moved some bytes or not.
+    pub(crate) fn note_out_progress(&self, t: Duration, moved: bool, left: bool) {
+        if !left {
+            self.stamp.set(0);
+        } else if moved || self.stamp.get() == 0 {
+            self.stamp.set(nanos(t).max(1));
+        }
     }
 
     /// Traffic counters.
@@ -510,6 +533,35 @@ impl Conn {
         self.kick();
     }
 
+    /// End the session now whatever is queued: the output is discarded (no BYE can reach a
+    /// peer that takes nothing) and a TCP socket is reset rather than closed gracefully.
+    /// The way out for a session whose peer stopped reading; any state, closing included.
+    pub fn abort(&self, reason: CloseReason) {
+        if self.done.get() {
+            return;
+        }
+        self.out.borrow_mut().clear();
+        self.link.borrow_mut().abandon();
+        self.abandon.set(true);
+        if self.closing.get().is_none() {
+            self.closing.set(Some(reason));
+        }
+        self.stamp.set(0);
+        self.ev.notify();
+        self.kick();
+    }
+
+    /// Close for an operator or a timer (kick, revocation, watchdog): with BYE while the
+    /// peer takes our output, by [`Conn::abort`] once it has stopped taking it (a BYE queued
+    /// behind output that never leaves would keep the session forever).
+    pub fn end(&self, reason: CloseReason) {
+        if self.out_stalled_since().is_some() {
+            self.abort(reason);
+        } else {
+            self.close(reason, true);
+        }
+    }
+
     /// Wait until the socket is closed and both loops ended.
     pub async fn closed(&self) {
         loop {
@@ -631,7 +683,7 @@ impl Conn {
     }
 
     /// Tell the hook that output left the queue.
-    fn output_progressed(&self) {
+    pub(super) fn output_progressed(&self) {
         if let (Some(hook), Some(me)) = (self.links_hook(), self.me.upgrade()) {
             hook.on_output_progress(&me);
         }
@@ -694,263 +746,6 @@ fn head_len(out: &[u8]) -> usize {
     (HEADER_LEN + u16::from_le_bytes([out[8], out[9]]) as usize).min(out.len())
 }
 
-/// Read storage lent to this thread's TCP connections: a connection holds a buffer only
-/// while one of its frames is incomplete, so an idle connection costs no read buffer.
-const READ_BUF_LEN: usize = 2048;
-/// Spare read buffers a thread keeps (one is enough unless frames are left incomplete).
-const READ_BUFS_KEPT: usize = 64;
-
-thread_local! {
-    static READ_BUFS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
-}
-
-fn lend_read_buf(d: &mut Deframer) {
-    if !d.has_storage() {
-        let buf = READ_BUFS.with(|p| p.borrow_mut().pop()).unwrap_or_else(|| vec![0; READ_BUF_LEN]);
-        d.install_storage(buf);
-    }
-}
-
-fn return_read_buf(d: &mut Deframer) {
-    if let Some(buf) = d.release_storage() {
-        if buf.len() == READ_BUF_LEN {
-            READ_BUFS.with(|p| {
-                let mut p = p.borrow_mut();
-                if p.len() < READ_BUFS_KEPT {
-                    p.push(buf);
-                }
-            });
-        }
-    }
-}
-
-/// What woke [`drive`].
-enum Woke {
-    Readable(std::io::Result<()>),
-    Writable(std::io::Result<()>),
-    Event,
-}
-
-/// Run a connection until it closes, as one future with no buffer of its own while idle: it
-/// waits for readiness (an io_uring poll, not a read holding a buffer), then reads what is
-/// there into a lent buffer and opens the frames in place; queued output is sent at once
-/// without waiting, and only a full socket buffer waits for writability. Returns once the
-/// socket is closed; [`Conn::close_reason`] says why.
-pub fn drive(conn: Rc<Conn>, stream: TcpStream, deframer: Deframer) -> impl Future<Output = ()> {
-    drive_then(conn, stream, deframer, |_| {})
-}
-
-/// [`drive`], then `then(&conn)` in the same future (the gateway unregisters the session there).
-/// Written as a function returning an `async move` block that uses its captures in place:
-/// an `async fn` would keep a second copy of its arguments, and this future is held for a
-/// connection's whole life, so every byte of it is per-connection memory.
-// Not an `async fn` on purpose (see above); the size test below holds it to that.
-#[allow(clippy::manual_async_fn)]
-pub fn drive_then<F: FnOnce(&Rc<Conn>)>(
-    conn: Rc<Conn>,
-    stream: TcpStream,
-    mut deframer: Deframer,
-    then: F,
-) -> impl Future<Output = ()> {
-    async move {
-        let fd = super::fd::borrow(&stream);
-        let sock = socket2::SockRef::from(&fd);
-        // Reads and writes below are non-blocking calls made after a readiness poll (the handshake
-        // before used io_uring reads, which a blocking descriptor suits).
-        if sock.set_nonblocking(true).is_err() {
-            conn.close(CloseReason::Io, false);
-        }
-        // Kept across wake-ups: re-arming a poll for every event would cost a cancel and a submit.
-        let mut readable = std::pin::pin!(Some(stream.readable(false)));
-        // Boxed, and only while a full socket buffer makes us wait: a rare state.
-        let mut writable: Option<std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + '_>>> = None;
-        // Frames that arrived together with the last handshake frame.
-        let mut reading = drain_frames(&conn, &mut deframer);
-        return_read_buf(&mut deframer);
-        let mut stalled = conn.input_blocked() && deframer.buffered() > 0;
-        let mut write_blocked = false;
-        loop {
-            if !write_blocked {
-                match flush(&conn, &sock) {
-                    Ok(blocked) => write_blocked = blocked,
-                    Err(_) => {
-                        conn.close(CloseReason::Io, false);
-                        break;
-                    }
-                }
-            }
-            if conn.closing.get().is_some() {
-                if !write_blocked {
-                    break; // the last frames (BYE) are out
-                }
-                reading = false;
-            }
-            // Backpressure: an application that does not read, or an inline hook whose replies
-            // do not leave, pauses reading (PINGs wait too, which is what TCP would do anyway).
-            let read_now = reading && !conn.input_blocked();
-            if read_now && stalled {
-                // Frames left buffered while input was blocked: take them before waiting for
-                // more bytes, which may never come.
-                reading = drain_frames(&conn, &mut deframer);
-                return_read_buf(&mut deframer);
-                stalled = conn.input_blocked() && deframer.buffered() > 0;
-                continue;
-            }
-            if read_now && readable.is_none() {
-                readable.set(Some(stream.readable(false)));
-            }
-            if write_blocked && writable.is_none() {
-                writable = Some(Box::pin(stream.writable(false)));
-            }
-            // Created after every check above: nothing can notify in between on this thread.
-            let mut event = conn.ev.wait();
-            let (rd, wr) = (&mut readable, &mut writable);
-            let woke = std::future::poll_fn(move |cx| {
-                if read_now {
-                    if let Some(Poll::Ready(r)) = rd.as_mut().as_pin_mut().map(|f| f.poll(cx)) {
-                        return Poll::Ready(Woke::Readable(r));
-                    }
-                }
-                if write_blocked {
-                    if let Some(Poll::Ready(r)) = wr.as_mut().map(|f| f.as_mut().poll(cx)) {
-                        return Poll::Ready(Woke::Writable(r));
-                    }
-                }
-                std::pin::Pin::new(&mut event).poll(cx).map(|()| Woke::Event)
-            })
-            .await;
-            match woke {
-                Woke::Event => {}
-                Woke::Writable(r) => {
-                    writable = None;
-                    write_blocked = false;
-                    if r.is_err() {
-                        conn.close(CloseReason::Io, false);
-                        break;
-                    }
-                }
-                Woke::Readable(r) => {
-                    readable.set(None);
-                    reading = r.is_ok() && read_ready(&conn, &sock, &mut deframer);
-                    stalled = conn.input_blocked() && deframer.buffered() > 0;
-                    if r.is_err() && conn.closing.get().is_none() {
-                        conn.close(CloseReason::Io, false);
-                    }
-                }
-            }
-        }
-        // Cancel the polls; they hold the descriptor until the kernel confirms, so the peer gets
-        // our FIN now from the half-close rather than whenever the descriptor is finally closed.
-        readable.set(None);
-        drop(writable);
-        if conn.closing.get().is_none() {
-            conn.close(CloseReason::PeerClosed, false);
-        }
-        let _ = sock.shutdown(std::net::Shutdown::Write);
-        return_read_buf(&mut deframer);
-        conn.set_done();
-        then(&conn);
-    }
-}
-
-/// The socket is readable: read what is there and handle its frames. False once the
-/// connection must read no more (closed by the peer, an error, a BYE).
-fn read_ready(conn: &Conn, sock: &socket2::Socket, deframer: &mut Deframer) -> bool {
-    lend_read_buf(deframer);
-    let more = loop {
-        let spare = deframer.spare_mut();
-        let want = spare.len();
-        let n = match std::io::Read::read(&mut &*sock, spare) {
-            Ok(0) => {
-                if conn.closing.get().is_none() {
-                    conn.close(CloseReason::PeerClosed, false);
-                }
-                break false;
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break true,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => {
-                if conn.closing.get().is_none() {
-                    conn.close(CloseReason::Io, false);
-                }
-                break false;
-            }
-        };
-        deframer.commit(n);
-        if !drain_frames(conn, deframer) {
-            break false;
-        }
-        // A short read drained the socket (the next poll says if more came); stop early
-        // under backpressure.
-        if n < want || conn.input_blocked() {
-            break true;
-        }
-    };
-    return_read_buf(deframer);
-    more
-}
-
-/// Send the queued bytes without waiting. `Ok(true)` if the socket's buffer is full and
-/// bytes are left for when it is writable.
-fn flush(conn: &Conn, sock: &socket2::Socket) -> std::io::Result<bool> {
-    let mut out = conn.out.borrow_mut();
-    let mut off = 0;
-    let mut result = Ok(false);
-    while off < out.len() {
-        // No SIGPIPE for a peer that left: an embedding application may not ignore it.
-        let e = match sock.send_with_flags(&out[off..], libc::MSG_NOSIGNAL) {
-            Ok(n) => {
-                off += n;
-                continue;
-            }
-            Err(e) => e,
-        };
-        match e.kind() {
-            std::io::ErrorKind::WouldBlock => {
-                result = Ok(true);
-                break;
-            }
-            std::io::ErrorKind::Interrupted => {}
-            _ => {
-                result = Err(e);
-                break;
-            }
-        }
-    }
-    if off > 0 {
-        out.drain(..off);
-        if out.capacity() > 4 * MAX_SEALED_MESSAGE_LEN && out.len() <= MAX_SEALED_MESSAGE_LEN {
-            out.shrink_to(MAX_SEALED_MESSAGE_LEN);
-        }
-        drop(out);
-        conn.ev.notify(); // room for senders and a paused reader
-        conn.output_progressed();
-    }
-    result
-}
-
-fn drain_frames(conn: &Conn, deframer: &mut Deframer) -> bool {
-    loop {
-        // An application holding acknowledgements bounds what it has taken in per frame, not
-        // per read: the frames left buffered wait for `resume_input`.
-        if conn.input_blocked() && deframer.buffered() > 0 {
-            return true;
-        }
-        match deframer.next_frame() {
-            Ok(Some(frame)) => match conn.on_frame(frame) {
-                FrameOutcome::Accepted | FrameOutcome::AcceptedHeld | FrameOutcome::Rejected(_) => {}
-                FrameOutcome::AcceptedAndClosed | FrameOutcome::Closed => return false,
-            },
-            Ok(None) => return true,
-            Err(e) => {
-                conn.close(CloseReason::Protocol(e.kind()), false);
-                return false;
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod size_tests {
     use super::*;
@@ -961,18 +756,5 @@ mod size_tests {
     fn connection_state_fits_512_bytes_with_its_rc() {
         assert!(std::mem::size_of::<Conn>() + 16 <= 512, "Conn is {} bytes", std::mem::size_of::<Conn>());
         assert_eq!(std::mem::size_of::<LocalEvent>(), 32);
-    }
-
-    fn returned_size<A, B, C, D, R>(_: fn(A, B, C, D) -> R) -> usize {
-        std::mem::size_of::<R>()
-    }
-
-    /// An idle TCP connection is this state, a monoio task around the driver (48 bytes of
-    /// header and trailer) and nothing else: 384 bytes is its allocator size class (the next
-    /// is 448). The gateway's `then` holds one `Rc`, as a function pointer does.
-    #[test]
-    fn tcp_driver_task_fits_384_bytes() {
-        let future = returned_size(drive_then::<fn(&Rc<Conn>)>);
-        assert!(future + 48 <= 384, "the driver future is {future} bytes");
     }
 }

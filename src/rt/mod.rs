@@ -5,7 +5,8 @@
 pub mod conn;
 pub mod error;
 pub mod event;
-mod fd;
+pub(crate) mod fd;
+pub mod tcp;
 pub mod udp;
 pub mod wire;
 

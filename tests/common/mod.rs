@@ -1,5 +1,6 @@
 #![allow(dead_code)]
 pub mod child;
+pub mod gateway_bin;
 pub mod gwproc;
 pub mod nats_util;
 pub mod natsd;

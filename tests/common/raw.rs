@@ -35,7 +35,19 @@ fn read_frame(stream: &mut TcpStream, d: &mut Deframer) -> Option<Vec<u8>> {
 impl RawDevice {
     /// Connect and complete the four-step handshake.
     pub fn connect(addr: SocketAddr, psk: &[u8], device_id: [u8; 6]) -> RawDevice {
-        let mut stream = TcpStream::connect(addr).unwrap();
+        Self::handshake(TcpStream::connect(addr).unwrap(), psk, device_id)
+    }
+
+    /// [`RawDevice::connect`] with a receive buffer shrunk to `rcvbuf` bytes before the
+    /// connection opens (the window it advertises stays small): a device that takes little.
+    pub fn connect_small(addr: SocketAddr, psk: &[u8], device_id: [u8; 6], rcvbuf: usize) -> RawDevice {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_recv_buffer_size(rcvbuf).unwrap();
+        s.connect(&addr.into()).unwrap();
+        Self::handshake(s.into(), psk, device_id)
+    }
+
+    fn handshake(mut stream: TcpStream, psk: &[u8], device_id: [u8; 6]) -> RawDevice {
         stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
         let mut d = Deframer::new();
         let seed: [u8; 32] = std::array::from_fn(|i| i as u8 ^ device_id[5] ^ 0x5a);

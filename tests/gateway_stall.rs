@@ -1,0 +1,217 @@
+//! Peers that stop reading (issue 15, items 1 and 2), over real sockets: a TCP device that
+//! shrinks its receive buffer and never reads must not keep a session, its descriptor and
+//! its limit slot for good, and must not hold up the rest of its shard.
+
+mod common;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use common::raw::RawDevice;
+use usmp::gateway::{Gateway, GatewayHandle, Session};
+use usmp::proto::ErrorKind;
+use usmp::psk::PskSource;
+
+const PSK: &[u8] = b"stall-test-key-0123456789";
+const BIG: [u8; 1808] = [0x5a; 1808];
+
+fn builder() -> usmp::gateway::GatewayBuilder {
+    Gateway::builder().listen("127.0.0.1:0".parse().unwrap()).shards(1).psk(PskSource::single(PSK).unwrap())
+}
+
+async fn drain(s: Session) {
+    while s.recv().await.is_ok() {}
+}
+
+fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t0.elapsed()
+}
+
+/// Write sealed messages without blocking until the gateway stops taking them (or `for_at_most`).
+fn write_until_blocked(dev: &mut RawDevice, for_at_most: Duration) {
+    dev.stream.set_nonblocking(true).unwrap();
+    let t0 = Instant::now();
+    while t0.elapsed() < for_at_most {
+        let f = dev.seal(&[7u8; 1000]);
+        let mut off = 0;
+        while off < f.len() {
+            match dev.stream.write(&f[off..]) {
+                Ok(n) => off += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if t0.elapsed() > for_at_most {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// Downlinks to `device` until its queue has answered "busy" for 300 ms straight: the
+/// socket buffers (megabytes on loopback) are full and our queue with them.
+fn fill_until_stalled(h: &GatewayHandle, device: &str) -> usize {
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let (mut queued, mut busy_since) = (0, None::<Instant>);
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(10) {
+        match rt.block_on(h.deliver(device, &BIG)) {
+            Ok(()) => {
+                queued += 1;
+                busy_since = None;
+            }
+            Err(e) => {
+                assert_eq!(e.kind(), ErrorKind::Timeout, "busy, not {e}");
+                let since = *busy_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_millis(300) {
+                    return queued;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    panic!("the queue of {device} never stayed full");
+}
+
+/// The watchdog fires on a session whose reader paused (its echoes do not leave), and its
+/// BYE can never leave either: the session must still end, and free its limit slot.
+#[test]
+fn a_peer_that_never_reads_cannot_keep_its_session_or_its_slot() {
+    let gw = builder()
+        .max_sessions(1)
+        .session_timeout(Duration::from_secs(1))
+        .close_grace(Duration::from_secs(1))
+        .serve_messages(|s, m| {
+            let _ = s.try_send(m);
+        })
+        .unwrap();
+    let (addr, h) = (gw.local_addr(), gw.handle());
+    let mut hog = RawDevice::connect_small(addr, PSK, [1; 6], 2048);
+    wait_for("the session is up", Duration::from_secs(5), || h.session_count() == 1);
+    let t0 = Instant::now();
+    write_until_blocked(&mut hog, Duration::from_secs(3));
+    wait_for("the stalled session ends", Duration::from_secs(8), || h.session_count() == 0);
+    eprintln!("stalled session ended {:?} after the hog started writing", t0.elapsed());
+    let s = h.stats();
+    // Its reader paused, so the watchdog or the stalled-output rule ends it, whichever
+    // comes first; both abandon the output that cannot leave.
+    assert_eq!((s.closed_watchdog + s.closed_stalled, s.sessions_closed), (1, 1), "{s:?}");
+    // Its slot is free: with max_sessions = 1 a new device gets in.
+    let mut next = RawDevice::connect(addr, PSK, [2; 6]);
+    let hi = next.seal(b"hi");
+    next.write(&hi);
+    assert!(next.next_frame().is_some(), "the next device is served");
+    drop(hog);
+    gw.shutdown();
+}
+
+/// A BYE queued behind output the peer never takes: the close grace bounds the wait.
+#[test]
+fn a_bye_stuck_behind_output_is_abandoned_after_the_close_grace() {
+    let gw = builder()
+        .close_grace(Duration::from_secs(1))
+        .serve(|s: Session| async move {
+            // Queue far more than the peer's window and the socket buffers take, then say
+            // BYE: it is queued behind output that never leaves.
+            let mut busy = 0;
+            while busy < 30 {
+                match s.try_send(&BIG) {
+                    Ok(()) => busy = 0,
+                    Err(_) => {
+                        busy += 1;
+                        monoio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+            s.close();
+            drain(s).await;
+        })
+        .unwrap();
+    let h = gw.handle();
+    let t0 = Instant::now();
+    let _hog = RawDevice::connect_small(gw.local_addr(), PSK, [3; 6], 2048);
+    wait_for("the closing session ends", Duration::from_secs(8), || h.stats().sessions_closed == 1);
+    eprintln!("closing session reset {:?} after it started", t0.elapsed());
+    assert_eq!(h.stats().closed_stalled, 1, "ended by the close grace, and counted");
+    gw.shutdown();
+}
+
+/// A peer that keeps sending (so the watchdog never fires) but takes none of our output:
+/// the session ends once its output has not moved for the watchdog's length.
+#[test]
+fn output_that_does_not_move_for_the_watchdog_ends_an_active_session() {
+    let gw = builder().session_timeout(Duration::from_secs(1)).serve(drain).unwrap();
+    let h = gw.handle();
+    let mut dev = RawDevice::connect_small(gw.local_addr(), PSK, [4; 6], 2048);
+    wait_for("the session is up", Duration::from_secs(5), || h.session_count() == 1);
+    let t0 = Instant::now();
+    let queued = fill_until_stalled(&h, "04:04:04:04:04:04");
+    eprintln!("{queued} downlinks queued before the output stalled");
+    // Alive on the receive side: a message every 100 ms.
+    while h.session_count() == 1 && t0.elapsed() < Duration::from_secs(8) {
+        let f = dev.seal(b"still here");
+        if dev.stream.write_all(&f).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_for("the session ends", Duration::from_millis(500), || h.session_count() == 0);
+    eprintln!("stalled output ended an active session after {:?}: {:?}", t0.elapsed(), h.stats());
+    assert!(t0.elapsed() < Duration::from_secs(6), "within the watchdog plus a sweep");
+    assert_eq!(h.stats().closed_stalled, 1);
+    gw.shutdown();
+}
+
+/// Item 2: a device with a full queue is answered "busy" at once; a downlink to another
+/// device on the same shard arrives at once; kicking the stalled device works.
+#[test]
+fn a_stalled_device_never_holds_up_its_shard() {
+    let gw = builder().serve(drain).unwrap();
+    let (addr, h) = (gw.local_addr(), gw.handle());
+    let _hog = RawDevice::connect_small(addr, PSK, [5; 6], 2048);
+    let mut other = RawDevice::connect(addr, PSK, [6; 6]);
+    wait_for("both sessions are up", Duration::from_secs(5), || h.session_count() == 2);
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let hog = "05:05:05:05:05:05";
+    let mut busy_after = None;
+    for i in 0..2000 {
+        match rt.block_on(h.deliver(hog, &BIG)) {
+            Ok(()) => {}
+            Err(e) => {
+                assert_eq!(e.kind(), ErrorKind::Timeout, "a full queue answers busy: {e}");
+                busy_after = Some(i);
+                break;
+            }
+        }
+    }
+    let busy_after = busy_after.expect("the stalled device's queue fills and answers busy");
+    eprintln!("busy after {busy_after} downlinks of 1808 B");
+    assert!(h.stats().downlinks_busy >= 1, "busy is counted");
+    // A broadcast reaches the other device and is counted busy for the hog.
+    let t0 = Instant::now();
+    rt.block_on(h.deliver("06:06:06:06:06:06", b"for the other one")).unwrap();
+    other.stream.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let f = other.next_frame().expect("the downlink arrives");
+    let mut f = f.clone();
+    let got = match other.session.open(&mut f, Duration::ZERO).unwrap() {
+        usmp::proto::session::Received::Message(m) => m.to_vec(),
+        _ => panic!("expected a message"),
+    };
+    assert_eq!(got, b"for the other one");
+    assert!(t0.elapsed() < Duration::from_millis(500), "at once: {:?}", t0.elapsed());
+    let before = h.stats().downlinks_busy;
+    h.broadcast(b"all").unwrap();
+    wait_for("the broadcast copy for the hog is counted busy", Duration::from_secs(2), || {
+        h.stats().downlinks_busy > before
+    });
+    // Kicking the stalled device ends its session although its BYE cannot leave.
+    assert!(h.kick(hog).unwrap());
+    wait_for("the kicked hog's session ends", Duration::from_secs(2), || h.session_count() == 1);
+    gw.shutdown();
+}
