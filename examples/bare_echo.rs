@@ -25,13 +25,23 @@ fn main() -> std::io::Result<()> {
     }
 }
 
+/// A socket bound to `addr` with `SO_REUSEPORT`, so that several of these servers (one per
+/// core, as `bench/floor --shards N` runs them) share a port as the gateway's shards do.
+fn bind(addr: &str, ty: socket2::Type) -> std::io::Result<socket2::Socket> {
+    let addr: std::net::SocketAddr =
+        addr.parse().map_err(|e| std::io::Error::new(ErrorKind::InvalidInput, format!("{addr}: {e}")))?;
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), ty, None)?;
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())?;
+    Ok(s)
+}
+
 /// Blocking receive, send it back to whoever sent it: the least a UDP server can do per datagram.
 fn udp(addr: &str) -> std::io::Result<()> {
-    let sock = UdpSocket::bind(addr)?;
-    // As big as the gateway asks for (the kernel caps both at net.core.[rw]mem_max).
-    let big = 8usize << 20;
-    let _ = nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::RcvBuf, &big);
-    let _ = nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::SndBuf, &big);
+    let s = bind(addr, socket2::Type::DGRAM)?;
+    // As big as the gateway asks for (the kernel caps it at net.core.rmem_max).
+    let _ = s.set_recv_buffer_size(8 << 20);
+    let sock: UdpSocket = s.into();
     println!("READY {}", sock.local_addr()?);
     let mut buf = vec![0u8; 65536];
     loop {
@@ -46,7 +56,9 @@ fn udp(addr: &str) -> std::io::Result<()> {
 }
 
 fn tcp(addr: &str) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr)?;
+    let s = bind(addr, socket2::Type::STREAM)?;
+    s.listen(1024)?;
+    let listener: TcpListener = s.into();
     listener.set_nonblocking(true)?;
     let epoll = Epoll::new(EpollCreateFlags::empty())?;
     let lfd = listener.as_raw_fd();

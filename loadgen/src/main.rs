@@ -44,9 +44,9 @@ enum Mode {
     /// No USMP: bare connections (TCP) or datagrams (UDP) echoed by a bare server
     /// (`examples/bare_echo`), scheduled and checked byte for byte as in echo mode.
     RawEcho,
-    /// No USMP: the handshake's round trips and sizes over bare sockets (TCP: connect, two
-    /// echoed round trips, a BYE-sized message, close; UDP: the handshake's datagrams), as in
-    /// handshake mode.
+    /// No USMP: the handshake's round trips and sizes over bare sockets, as in handshake mode
+    /// (TCP: connect, two echoed round trips, a BYE-sized message, close; UDP: its 8 datagrams
+    /// each way in 4 round trips).
     RawHandshake,
 }
 

@@ -33,12 +33,12 @@ use usmp::rt::event::LocalEvent;
 pub const TCP_HANDSHAKE_ROUNDS: &[usize] = &[50, 44];
 /// The BYE frame: header and an empty sealed payload.
 pub const BYE_LEN: usize = 40;
-/// The UDP handshake's datagrams per round trip (PROTOCOL.md §7): HELLO; UTACK of HELLO_RETRY
-/// and HELLO with the cookie; UTACK of CHALLENGE and HELLO_ACK; UTACK of SESSION_OK and BYE.
-/// The echo answers each datagram with one, as the gateway answers each round with two
-/// (UTACK and the next handshake frame, and the BYE's UTACK): the same datagrams both ways
-/// and the same four round trips.
-pub const UDP_HANDSHAKE_ROUNDS: &[&[usize]] = &[&[50], &[7, 66], &[7, 44], &[7, 40]];
+/// The UDP handshake's datagrams per round trip, as the gateway exchanges them (PROTOCOL.md
+/// §7; counted with strace): HELLO; UTACKs of both copies of HELLO_RETRY (the gateway sends
+/// it twice: it has no ARQ) around HELLO with the cookie; UTACK of CHALLENGE and HELLO_ACK;
+/// UTACK of SESSION_OK and BYE. The gateway answers with 3, 2, 2 and 1 datagrams, the echo
+/// with one per datagram: 8 each way and 4 round trips in both.
+pub const UDP_HANDSHAKE_ROUNDS: &[&[usize]] = &[&[50], &[7, 66, 7], &[7, 44], &[7, 40]];
 /// Socket buffers of the shared UDP socket (the kernel caps them at net.core.[rw]mem_max).
 const SOCKET_BUFFER: usize = 8 << 20;
 /// Datagrams read per wake-up before the devices they woke get to run.
