@@ -1,9 +1,12 @@
 """Helpers shared by the bench scripts (imported from the scripts' own directory)."""
 import os
+import re
 import socket
+import subprocess
 import urllib.request
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+CLK = os.sysconf("SC_CLK_TCK")
 
 
 def free_port():
@@ -40,3 +43,32 @@ def metrics(mport):
 def rss_bytes(pid):
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * PAGE
+
+
+def cpu_seconds(pid):
+    """CPU time of every thread of the process, in seconds, with nanosecond resolution
+    (/proc/PID/task/*/schedstat; /proc/PID/stat's utime+stime only counts 10 ms ticks).
+    Threads that already exited are covered by the process's stat totals."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except OSError:
+            pass
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    dead = (int(fields[13]) + int(fields[14])) / CLK  # cutime+cstime: reaped children
+    return total / 1e9 + dead
+
+
+def handshake_floor_ns(root):
+    """The criterion estimate of the bare X25519+HKDF+HMAC+AES-key floor, this run."""
+    out = subprocess.run(
+        ["cargo", "bench", "--bench", "proto", "--", "--noplot", "handshake_server/bare_ring_floor"],
+        cwd=root, capture_output=True, text=True, check=True).stdout
+    m = re.search(r"bare_ring_floor\s+time:\s+\[[^\]]*?([\d.]+) (ns|µs|us|ms) ([\d.]+) (ns|µs|us|ms)", out)
+    if not m:
+        raise RuntimeError("cannot parse criterion output:\n" + out)
+    scale = {"ns": 1, "µs": 1e3, "us": 1e3, "ms": 1e6}[m.group(4)]
+    return float(m.group(3)) * scale

@@ -5,6 +5,7 @@
 //! per-thread histograms and counters at the end.
 
 mod plan;
+mod raw;
 mod report;
 mod sched;
 mod worker;
@@ -40,6 +41,19 @@ enum Mode {
     HelloFlood,
     /// Attack: random bytes instead of frames.
     GarbageFlood,
+    /// No USMP: bare connections (TCP) or datagrams (UDP) echoed by a bare server
+    /// (`examples/bare_echo`), scheduled and checked byte for byte as in echo mode.
+    RawEcho,
+    /// No USMP: the handshake's round trips and sizes over bare sockets, as in handshake mode
+    /// (TCP: connect, two echoed round trips, a BYE-sized message, close; UDP: its 8 datagrams
+    /// each way in 4 round trips).
+    RawHandshake,
+}
+
+impl Mode {
+    fn is_raw(self) -> bool {
+        matches!(self, Mode::RawEcho | Mode::RawHandshake)
+    }
 }
 
 /// Emulate USMP devices and measure a gateway.
@@ -134,6 +148,9 @@ fn keys(a: &Args) -> Result<worker::Keys, String> {
         let reg = usmp::psk::Registry::load(path).map_err(|e| format!("--psk-file: {e}"))?;
         return Ok(worker::Keys::Registry(Arc::new(reg)));
     }
+    if a.mode.is_raw() {
+        return Ok(worker::Keys::One(Vec::new())); // nothing to authenticate
+    }
     Err("one of --psk, --psk-hex, --psk-file is required".into())
 }
 
@@ -146,6 +163,12 @@ fn validate(a: &Args) -> Result<(), String> {
     }
     if !(a.duration > 0.0 && a.duration.is_finite()) {
         return Err("--duration: must be positive".into());
+    }
+    if a.mode == Mode::RawEcho && a.payload == 0 {
+        return Err("--payload: raw-echo needs at least 1 byte (its echo is how it is counted)".into());
+    }
+    if a.mode.is_raw() && a.reconnect {
+        return Err("--reconnect: not with the raw modes (nothing to resume)".into());
     }
     if a.devices == 0 {
         return Err("--devices: must be at least 1".into());
@@ -211,7 +234,8 @@ fn run_worker(a: &Args, index: usize, count: usize) -> ExitCode {
         transport: if a.transport == TransportArg::Udp { Transport::Udp } else { Transport::Tcp },
         keys: keys(a).expect("validated"),
         device_id_base: u64::from_str_radix(&a.device_id_base, 16).expect("validated"),
-        echo: a.mode == Mode::Echo,
+        echo: matches!(a.mode, Mode::Echo | Mode::RawEcho),
+        raw: a.mode.is_raw(),
         flood: match a.mode {
             Mode::HelloFlood => Some(worker::Flood::Hello),
             Mode::GarbageFlood => Some(worker::Flood::Garbage),
@@ -403,7 +427,7 @@ fn run_parent(a: &Args) -> ExitCode {
         duration_s: a.duration,
         target: a.target.to_string(),
         transport: format!("{:?}", a.transport).to_lowercase(),
-        mode: format!("{:?}", a.mode).to_lowercase(),
+        mode: a.mode.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string()),
     };
     if !a.quiet {
         println!("{}", rep.summary_table());

@@ -120,6 +120,18 @@ pub struct Counters {
     /// handshake mode (threads run side by side: merged by maximum). 0: unknown, use the
     /// steady phase's duration.
     pub handshake_ms: u64,
+    /// Messages received within the steady phase (each thread's own window).
+    pub steady_messages: u64,
+    /// Handshakes completed within the steady phase.
+    pub steady_handshakes: u64,
+    /// loadgen's own CPU time over the steady phase, summed over its threads (ns).
+    pub steady_cpu_ns: u64,
+    /// Threads whose steady phase was measured.
+    pub steady_threads: u64,
+    /// The steady phase in wall-clock time (ms since the Unix epoch): the earliest start and
+    /// the latest end over the threads (0: not measured).
+    pub steady_start_unix_ms: u64,
+    pub steady_end_unix_ms: u64,
     /// error kind -> count
     pub errors: BTreeMap<String, u64>,
 }
@@ -136,6 +148,16 @@ impl Counters {
         self.messages_received = self.messages_received.saturating_add(other.messages_received);
         self.messages_lost = self.messages_lost.saturating_add(other.messages_lost);
         self.handshake_ms = self.handshake_ms.max(other.handshake_ms);
+        self.steady_messages = self.steady_messages.saturating_add(other.steady_messages);
+        self.steady_handshakes = self.steady_handshakes.saturating_add(other.steady_handshakes);
+        self.steady_cpu_ns = self.steady_cpu_ns.saturating_add(other.steady_cpu_ns);
+        self.steady_threads = self.steady_threads.saturating_add(other.steady_threads);
+        self.steady_start_unix_ms = match (self.steady_start_unix_ms, other.steady_start_unix_ms) {
+            (0, b) => b,
+            (a, 0) => a,
+            (a, b) => a.min(b),
+        };
+        self.steady_end_unix_ms = self.steady_end_unix_ms.max(other.steady_end_unix_ms);
         for (k, v) in &other.errors {
             let e = self.errors.entry(k.clone()).or_insert(0);
             *e = e.saturating_add(*v);
@@ -255,6 +277,15 @@ pub fn per_sec(count: u64, duration_s: f64) -> f64 {
     }
 }
 
+/// loadgen's own CPU over the steady phase: µs per message and per handshake completed in it
+/// (0 when none were), and the share of its threads' time it kept them busy.
+pub fn loadgen_cpu(c: &Counters, duration_s: f64) -> (f64, f64, f64) {
+    let us = c.steady_cpu_ns as f64 / 1e3;
+    let per = |n: u64| if n > 0 { us / n as f64 } else { 0.0 };
+    let busy = per_sec(c.steady_cpu_ns, duration_s * 1e9 * c.steady_threads.max(1) as f64);
+    (per(c.steady_messages), per(c.steady_handshakes), busy)
+}
+
 /// µs -> "ms with 3 decimals".
 fn ms(us: u64) -> String {
     format!("{:.3}", us as f64 / US_PER_MS)
@@ -311,6 +342,7 @@ impl Report {
         let rtt = LatencyStats::of(&self.rtt_us);
         let errors: serde_json::Map<String, Value> =
             c.errors.iter().map(|(k, v)| (k.clone(), Value::from(*v))).collect();
+        let (cpu_msg, cpu_hs, busy) = loadgen_cpu(c, d);
         json!({
             "target": self.target,
             "transport": self.transport,
@@ -333,6 +365,18 @@ impl Report {
                 "lost": c.messages_lost,
                 "per_sec": per_sec(c.messages_received, d),
                 "rtt_us": rtt.to_json(),
+            },
+            "steady": {
+                "start_unix_s": c.steady_start_unix_ms as f64 / 1e3,
+                "end_unix_s": c.steady_end_unix_ms as f64 / 1e3,
+                "messages": c.steady_messages,
+                "handshakes": c.steady_handshakes,
+            },
+            "loadgen": {
+                "cpu_s": c.steady_cpu_ns as f64 / 1e9,
+                "cpu_us_per_message": cpu_msg,
+                "cpu_us_per_handshake": cpu_hs,
+                "busy": busy,
             },
             "errors": Value::Object(errors),
         })
@@ -378,6 +422,18 @@ impl Report {
             "messages", "sent", c.messages_sent, "received", c.messages_received, "lost", c.messages_lost
         );
         let _ = writeln!(s, "{:<12} {:<10}{:>14.2}", "", "per sec", per_sec(c.messages_received, d));
+        let (cpu_msg, cpu_hs, busy) = loadgen_cpu(c, d);
+        let _ = writeln!(
+            s,
+            "{:<12} {:<10}{:>14.2}   {:<10}{:>14.2}   {:<8}{:>13.1}%",
+            "loadgen cpu",
+            "µs/msg",
+            cpu_msg,
+            "µs/hs",
+            cpu_hs,
+            "busy",
+            busy * 100.0
+        );
         let _ = writeln!(s, "{rule}");
         let _ = writeln!(
             s,
@@ -788,6 +844,12 @@ mod tests {
             messages_received: 9_990,
             messages_lost: 10,
             handshake_ms: 0,
+            steady_messages: 9_000,
+            steady_handshakes: 0,
+            steady_cpu_ns: 45_000_000,
+            steady_threads: 1,
+            steady_start_unix_ms: 1_700_000_000_000,
+            steady_end_unix_ms: 1_700_000_010_000,
             errors: BTreeMap::from([("timeout".to_owned(), 7), ("connect_refused".to_owned(), 2)]),
         };
         for v in 1..=98u64 {
@@ -1061,6 +1123,12 @@ mod tests {
             messages_received: 7,
             messages_lost: 8,
             handshake_ms: 4000,
+            steady_messages: 6,
+            steady_handshakes: 1,
+            steady_cpu_ns: 3_000,
+            steady_threads: 2,
+            steady_start_unix_ms: 1_000,
+            steady_end_unix_ms: 9_000,
             errors: BTreeMap::new(),
         };
         b.error_n("timeout", 2);
@@ -1075,6 +1143,19 @@ mod tests {
         assert_eq!(a.messages_received, 7);
         assert_eq!(a.messages_lost, 8);
         assert_eq!(a.handshake_ms, 4000, "threads ramp side by side: the longest counts");
+        assert_eq!((a.steady_messages, a.steady_cpu_ns, a.steady_threads), (6, 3_000, 2));
+        assert_eq!(
+            (a.steady_start_unix_ms, a.steady_end_unix_ms),
+            (1_000, 9_000),
+            "unset start is not a minimum"
+        );
+        let mut c = Counters { steady_start_unix_ms: 500, steady_end_unix_ms: 8_000, ..Default::default() };
+        c.add(&b);
+        assert_eq!(
+            (c.steady_start_unix_ms, c.steady_end_unix_ms),
+            (500, 9_000),
+            "earliest start, latest end"
+        );
         assert_eq!(handshakes_per_sec(&a, 60.0), 1.0, "over the time they took, not the steady phase");
         a.handshake_ms = 0;
         assert!((handshakes_per_sec(&a, 60.0) - 4.0 / 60.0).abs() < 1e-12, "unknown: the steady phase");
@@ -1149,6 +1230,11 @@ mod tests {
         assert!((j["messages"]["per_sec"].as_f64().unwrap() - 999.0).abs() < 1e-9);
         assert_eq!(j["errors"]["timeout"], 7);
         assert_eq!(j["errors"]["connect_refused"], 2);
+        assert_eq!(j["steady"]["messages"], 9_000);
+        assert!((j["steady"]["end_unix_s"].as_f64().unwrap() - 1_700_000_010.0).abs() < 1e-3);
+        assert!((j["loadgen"]["cpu_us_per_message"].as_f64().unwrap() - 5.0).abs() < 1e-9);
+        assert_eq!(j["loadgen"]["cpu_us_per_handshake"], 0.0, "no handshakes in the window");
+        assert!((j["loadgen"]["busy"].as_f64().unwrap() - 0.0045).abs() < 1e-9);
         assert_eq!(j["duration_s"], 10.0);
         let lat = &j["handshakes"]["latency_us"];
         assert_eq!(lat["p50"].as_u64().unwrap(), r.handshake_us.value_at_quantile(0.5));

@@ -16,8 +16,15 @@ use usmp::client::{Client, ClientConfig, UdpEndpoint};
 use usmp::proto::Transport;
 use usmp::rt::event::LocalEvent;
 
+use crate::raw::{self, RawLink, RawUdp};
 use crate::report::{new_hist, Counters, Hist};
 use crate::sched::Schedule;
+
+mod flood;
+mod link;
+
+use flood::flood;
+use link::{error_kind, Link};
 
 /// Everything a device needs to know about the run.
 #[derive(Clone)]
@@ -27,6 +34,8 @@ pub struct Spec {
     pub keys: Keys,
     pub device_id_base: u64,
     pub echo: bool,
+    /// Bare sockets without USMP, against a bare echo server (the `raw-*` modes).
+    pub raw: bool,
     /// An attack instead of a device.
     pub flood: Option<Flood>,
     pub rate: f64,
@@ -95,6 +104,8 @@ struct Ctx {
     inflight_ev: LocalEvent,
     /// Shared UDP sockets: the `pos`-th device of the thread uses number `pos / addresses`.
     endpoints: RefCell<Vec<Option<Rc<UdpEndpoint>>>>,
+    /// The same for the raw modes' bare sockets.
+    raw_endpoints: RefCell<Vec<Option<Rc<RawUdp>>>>,
     /// Every device's timed wake-ups.
     sched: Rc<Schedule>,
 }
@@ -132,17 +143,31 @@ pub fn payload(idx: u64, k: u64, len: usize) -> Vec<u8> {
     v
 }
 
+/// Entry `e` of `eps`, opened with `open` on first use.
+fn shared_socket<T, E>(
+    eps: &RefCell<Vec<Option<Rc<T>>>>,
+    e: usize,
+    open: impl FnOnce() -> Result<Rc<T>, E>,
+) -> Result<Rc<T>, E> {
+    let mut eps = eps.borrow_mut();
+    if eps.len() <= e {
+        eps.resize(e + 1, None);
+    }
+    if let Some(ep) = &eps[e] {
+        return Ok(ep.clone());
+    }
+    let ep = open()?;
+    eps[e] = Some(ep.clone());
+    Ok(ep)
+}
+
 impl Ctx {
     fn error(&self, kind: String) {
         *self.counters.borrow_mut().errors.entry(kind).or_insert(0) += 1;
     }
 
     fn error_of(&self, e: &usmp::rt::Error) {
-        let kind = match e {
-            usmp::rt::Error::Io(io) => format!("io:{:?}", io.kind()),
-            other => other.kind().class_name().to_string(),
-        };
-        self.error(kind);
+        self.error(error_kind(e));
     }
 
     async fn connect_token(&self) {
@@ -158,22 +183,22 @@ impl Ctx {
 
     /// The shared socket of the thread's `pos`-th device (opened on first use), if devices share.
     fn endpoint(&self, pos: usize) -> Option<Result<Rc<UdpEndpoint>, usmp::rt::Error>> {
+        self.spec.shared_udp.then(|| {
+            shared_socket(&self.endpoints, pos / self.spec.source_ips.len(), || {
+                UdpEndpoint::bind("0.0.0.0:0".parse().expect("literal")).map(Rc::new)
+            })
+        })
+    }
+
+    /// [`Ctx::endpoint`] for the raw modes (which need the shared socket).
+    fn raw_endpoint(&self, pos: usize) -> std::io::Result<Rc<RawUdp>> {
         if !self.spec.shared_udp {
-            return None;
+            let msg = "raw UDP devices need their own source addresses (a loopback target or --source-ips)";
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg));
         }
-        let e = pos / self.spec.source_ips.len();
-        let mut eps = self.endpoints.borrow_mut();
-        if eps.len() <= e {
-            eps.resize(e + 1, None);
-        }
-        if let Some(ep) = &eps[e] {
-            return Some(Ok(ep.clone()));
-        }
-        Some(UdpEndpoint::bind("0.0.0.0:0".parse().expect("literal")).map(|ep| {
-            let ep = Rc::new(ep);
-            eps[e] = Some(ep.clone());
-            ep
-        }))
+        shared_socket(&self.raw_endpoints, pos / self.spec.source_ips.len(), || {
+            RawUdp::bind(self.spec.target)
+        })
     }
 
     fn config(&self, idx: u64, pos: usize) -> ClientConfig {
@@ -230,6 +255,46 @@ impl Ctx {
         }
     }
 
+    /// A raw mode's bare connection, timed like a handshake from `intended`.
+    async fn connect_raw(&self, idx: u64, pos: usize, intended: Instant) -> Option<RawLink> {
+        let cfg = self.config(idx, pos);
+        let res = match self.spec.transport {
+            Transport::Tcp => RawLink::tcp(&cfg, self.spec.payload).await,
+            Transport::Udp => self.raw_endpoint(pos).and_then(|ep| {
+                let src = cfg.bind.map(|b| b.ip()).ok_or(std::io::ErrorKind::InvalidInput)?;
+                RawLink::udp(&ep, src)
+            }),
+        };
+        self.record_attempt(intended, res.as_ref().err())?;
+        res.ok()
+    }
+
+    /// One raw handshake (the protocol's round trips and sizes, echoed), timed from `intended`.
+    async fn raw_handshake(&self, idx: u64, pos: usize, intended: Instant) -> bool {
+        let cfg = self.config(idx, pos);
+        let res = match self.spec.transport {
+            Transport::Tcp => raw::tcp_handshake(&cfg).await,
+            Transport::Udp => match (self.raw_endpoint(pos), cfg.bind) {
+                (Ok(ep), Some(b)) => raw::udp_handshake(&ep, b.ip(), self.spec.connect_timeout).await,
+                (Err(e), _) => Err(e),
+                (_, None) => Err(std::io::ErrorKind::InvalidInput.into()),
+            },
+        };
+        self.record_attempt(intended, res.err().as_ref()).is_some()
+    }
+
+    /// Count a raw connection attempt and time it from `intended`; `None` if it failed.
+    fn record_attempt(&self, intended: Instant, err: Option<&std::io::Error>) -> Option<()> {
+        if let Some(e) = err {
+            self.counters.borrow_mut().handshakes_failed += 1;
+            self.error(format!("io:{:?}", e.kind()));
+            return None;
+        }
+        let _ = self.hs.borrow_mut().record(intended.elapsed().as_micros().max(1) as u64);
+        self.counters.borrow_mut().handshakes_ok += 1;
+        Some(())
+    }
+
     fn ramp_finished_one(&self) {
         self.ramp_done.set(self.ramp_done.get() + 1);
         if self.ramp_done.get() == self.ramp_total {
@@ -274,9 +339,11 @@ pub async fn run_thread(spec: Spec, devices: Vec<u64>, progress: Arc<Progress>) 
         inflight: Cell::new(0),
         inflight_ev: LocalEvent::default(),
         endpoints: RefCell::new(Vec::new()),
+        raw_endpoints: RefCell::new(Vec::new()),
         sched: Rc::default(),
     });
     let sched = monoio::spawn(ctx.sched.clone().run());
+    let meter = monoio::spawn(meter_steady(ctx.clone()));
     if devices.is_empty() {
         ctx.steady.set(Some((Instant::now(), Instant::now())));
     }
@@ -287,6 +354,10 @@ pub async fn run_thread(spec: Spec, devices: Vec<u64>, progress: Arc<Progress>) 
         .collect();
     for h in handles {
         h.await;
+    }
+    meter.await;
+    for ep in ctx.raw_endpoints.borrow().iter().flatten() {
+        ep.stop();
     }
     ctx.sched.stop();
     sched.await;
@@ -300,12 +371,51 @@ pub async fn run_thread(spec: Spec, devices: Vec<u64>, progress: Arc<Progress>) 
     ThreadResult { counters, handshake: ctx.hs.into_inner(), rtt: ctx.rtt.into_inner() }
 }
 
+/// This thread's CPU time, ns (`CLOCK_THREAD_CPUTIME_ID`).
+fn thread_cpu_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map_or(0, |t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+}
+
+/// Wall-clock milliseconds since the Unix epoch at monoio instant `at`.
+fn unix_ms(at: Instant) -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let ahead = at.saturating_duration_since(Instant::now());
+    let behind = Instant::now().saturating_duration_since(at);
+    (now + ahead).saturating_sub(behind).as_millis() as u64
+}
+
+/// The steady phase as this thread saw it: its wall-clock window, the messages and handshakes
+/// completed in it and this thread's own CPU time over it (so a run says whether loadgen or
+/// the server was the bottleneck, and a script can take the server's CPU over the same window).
+async fn meter_steady(ctx: Rc<Ctx>) {
+    let (start, end) = ctx.steady_window().await;
+    ctx.sched.sleep_until(start).await;
+    let snap = |c: &Counters| (c.messages_received, c.handshakes_ok);
+    let (m0, h0) = snap(&ctx.counters.borrow());
+    let cpu0 = thread_cpu_ns();
+    let start_ms = unix_ms(Instant::now());
+    ctx.sched.sleep_until(end).await;
+    let cpu = thread_cpu_ns().saturating_sub(cpu0);
+    let mut c = ctx.counters.borrow_mut();
+    let (m1, h1) = snap(&c);
+    c.steady_messages = m1 - m0;
+    c.steady_handshakes = h1 - h0;
+    c.steady_cpu_ns = cpu;
+    c.steady_threads = 1;
+    c.steady_start_unix_ms = start_ms;
+    c.steady_end_unix_ms = unix_ms(Instant::now());
+}
+
 /// The thread's `pos`-th device, number `idx` of the run.
 async fn device(ctx: Rc<Ctx>, idx: u64, pos: usize) {
     if let Some(kind) = ctx.spec.flood {
         ctx.ramp_finished_one();
         let (start, end) = ctx.steady_window().await;
         return flood(&ctx, idx, kind, start, end).await;
+    }
+    if ctx.spec.raw {
+        return raw_device(&ctx, idx, pos).await;
     }
     // Ramp-up: one paced handshake (retried with backoff under --reconnect).
     ctx.connect_token().await;
@@ -340,14 +450,42 @@ async fn device(ctx: Rc<Ctx>, idx: u64, pos: usize) {
     }
 }
 
+/// A raw mode's device: the same phases as [`device`] over a bare connection.
+async fn raw_device(ctx: &Rc<Ctx>, idx: u64, pos: usize) {
+    ctx.connect_token().await;
+    let (link, ok) = if ctx.spec.echo {
+        let link = ctx.connect_raw(idx, pos, Instant::now()).await;
+        let ok = link.is_some();
+        (link, ok)
+    } else {
+        (None, ctx.raw_handshake(idx, pos, Instant::now()).await)
+    };
+    if ok {
+        ctx.counters.borrow_mut().devices_connected += 1;
+        ctx.progress.connected.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Some(l) = &link {
+        warm_up(ctx, idx, l).await;
+    }
+    ctx.ramp_finished_one();
+    let (start, end) = ctx.steady_window().await;
+    if !ok {
+        ctx.counters.borrow_mut().devices_failed += 1;
+    } else if ctx.spec.echo {
+        echo(ctx, idx, pos, link, start, end).await;
+    } else {
+        handshakes(ctx, idx, pos, start, end).await;
+    }
+}
+
 /// One unmeasured echo right after the ramp's handshake. A session's first message makes
 /// both sides allocate and touch its buffers; with 50 000 devices that first touch (page
 /// faults, on a VM expensive ones) took seconds and made the steady phase's first second its
 /// slowest. Its echo is awaited here, so none is left over to confuse the steady phase.
-async fn warm_up(ctx: &Ctx, idx: u64, c: &Client) {
+async fn warm_up(ctx: &Ctx, idx: u64, c: &impl Link) {
     let m = payload(idx, u64::MAX, ctx.spec.payload);
-    let ok = match c.send(&m).await {
-        Ok(()) => c.recv_timeout(ctx.spec.connect_timeout).await.is_ok_and(|back| back == m),
+    let ok = match c.send_msg(&m).await {
+        Ok(()) => c.recv_msg(Some(ctx.spec.connect_timeout)).await.is_some_and(|back| back == m),
         Err(_) => false,
     };
     if !ok {
@@ -378,7 +516,14 @@ async fn reconnect(ctx: &Ctx, idx: u64, pos: usize, until: Instant) -> Option<Cl
 }
 
 /// Open-loop echo traffic (or closed loop when the rate is 0), then drain and BYE.
-async fn echo(ctx: &Rc<Ctx>, idx: u64, pos: usize, mut client: Option<Client>, start: Instant, end: Instant) {
+async fn echo<L: Link>(
+    ctx: &Rc<Ctx>,
+    idx: u64,
+    pos: usize,
+    mut client: Option<L>,
+    start: Instant,
+    end: Instant,
+) {
     let rate = ctx.spec.rate;
     let interval = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
     let phase = interval.map_or(Duration::ZERO, |i| i.mul_f64(unit(idx)));
@@ -399,9 +544,9 @@ async fn echo(ctx: &Rc<Ctx>, idx: u64, pos: usize, mut client: Option<Client>, s
             }
             ctx.sched.sleep_until(intended).await;
             outstanding.borrow_mut().push_back((k, intended));
-            if let Err(e) = c.send(&payload(idx, k, ctx.spec.payload)).await {
+            if let Err(e) = c.send_msg(&payload(idx, k, ctx.spec.payload)).await {
                 outstanding.borrow_mut().pop_back();
-                ctx.error_of(&e);
+                ctx.error(e);
                 lost_session = true;
                 break;
             }
@@ -409,16 +554,20 @@ async fn echo(ctx: &Rc<Ctx>, idx: u64, pos: usize, mut client: Option<Client>, s
             ctx.progress.sent.fetch_add(1, Ordering::Relaxed);
             k += 1;
             if interval.is_none() {
-                // Closed loop: the next message leaves when this one is back.
-                while !outstanding.borrow().is_empty() && c.close_reason().is_none() {
+                // Closed loop: the next message leaves when this one is back (or, where
+                // nothing retransmits, after a second without it: then it is lost).
+                while !outstanding.borrow().is_empty() && !c.gone() {
                     let w = done.wait();
                     if outstanding.borrow().is_empty() {
                         break;
                     }
-                    let _ = monoio::time::timeout(Duration::from_secs(1), w).await;
+                    if monoio::time::timeout(Duration::from_secs(1), w).await.is_err() && c.lossy() {
+                        outstanding.borrow_mut().pop_front();
+                        ctx.counters.borrow_mut().messages_lost += 1;
+                    }
                 }
             }
-            if c.close_reason().is_some() {
+            if c.gone() {
                 lost_session = true;
                 break;
             }
@@ -426,7 +575,7 @@ async fn echo(ctx: &Rc<Ctx>, idx: u64, pos: usize, mut client: Option<Client>, s
         // A device with nothing more to send this phase (low rates) stays connected until the
         // phase ends, as an idle device would: sessions held open are part of the load.
         while !lost_session && Instant::now() < end {
-            if c.close_reason().is_some() {
+            if c.gone() {
                 lost_session = true;
                 break;
             }
@@ -438,13 +587,13 @@ async fn echo(ctx: &Rc<Ctx>, idx: u64, pos: usize, mut client: Option<Client>, s
         }
         // Drain: give replies up to 5 s, then say BYE; whatever is missing is lost.
         let drain_until = Instant::now() + Duration::from_secs(5);
-        while !outstanding.borrow().is_empty() && c.close_reason().is_none() && Instant::now() < drain_until {
+        while !outstanding.borrow().is_empty() && !c.gone() && Instant::now() < drain_until {
             let w = done.wait();
             let _ = monoio::time::timeout(Duration::from_millis(100), w).await;
         }
         ctx.counters.borrow_mut().messages_lost += outstanding.borrow().len() as u64;
         outstanding.borrow_mut().clear();
-        if c.close_reason().is_some() {
+        if c.gone() {
             lost_session = true;
         }
         if !lost_session {
@@ -453,28 +602,33 @@ async fn echo(ctx: &Rc<Ctx>, idx: u64, pos: usize, mut client: Option<Client>, s
             let at = end + BYE_SPREAD.mul_f64(unit(idx ^ 0xb7e));
             ctx.sched.sleep_until(at).await;
         }
-        c.bye().await;
+        c.end().await;
         rx.await;
         if lost_session && ctx.spec.reconnect && Instant::now() < end {
             ctx.error("session_lost".into());
-            client = reconnect(ctx, idx, pos, end).await;
+            client = L::reconnect(ctx, idx, pos, end).await;
         }
     }
 }
 
-async fn receive(
+async fn receive<L: Link>(
     ctx: Rc<Ctx>,
     idx: u64,
-    c: Rc<Client>,
+    c: Rc<L>,
     outstanding: Rc<RefCell<VecDeque<(u64, Instant)>>>,
     done: Rc<LocalEvent>,
 ) {
     // Holding an Rc keeps the client alive; stop once the session ends.
-    loop {
-        let m = match c.recv().await {
-            Ok(m) => m,
-            Err(_) => break,
-        };
+    while let Some(m) = c.recv_msg(None).await {
+        if c.lossy() {
+            // Echoes of lost datagrams never come: what was sent before this one is lost.
+            let sent_as = |(k, _): &(u64, Instant)| payload(idx, *k, ctx.spec.payload) == m;
+            let skipped = outstanding.borrow().iter().position(sent_as);
+            if let Some(n) = skipped.filter(|&n| n > 0) {
+                outstanding.borrow_mut().drain(..n);
+                ctx.counters.borrow_mut().messages_lost += n as u64;
+            }
+        }
         let Some((k, intended)) = outstanding.borrow_mut().pop_front() else {
             ctx.error("unexpected_message".into());
             continue;
@@ -506,104 +660,11 @@ async fn handshakes(ctx: &Ctx, idx: u64, pos: usize, start: Instant, end: Instan
             return;
         }
         ctx.sched.sleep_until(intended).await;
-        if let Some(c) = ctx.connect(idx, pos, intended).await {
+        if ctx.spec.raw {
+            ctx.raw_handshake(idx, pos, intended).await;
+        } else if let Some(c) = ctx.connect(idx, pos, intended).await {
             c.disconnect().await;
         }
         k += 1;
-    }
-}
-
-/// One attacker: `rate` attempts per second (0 = back to back) until `end`. Each attempt is a
-/// new connection (TCP) or datagram (UDP) carrying a fresh well-formed HELLO or garbage; an
-/// attack HELLO waits at most 1 s for a reply and never answers it. Counted as messages sent.
-async fn flood(ctx: &Ctx, idx: u64, kind: Flood, start: Instant, end: Instant) {
-    use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
-    let interval = (ctx.spec.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / ctx.spec.rate));
-    let local = (!ctx.spec.source_ips.is_empty())
-        .then(|| SocketAddr::new(ctx.spec.source_ips[idx as usize % ctx.spec.source_ips.len()], 0));
-    let udp = if ctx.spec.transport == Transport::Udp {
-        let bind = local.unwrap_or_else(|| "0.0.0.0:0".parse().expect("literal"));
-        match std::net::UdpSocket::bind(bind).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
-            Ok(s) => monoio::net::udp::UdpSocket::from_std(s).ok(),
-            Err(_) => None,
-        }
-    } else {
-        None
-    };
-    let mut k = 0u64;
-    loop {
-        let intended = match interval {
-            Some(i) => start + i.mul_f64(k as f64),
-            None => Instant::now(),
-        };
-        if intended >= end {
-            return;
-        }
-        ctx.sched.sleep_until(intended).await;
-        k += 1;
-        let r = splitmix(idx.wrapping_mul(1_000_003) ^ k);
-        let bytes = match kind {
-            Flood::Garbage => (0..(r % 200 + 1) as usize).map(|i| splitmix(r ^ i as u64) as u8).collect(),
-            Flood::Hello => {
-                let mut p = [0u8; 38];
-                for (i, b) in p.iter_mut().enumerate() {
-                    *b = splitmix(r ^ (i as u64) << 8) as u8;
-                }
-                // A valid X25519 public key: the basepoint times a random scalar.
-                let seed: [u8; 32] = p[6..38].try_into().expect("32");
-                if let Ok(key) = usmp::proto::crypto::EphemeralKey::from_seed(&seed) {
-                    p[6..].copy_from_slice(key.public());
-                }
-                let mut out = [0u8; 64];
-                let n = usmp::proto::frame::encode_frame(usmp::proto::PacketType::Hello, 0, &p, &mut out)
-                    .expect("fits");
-                out[..n].to_vec()
-            }
-        };
-        ctx.counters.borrow_mut().messages_sent += 1;
-        ctx.progress.sent.fetch_add(1, Ordering::Relaxed);
-        if let Some(s) = &udp {
-            let _ = s.send_to(bytes, ctx.spec.target).await;
-            continue;
-        }
-        let cfg = ctx.config(idx, 0);
-        let stream = match cfg.bind {
-            Some(l) => {
-                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None);
-                match s.and_then(|s| {
-                    s.set_nonblocking(true)?;
-                    s.bind(&l.into())?;
-                    match s.connect(&ctx.spec.target.into()) {
-                        Err(e) if e.raw_os_error() != Some(libc::EINPROGRESS) => return Err(e),
-                        _ => {}
-                    }
-                    Ok(s)
-                }) {
-                    Ok(s) => match monoio::net::TcpStream::from_std(s.into()) {
-                        Ok(t) => t.writable(false).await.map(|_| t),
-                        Err(e) => Err(e),
-                    },
-                    Err(e) => Err(e),
-                }
-            }
-            None => monoio::net::TcpStream::connect_addr(ctx.spec.target).await,
-        };
-        let Ok(mut stream) = stream else {
-            ctx.error("flood_connect_failed".into());
-            continue;
-        };
-        let (res, _) = stream.write_all(bytes).await;
-        if res.is_err() {
-            continue;
-        }
-        if kind == Flood::Hello {
-            // Read whatever comes (CHALLENGE, or the close), for at most a second; never answer.
-            let buf = vec![0u8; 128];
-            if let Ok((Ok(n), _)) = monoio::time::timeout(Duration::from_secs(1), stream.read(buf)).await {
-                if n > 0 {
-                    ctx.counters.borrow_mut().messages_received += 1;
-                }
-            }
-        }
     }
 }

@@ -153,3 +153,110 @@ fn against_the_reference_python_server() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// `examples/bare_echo` (built by `cargo test --workspace` with the other examples; built here
+/// when only this package's tests run), started on a free port: the server and its address.
+fn bare_echo(udp: bool) -> (std::process::Child, SocketAddr) {
+    use std::io::BufRead;
+    let bin = Path::new(LOADGEN).parent().unwrap().join("examples").join("bare_echo");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["build", "-p", "usmp-gateway", "--example", "bare_echo"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "cannot build examples/bare_echo");
+    }
+    let mut cmd = Command::new(&bin);
+    if udp {
+        cmd.arg("--udp");
+    }
+    let mut child = cmd.arg("127.0.0.1:0").stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.strip_prefix("READY ").unwrap_or_else(|| panic!("bare_echo said {line:?}"));
+    (child, addr.trim().parse().unwrap())
+}
+
+fn check_loadgen_cpu(v: &serde_json::Value) {
+    assert!(v["steady"]["messages"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["steady"]["end_unix_s"].as_f64().unwrap() > v["steady"]["start_unix_s"].as_f64().unwrap());
+    assert!(v["loadgen"]["cpu_us_per_message"].as_f64().unwrap() > 0.0, "{v}");
+}
+
+/// A raw-echo run of `devices` against a fresh `bare_echo` (over UDP with `udp`): complete,
+/// checked, with loadgen's own CPU reported. Returns the summary.
+fn raw_run(udp: bool, devices: u64, extra: &[&str]) -> serde_json::Value {
+    let (mut srv, addr) = bare_echo(udp);
+    let dir = tmpdir(if udp { "raw-udp" } else { "raw-tcp" });
+    let transport = if udp { "udp" } else { "tcp" };
+    let n = devices.to_string();
+    let args = [&["--transport", transport, "--mode", "raw-echo", "--devices", &n, "--workers", "1"], extra]
+        .concat();
+    let v = run(addr, &args, &dir);
+    let _ = srv.kill();
+    check_complete(&v, devices);
+    assert_eq!(v["mode"], "raw-echo");
+    check_loadgen_cpu(&v);
+    check_hist_dir(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    v
+}
+
+#[test]
+fn raw_echo_against_the_bare_server_over_tcp_and_udp() {
+    // Open loop over TCP: 10 devices × 50/s × 2 s is exactly 1000 messages (each device's
+    // phase is under one interval), every one echoed and checked.
+    let v = raw_run(false, 10, &["--rate", "50", "--duration", "2"]);
+    assert_eq!(v["messages"]["sent"], 1000, "{v}");
+    // Closed loop over UDP: devices share a socket, each from its own source address.
+    let v = raw_run(true, 8, &["--rate", "0", "--duration", "1"]);
+    assert!(v["messages"]["sent"].as_u64().unwrap() > 100, "{v}");
+}
+
+#[test]
+fn raw_udp_counts_lost_and_corrupted_echoes_exactly() {
+    // A faulty echo: drops message k of every device when k % 5 == 3 and flips a byte of the
+    // others when k % 7 == 2 (the payload carries the device's index and k).
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = sock.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let k = u64::from_le_bytes(buf[8..16].try_into().unwrap());
+            if k % 5 == 3 {
+                continue;
+            }
+            if k % 7 == 2 {
+                buf[n - 1] ^= 1;
+            }
+            let _ = sock.send_to(&buf[..n], from);
+        }
+    });
+    let dir = tmpdir("raw-udp-faulty");
+    let v = run(
+        addr,
+        &[
+            "--transport",
+            "udp",
+            "--mode",
+            "raw-echo",
+            "--devices",
+            "4",
+            "--rate",
+            "50",
+            "--duration",
+            "2",
+            "--payload",
+            "64",
+            "--quiet",
+        ],
+        &dir,
+    );
+    // Per device: k = 0..100; 20 dropped; 14 with k % 7 == 2, 3 of them dropped anyway.
+    assert_eq!(v["messages"]["sent"], 400, "{v}");
+    assert_eq!(v["messages"]["lost"], 80, "{v}");
+    assert_eq!(v["messages"]["received"], 320, "{v}");
+    assert_eq!(v["errors"]["echo_mismatch"], 44, "{v}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -80,7 +80,10 @@ pub struct Client {
     driver: Option<monoio::task::JoinHandle<()>>,
 }
 
-async fn tcp_connect(cfg: &ClientConfig) -> Result<TcpStream, Error> {
+/// Open the TCP connection `cfg` describes (bound to `cfg.bind` first when set), without any
+/// handshake: the client's first step, and a bare connection for load generators measuring
+/// what a connection costs without the protocol.
+pub async fn tcp_connect(cfg: &ClientConfig) -> Result<TcpStream, Error> {
     match cfg.bind {
         None => Ok(TcpStream::connect_addr(cfg.addr).await?),
         Some(local) => {
