@@ -77,7 +77,7 @@ fn a_cluster_of_gateways_routes_downlinks_and_moves_devices() {
         rt.block_on(wait_jetstream(&n.url()));
     }
     let key = psk_hex();
-    let a = gateway(&nodes[0].url(), "gw-a", &["--psk-hex", &key]);
+    let a = gateway(&nodes[0].url(), "gw-a", &["--psk-hex", &key, "--metrics", "127.0.0.1:0"]);
     let b = gateway(&nodes[1].url(), "gw-b", &["--psk-hex", &key]);
     let nc = rt.block_on(async_nats::connect(nodes[2].url())).unwrap();
     let js = async_nats::jetstream::new(nc.clone());
@@ -103,6 +103,17 @@ fn a_cluster_of_gateways_routes_downlinks_and_moves_devices() {
     assert_eq!(dx.got.recv_timeout(Duration::from_secs(5)).unwrap(), b"hello-x");
     assert_eq!(send(&y, "hello-y"), "delivered");
     assert_eq!(dy.got.recv_timeout(Duration::from_secs(5)).unwrap(), b"hello-y");
+
+    // A's admin API reaches y on B, through NATS, and shows presence from the fleet bucket.
+    let r = a.http("POST", &format!("/devices/{}/send", token(&y)), b"via-admin");
+    assert!(r.starts_with("HTTP/1.1 200") && r.contains(r#""status":"delivered""#), "{r}");
+    assert_eq!(dy.got.recv_timeout(Duration::from_secs(5)).unwrap(), b"via-admin");
+    let r = a.http_get(&format!("/devices/{}", token(&y)));
+    assert!(r.starts_with("HTTP/1.1 200") && r.contains(r#""gateway":"gw-b""#), "{r}");
+    let r = a.http_get("/devices/0a04000000ff");
+    assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+    let r = a.http("POST", "/devices/0a04000000ff/send", &[0u8; 1809]);
+    assert!(r.starts_with("HTTP/1.1 413"), "{r}");
 
     // x moves from A to B (its old TCP connection still open): A closes it within 1 s.
     let moved = Instant::now();

@@ -296,7 +296,7 @@ fn main() -> ExitCode {
     };
     let bridge = match &r.nats {
         Some(cfg) => match start_bridge(cfg, &r) {
-            Ok(b) => Some(b),
+            Ok(b) => Some(std::sync::Arc::new(b)),
             Err(e) => {
                 eprintln!("usmp-gateway: error: {e}");
                 return ExitCode::from(2);
@@ -323,8 +323,11 @@ fn main() -> ExitCode {
     let _ops = match r.metrics {
         None => None,
         Some(addr) => {
-            let opts =
-                OpsOptions { admin_token: r.admin_token.clone(), allowed_hosts: r.admin_hosts.clone() };
+            let opts = OpsOptions {
+                admin_token: r.admin_token.clone(),
+                allowed_hosts: r.admin_hosts.clone(),
+                nats: bridge.clone(),
+            };
             match ops::serve(addr, handle.clone(), opts) {
                 Ok(s) => {
                     tracing::info!(address = %s.local_addr(), admin_token = r.admin_token.is_some(), "metrics and admin API listening");

@@ -219,31 +219,34 @@ impl NatsBridge {
     }
 
     /// Send a downlink to `device` wherever it is connected (a request on `P.down.<device>`,
-    /// as any NATS client would make); waits up to `timeout` for the reply.
-    pub fn send_downlink(&self, device: [u8; 6], payload: &[u8], timeout: Duration) -> Reply {
+    /// as any NATS client would make); waits up to `timeout` for the reply. Runs on the
+    /// bridge's runtime, so it can be awaited from any executor (the admin API's).
+    pub async fn send_downlink(&self, device: [u8; 6], payload: &[u8], timeout: Duration) -> Reply {
         let ctx = self.ctx.clone();
         let payload = bytes::Bytes::copy_from_slice(payload);
-        self.runtime.block_on(async move {
+        let task = self.runtime.spawn(async move {
             let req = async_nats::Request::new().payload(payload).timeout(Some(timeout));
             match ctx.client.send_request(ctx.cfg.down_subject(&device), req).await {
                 Ok(m) => Reply::parse(&m.payload)
                     .unwrap_or(Reply { status: "rejected", reason: Some("unreadable reply".into()) }),
                 Err(e) => Reply { status: "rejected", reason: Some(format!("nats: {e}")) },
             }
-        })
+        });
+        task.await.unwrap_or(Reply { status: "rejected", reason: Some("the bridge stopped".into()) })
     }
 
     /// The device's presence entry (JSON), if it is online anywhere.
-    pub fn presence(&self, device: [u8; 6]) -> Result<Option<serde_json::Value>, String> {
+    pub async fn presence(&self, device: [u8; 6]) -> Result<Option<serde_json::Value>, String> {
         let ctx = self.ctx.clone();
-        self.runtime.block_on(async move {
+        let task = self.runtime.spawn(async move {
             let kv = match ctx.presence.get() {
                 Some(kv) => kv.clone(),
                 None => ctx.js.get_key_value(PRESENCE_BUCKET).await.map_err(|e| e.to_string())?,
             };
             let v = kv.get(config::device_token(&device)).await.map_err(|e| e.to_string())?;
             Ok(v.and_then(|b| serde_json::from_slice(&b).ok()))
-        })
+        });
+        task.await.map_err(|_| "the bridge stopped".to_string())?
     }
 
     /// After the gateway stopped: wait up to `grace` for uplinks in flight to be stored and

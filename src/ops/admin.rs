@@ -5,7 +5,8 @@
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /healthz` | `ok` while the gateway runs |
 //! | `GET /sessions` | JSON list: device_id, session_id, transport, peer, shard, connected_since, frames_in/out |
-//! | `POST /devices/{id}/send` | body = one message to that device (202 queued, 404 not connected, 413 over 1808 B, 503 busy) |
+//! | `POST /devices/{id}/send` | body = one message to that device (202 queued, 404 not connected, 413 over 1808 B, 503 busy); with the NATS bridge, wherever the device is connected (see below) |
+//! | `GET /devices/{id}` | with the NATS bridge: the device's presence (200 JSON, 404 offline) |
 //! | `POST /broadcast` | body = one message to every device |
 //! | `POST /devices/{id}/kick` | close its session with BYE (404 when none) |
 //! | `POST /reload` | re-read the registry file (key rotation) |
@@ -16,6 +17,11 @@
 //! the listener by an IP address, `localhost` or an allowed host name in `Host`, and any
 //! request carrying an `Origin` (or `Sec-Fetch-Site: cross-site`) from another origin is
 //! refused with 403.
+//!
+//! With the NATS bridge (`--mode nats`), `send` is a request on `P.down.<device>` like any
+//! NATS client's, so it reaches the device on any gateway of the fleet; the reply's status maps
+//! to 200 `delivered`, 202 `queued`, 404 `offline`, 413 `too_large`, 429 `queue_full`, 503
+//! `rejected`, with the JSON reply as body.
 //!
 //! Add a route in [`router`]: handlers are async and get the [`GatewayHandle`] as state.
 
@@ -48,6 +54,8 @@ pub struct OpsOptions {
     /// Host names (besides IP addresses and `localhost`) an admin request may name in `Host`,
     /// for operators who reach the listener by a DNS name.
     pub allowed_hosts: Vec<String>,
+    /// The NATS bridge, when the gateway runs one: downlinks and presence go through NATS.
+    pub nats: Option<Arc<crate::nats::NatsBridge>>,
 }
 
 impl std::fmt::Debug for OpsOptions {
@@ -55,6 +63,7 @@ impl std::fmt::Debug for OpsOptions {
         f.debug_struct("OpsOptions")
             .field("admin_token", &self.admin_token.as_ref().map(|_| REDACTED))
             .field("allowed_hosts", &self.allowed_hosts)
+            .field("nats", &self.nats.is_some())
             .finish()
     }
 }
@@ -198,6 +207,9 @@ async fn device_route(
     let id = format_device_id(&dev);
     match action.as_str() {
         "send" => {
+            if let Some(nats) = &ops.opts.nats {
+                return nats_send(nats, dev, &body).await;
+            }
             if let Some(r) = too_big(&body) {
                 return r;
             }
@@ -222,6 +234,43 @@ async fn device_route(
             Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
         },
         _ => text(StatusCode::NOT_FOUND, "no such route\n"),
+    }
+}
+
+/// A downlink through the NATS bridge, answered as the fleet answers it.
+async fn nats_send(nats: &crate::nats::NatsBridge, dev: [u8; 6], body: &[u8]) -> Response {
+    let reply = nats.send_downlink(dev, body, Duration::from_secs(25)).await;
+    let status = match reply.status {
+        "delivered" => StatusCode::OK,
+        "queued" => StatusCode::ACCEPTED,
+        "offline" => StatusCode::NOT_FOUND,
+        "too_large" => StatusCode::PAYLOAD_TOO_LARGE,
+        "queue_full" => StatusCode::TOO_MANY_REQUESTS,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let body: serde_json::Value = serde_json::from_slice(&reply.to_json()).unwrap_or_default();
+    (status, Json(body)).into_response()
+}
+
+/// `GET /devices/{id}`: the device's presence, from the fleet's presence bucket.
+async fn device_info(State(ops): State<Ops>, Path(id): Path<String>) -> Response {
+    let Some(dev) = parse_device_id(&id) else { return text(StatusCode::BAD_REQUEST, "not a device id\n") };
+    let Some(nats) = &ops.opts.nats else {
+        return match ops.gw.sessions().into_iter().find(|s| s.device_id == dev) {
+            Some(s) => Json(json!({
+                "device_id": format_device_id(&dev),
+                "session": to_hex(&s.session_id),
+                "transport": format!("{:?}", s.transport).to_lowercase(),
+                "peer": s.peer.to_string(),
+            }))
+            .into_response(),
+            None => (StatusCode::NOT_FOUND, Json(json!({"online": false}))).into_response(),
+        };
+    };
+    match nats.presence(dev).await {
+        Ok(Some(p)) => Json(p).into_response(),
+        Ok(None) => (StatusCode::NOT_FOUND, Json(json!({"online": false}))).into_response(),
+        Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("presence unavailable: {e}\n")),
     }
 }
 
@@ -258,6 +307,7 @@ pub fn router(gw: GatewayHandle, opts: OpsOptions) -> Router {
     let admin = Router::new()
         .route("/sessions", get(sessions))
         .route("/devices/{id}/{action}", post(device_route))
+        .route("/devices/{id}", get(device_info))
         .route("/broadcast", post(broadcast))
         .route("/reload", post(reload))
         .route_layer(middleware::from_fn_with_state(ops.clone(), guard_admin));

@@ -73,6 +73,11 @@ impl GatewayProc {
 
     /// `GET path` on the metrics/admin listener (started with `--metrics 127.0.0.1:0`).
     pub fn http_get(&self, path: &str) -> String {
+        self.http("GET", path, b"")
+    }
+
+    /// `method path` with `body` on the metrics/admin listener; the whole response.
+    pub fn http(&self, method: &str, path: &str, body: &[u8]) -> String {
         use std::io::{Read, Write};
         let line = self
             .wait_log(&["metrics and admin API listening"], Duration::from_secs(5))
@@ -80,7 +85,13 @@ impl GatewayProc {
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         let addr: SocketAddr = v["address"].as_str().unwrap().parse().unwrap();
         let mut s = std::net::TcpStream::connect(addr).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+        let n = body.len();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        s.write_all(body).unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         out
