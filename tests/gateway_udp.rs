@@ -537,8 +537,10 @@ fn unregistered_devices_do_not_spend_the_handshake_budget() {
             let mut i = 0u32;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 // A socket each: HELLO_RETRY comes twice, and the copy must not be taken
-                // for the next device's cookie.
-                let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+                // for the next device's cookie. From another address than the device's:
+                // unknown devices count toward the lockout of their source (issue 15, item 3),
+                // and this test is about the crypto budget, not the lockout.
+                let sock = UdpSocket::bind("127.0.0.2:0").unwrap();
                 sock.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
                 let b = i.to_le_bytes();
                 cookie_hello(&sock, addr, [0xE0, 1, b[0], b[1], b[2], b[3]]);

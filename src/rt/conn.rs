@@ -214,14 +214,13 @@ pub struct Conn {
     /// UDP: the transport state (`proto::link`): the frame in flight (the first frame of
     /// `out`), the UTACK each queued frame expects, signs of UTACK loss.
     pub(crate) link: RefCell<Link>,
-    /// UDP (port-driven): the earliest deadline this connection has in the port's timers
-    /// (nanoseconds, 0 = none).
-    timer_at: Cell<u64>,
+    /// One time stamp, read by transport (nanoseconds, 0 = none; every byte here is per
+    /// session). UDP (port-driven): the earliest deadline this connection has in the port's
+    /// timers. TCP: since when queued output has not moved (the socket's buffer is full and
+    /// the peer takes nothing).
+    stamp: Cell<u64>,
     /// Closed without BYE: stop retransmitting at once.
     pub(crate) abandon: Cell<bool>,
-    /// TCP: since when queued output has not moved (the socket's buffer is full and the
-    /// peer takes nothing; nanoseconds, 0 = moving or empty).
-    stamp: Cell<u64>,
 }
 
 pub use crate::proto::link::FrameOutcome;
@@ -241,7 +240,6 @@ impl Conn {
             links,
             tag: Cell::new(0),
             link: RefCell::new(Link::default()),
-            timer_at: Cell::new(0),
             abandon: Cell::new(false),
             stamp: Cell::new(0),
             session: RefCell::new(session),
@@ -288,11 +286,13 @@ impl Conn {
 
     /// UDP (port-driven): the earliest deadline this connection has in the port's timers.
     pub(crate) fn timer_at(&self) -> Option<Duration> {
-        Some(self.timer_at.get()).filter(|&n| n != 0).map(Duration::from_nanos)
+        Some(self.stamp.get())
+            .filter(|&n| n != 0 && self.transport == Transport::Udp)
+            .map(Duration::from_nanos)
     }
 
     pub(crate) fn set_timer_at(&self, at: Option<Duration>) {
-        self.timer_at.set(at.map_or(0, |t| nanos(t).max(1)));
+        self.stamp.set(at.map_or(0, |t| nanos(t).max(1)));
     }
 
     fn stamp_at(&self) -> Option<Duration> {
@@ -546,7 +546,9 @@ impl Conn {
         if self.closing.get().is_none() {
             self.closing.set(Some(reason));
         }
-        self.stamp.set(0);
+        if self.transport == Transport::Tcp {
+            self.stamp.set(0);
+        }
         self.ev.notify();
         self.kick();
     }
