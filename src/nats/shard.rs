@@ -41,6 +41,8 @@ pub(super) struct NatsShard {
     pub(super) stats: Arc<NatsStats>,
     pub(super) max_unacked: u32,
     sessions: RefCell<HashMap<[u8; 16], Tracked>>,
+    /// Each device's newest session here (downlinks find it without a scan).
+    by_device: RefCell<HashMap<[u8; 6], [u8; 16]>>,
     /// Publishes of this shard not yet stored (all sessions, closed ones included).
     in_flight: Cell<usize>,
 }
@@ -53,7 +55,16 @@ impl NatsShard {
         stats: Arc<NatsStats>,
         max_unacked: u32,
     ) -> Self {
-        NatsShard { idx, up, down, stats, max_unacked, sessions: RefCell::default(), in_flight: Cell::new(0) }
+        NatsShard {
+            idx,
+            up,
+            down,
+            stats,
+            max_unacked,
+            sessions: RefCell::default(),
+            by_device: RefCell::default(),
+            in_flight: Cell::new(0),
+        }
     }
 
     fn facts(&self, s: &Session) -> SessionFacts {
@@ -127,12 +138,11 @@ impl NatsShard {
         let report = |outcome| {
             let _ = self.up.send(Up::Delivery { id, outcome });
         };
+        let Some(sid) = self.by_device.borrow().get(&device).copied() else {
+            return report(Delivery::Gone);
+        };
         let mut map = self.sessions.borrow_mut();
-        // The newest live session of the device on this shard.
-        let Some(t) = map
-            .values_mut()
-            .find(|t| t.session.device_id_bytes() == device && t.session.close_reason().is_none())
-        else {
+        let Some(t) = map.get_mut(&sid).filter(|t| t.session.close_reason().is_none()) else {
             return report(Delivery::Gone);
         };
         match t.session.try_send(payload) {
@@ -165,6 +175,7 @@ impl ShardApp for NatsShard {
             deliveries: VecDeque::new(),
         };
         self.sessions.borrow_mut().insert(s.session_id_bytes(), t);
+        self.by_device.borrow_mut().insert(s.device_id_bytes(), s.session_id_bytes());
         let _ = self.up.send(Up::Opened(self.facts(s)));
     }
 
@@ -235,6 +246,11 @@ impl ShardApp for NatsShard {
 
     fn on_close(&self, s: &Session, reason: CloseReason) {
         let t = self.sessions.borrow_mut().remove(&s.session_id_bytes());
+        let mut by = self.by_device.borrow_mut();
+        if by.get(&s.device_id_bytes()) == Some(&s.session_id_bytes()) {
+            by.remove(&s.device_id_bytes());
+        }
+        drop(by);
         if let Some(mut t) = t {
             self.progress(&mut t);
             for (_, id) in t.deliveries {
