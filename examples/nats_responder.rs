@@ -21,7 +21,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let url = args.next().unwrap_or_else(|| "nats://127.0.0.1:4222".into());
     let prefix = args.next().unwrap_or_else(|| "usmp".into());
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async move {
         let client = async_nats::connect(&url).await.unwrap_or_else(|e| {
             eprintln!("nats_responder: cannot connect to {url}: {e}");

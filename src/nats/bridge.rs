@@ -16,9 +16,9 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use super::config::{device_token, NatsConfig};
-use super::link::{Delivery, Down, NatsStats, SessionFacts, Up};
+use super::link::{Delivery, Down, NatsStats, SessionFacts, ToShard, Up};
 use crate::gateway::GatewayHandle;
-use crate::psk::{format_device_id, to_hex};
+use crate::psk::to_hex;
 use crate::rt::conn::CloseReason;
 
 /// JetStream stream of uplinks.
@@ -42,7 +42,7 @@ pub(super) struct Ctx {
     pub(super) client: async_nats::Client,
     pub(super) js: jetstream::Context,
     pub(super) stats: Arc<NatsStats>,
-    pub(super) shards: Vec<flume::Sender<Down>>,
+    pub(super) shards: Vec<ToShard>,
     pub(super) gateway: OnceLock<GatewayHandle>,
     pub(super) deliveries: Mutex<HashMap<u64, oneshot::Sender<Delivery>>>,
     pub(super) next_delivery: AtomicU64,
@@ -77,7 +77,7 @@ pub(super) fn close_reason_label(r: CloseReason) -> &'static str {
     }
 }
 
-fn transport_label(t: crate::proto::Transport) -> &'static str {
+pub(super) fn transport_label(t: crate::proto::Transport) -> &'static str {
     match t {
         crate::proto::Transport::Tcp => "tcp",
         crate::proto::Transport::Udp => "udp",
@@ -250,8 +250,8 @@ pub(super) async fn ensure_bucket(
 /// Hand an uplink to its session's publisher: one publish in flight per session, so a
 /// session's messages are stored in the order the device sent them, retries included.
 fn enqueue(ctx: &Arc<Ctx>, up: Up) {
-    let Up::Publish { facts_session, .. } = &up else { return };
-    let session = *facts_session;
+    let Up::Publish { tag, .. } = &up else { return };
+    let session = tag.session;
     {
         let mut q = ctx.publishing.lock();
         match q.get_mut(&session) {
@@ -280,19 +280,24 @@ fn enqueue(ctx: &Arc<Ctx>, up: Up) {
 
 /// Store one uplink, retrying until JetStream acknowledges it, then tell its shard.
 async fn publish(ctx: &Ctx, up: Up) {
-    let Up::Publish { shard, facts_session, device, transport, number, payload } = up else { return };
-    let c = &ctx.cfg;
-    let subject = c.up_subject(&device);
-    let mut headers = HeaderMap::new();
-    headers.insert("Usmp-Device", format_device_id(&device).as_str());
-    headers.insert("Usmp-Session", to_hex(&facts_session).as_str());
-    headers.insert("Usmp-Transport", transport_label(transport));
-    headers.insert("Usmp-Gateway", c.gateway_id.as_str());
-    headers.insert("Nats-Msg-Id", format!("{}-{number}", to_hex(&facts_session)).as_str());
+    let Up::Publish { shard, tag, number, payload } = up else { return };
+    let headers = || {
+        use std::fmt::Write;
+        let mut h = HeaderMap::new();
+        h.insert("Usmp-Device", tag.device.as_str());
+        h.insert("Usmp-Session", tag.session_hex.as_str());
+        h.insert("Usmp-Transport", tag.transport);
+        h.insert("Usmp-Gateway", ctx.cfg.gateway_id.as_str());
+        let mut msg_id = String::with_capacity(tag.session_hex.len() + 21);
+        let _ = write!(msg_id, "{}-{number}", tag.session_hex);
+        h.insert("Nats-Msg-Id", msg_id.as_str());
+        h
+    };
+    let subject = &tag.subject;
     let mut delay = Duration::from_millis(50);
     loop {
         let t0 = Instant::now();
-        let res = match ctx.js.publish_with_headers(subject.clone(), headers.clone(), payload.clone()).await {
+        let res = match ctx.js.publish_with_headers(subject.clone(), headers(), payload.clone()).await {
             Ok(ack) => ack.await.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
@@ -316,7 +321,7 @@ async fn publish(ctx: &Ctx, up: Up) {
         }
     }
     if let Some(tx) = ctx.shards.get(shard) {
-        let _ = tx.send(Down::Stored { session: facts_session });
+        let _ = tx.send(Down::Stored { session: tag.session });
     }
 }
 
@@ -438,16 +443,22 @@ pub(super) async fn sample_queue_depth(ctx: Arc<Ctx>) {
 }
 
 /// Route everything the shards send.
-pub(super) async fn dispatch(ctx: Arc<Ctx>, up: flume::Receiver<Up>) {
-    while let Ok(msg) = up.recv_async().await {
-        match msg {
-            m @ Up::Publish { .. } => enqueue(&ctx, m),
-            Up::Opened(f) => opened(&ctx, f),
-            Up::Closed(f, reason) => closed(&ctx, f, reason),
-            Up::Delivery { id, outcome } => {
-                if let Some(tx) = ctx.deliveries.lock().remove(&id) {
-                    let _ = tx.send(outcome);
-                }
+pub(super) async fn dispatch(ctx: Arc<Ctx>, up: flume::Receiver<Vec<Up>>) {
+    while let Ok(batch) = up.recv_async().await {
+        for msg in batch {
+            dispatch_one(&ctx, msg);
+        }
+    }
+}
+
+fn dispatch_one(ctx: &Arc<Ctx>, msg: Up) {
+    match msg {
+        m @ Up::Publish { .. } => enqueue(ctx, m),
+        Up::Opened(f) => opened(ctx, f),
+        Up::Closed(f, reason) => closed(ctx, f, reason),
+        Up::Delivery { id, outcome } => {
+            if let Some(tx) = ctx.deliveries.lock().remove(&id) {
+                let _ = tx.send(outcome);
             }
         }
     }

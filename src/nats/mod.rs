@@ -52,8 +52,8 @@ use link::{Down, Up};
 /// A running bridge: its thread, the channels to the shards, and its counters.
 pub struct NatsBridge {
     ctx: Arc<bridge::Ctx>,
-    up: flume::Sender<Up>,
-    downs: Vec<flume::Receiver<Down>>,
+    up: flume::Sender<Vec<Up>>,
+    downs: Vec<flume::Receiver<Vec<Down>>>,
     runtime: tokio::runtime::Handle,
     stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -63,16 +63,24 @@ pub struct NatsBridge {
 
 /// The shards' side of the bridge, for [`crate::gateway::GatewayBuilder::serve_app`].
 pub struct NatsApp {
-    up: flume::Sender<Up>,
-    downs: Vec<flume::Receiver<Down>>,
+    up: flume::Sender<Vec<Up>>,
+    downs: Vec<flume::Receiver<Vec<Down>>>,
     stats: Arc<NatsStats>,
     max_unacked: u32,
+    prefix: String,
 }
 
 impl App for NatsApp {
     fn on_shard(&self, shard: usize) -> Rc<dyn ShardApp> {
         let down = self.downs.get(shard).cloned().unwrap_or_else(|| flume::unbounded().1);
-        Rc::new(shard::NatsShard::new(shard, self.up.clone(), down, self.stats.clone(), self.max_unacked))
+        Rc::new(shard::NatsShard::new(
+            shard,
+            self.up.clone(),
+            down,
+            self.stats.clone(),
+            self.max_unacked,
+            self.prefix.clone(),
+        ))
     }
 }
 
@@ -92,12 +100,19 @@ impl NatsBridge {
         let thread = std::thread::Builder::new()
             .name("usmp-nats".into())
             .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(threads)
-                    .thread_name("usmp-nats-worker")
-                    .enable_all()
-                    .build()
-                {
+                // One thread (the default): a current-thread runtime on this thread, so the
+                // bridge's tasks, the client's connection task and the I/O driver never hand
+                // work to each other across threads.
+                let built = if threads == 1 {
+                    tokio::runtime::Builder::new_current_thread().enable_all().build()
+                } else {
+                    tokio::runtime::Builder::new_multi_thread()
+                        .worker_threads(threads)
+                        .thread_name("usmp-nats-worker")
+                        .enable_all()
+                        .build()
+                };
+                let rt = match built {
                     Ok(rt) => rt,
                     Err(e) => {
                         let _ = ready_tx.send(Err(format!("cannot start the bridge runtime: {e}")));
@@ -118,7 +133,7 @@ impl NatsBridge {
                         client,
                         js,
                         stats,
-                        shards: down_txs,
+                        shards: down_txs.into_iter().map(link::ToShard::new).collect(),
                         gateway: OnceLock::new(),
                         deliveries: Mutex::default(),
                         next_delivery: AtomicU64::new(1),
@@ -129,6 +144,10 @@ impl NatsBridge {
                         presence: tokio::sync::OnceCell::new(),
                         down_stream: tokio::sync::OnceCell::new(),
                     });
+                    for i in 0..ctx.shards.len() {
+                        let ctx = ctx.clone();
+                        tokio::spawn(async move { ctx.shards[i].flush_forever().await });
+                    }
                     tokio::spawn(bridge::provision(ctx.clone()));
                     tokio::spawn(downlink::serve_requests(ctx.clone()));
                     tokio::spawn(bridge::watch_takeovers(ctx.clone()));
@@ -179,6 +198,7 @@ impl NatsBridge {
             downs: self.downs.clone(),
             stats: self.ctx.stats.clone(),
             max_unacked: self.ctx.cfg.max_unacked,
+            prefix: self.ctx.cfg.prefix.clone(),
         }
     }
 

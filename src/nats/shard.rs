@@ -10,11 +10,12 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 use std::time::SystemTime;
 
 use bytes::Bytes;
 
-use super::link::{Delivery, Down, NatsStats, SessionFacts, Up, SHARD_IN_FLIGHT};
+use super::link::{Delivery, Down, NatsStats, PublishTag, SessionFacts, Up, SHARD_IN_FLIGHT};
 use crate::gateway::app::{Ack, ShardApp, ShardContext};
 use crate::gateway::Session;
 use crate::proto::Transport;
@@ -23,6 +24,7 @@ use crate::rt::conn::CloseReason;
 /// One session's bridge state.
 struct Tracked {
     session: Session,
+    tag: Arc<PublishTag>,
     /// Messages handed to the bridge so far (numbers the next `Nats-Msg-Id`).
     published: u64,
     /// Of those, not yet stored.
@@ -36,10 +38,19 @@ struct Tracked {
 /// The per-shard half of the bridge.
 pub(super) struct NatsShard {
     pub(super) idx: usize,
-    pub(super) up: flume::Sender<Up>,
-    pub(super) down: flume::Receiver<Down>,
-    pub(super) stats: Arc<NatsStats>,
-    pub(super) max_unacked: u32,
+    up: flume::Sender<Vec<Up>>,
+    down: flume::Receiver<Vec<Down>>,
+    stats: Arc<NatsStats>,
+    max_unacked: u32,
+    /// `P` of `P.up.<device>`.
+    prefix: String,
+    /// What this turn of the shard's loop has for the bridge: sent as one batch by the
+    /// flusher (see [`super::link`]).
+    outbox: RefCell<Vec<Up>>,
+    /// Wakes the flusher when the outbox gets its first message; `None` while it is due to
+    /// run anyway, or once the shard stopped (then messages go straight out).
+    flusher: Cell<Option<Waker>>,
+    stopped: Cell<bool>,
     sessions: RefCell<HashMap<[u8; 16], Tracked>>,
     /// Each device's newest session here (downlinks find it without a scan).
     by_device: RefCell<HashMap<[u8; 6], [u8; 16]>>,
@@ -50,10 +61,11 @@ pub(super) struct NatsShard {
 impl NatsShard {
     pub(super) fn new(
         idx: usize,
-        up: flume::Sender<Up>,
-        down: flume::Receiver<Down>,
+        up: flume::Sender<Vec<Up>>,
+        down: flume::Receiver<Vec<Down>>,
         stats: Arc<NatsStats>,
         max_unacked: u32,
+        prefix: String,
     ) -> Self {
         NatsShard {
             idx,
@@ -61,9 +73,37 @@ impl NatsShard {
             down,
             stats,
             max_unacked,
+            prefix,
+            outbox: RefCell::default(),
+            flusher: Cell::new(None),
+            stopped: Cell::new(false),
             sessions: RefCell::default(),
             by_device: RefCell::default(),
             in_flight: Cell::new(0),
+        }
+    }
+
+    /// Hand `msg` to the bridge with the rest of this turn's messages. The bridge thread
+    /// outlives the shards; a send fails only once it has stopped, and then a message stays
+    /// unacknowledged for the device to send again.
+    fn send_up(&self, msg: Up) {
+        if self.stopped.get() {
+            let _ = self.up.send(vec![msg]);
+            return;
+        }
+        let mut out = self.outbox.borrow_mut();
+        out.push(msg);
+        if out.len() == 1 {
+            if let Some(w) = self.flusher.take() {
+                w.wake();
+            }
+        }
+    }
+
+    fn flush(&self) {
+        let batch = std::mem::take(&mut *self.outbox.borrow_mut());
+        if !batch.is_empty() {
+            let _ = self.up.send(batch);
         }
     }
 
@@ -136,7 +176,7 @@ impl NatsShard {
 
     fn deliver(&self, id: u64, device: [u8; 6], payload: &[u8]) {
         let report = |outcome| {
-            let _ = self.up.send(Up::Delivery { id, outcome });
+            self.send_up(Up::Delivery { id, outcome });
         };
         let Some(sid) = self.by_device.borrow().get(&device).copied() else {
             return report(Delivery::Gone);
@@ -160,15 +200,30 @@ impl NatsShard {
                 break;
             }
             t.deliveries.pop_front();
-            let _ = self.up.send(Up::Delivery { id, outcome: Delivery::Delivered });
+            self.send_up(Up::Delivery { id, outcome: Delivery::Delivered });
         }
+    }
+}
+
+impl Drop for NatsShard {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
 impl ShardApp for NatsShard {
     fn on_open(&self, s: &Session) {
+        let device = s.device_id_bytes();
+        let tag = Arc::new(PublishTag {
+            session: s.session_id_bytes(),
+            subject: format!("{}.up.{}", self.prefix, super::config::device_token(&device)).into(),
+            device: crate::psk::format_device_id(&device),
+            session_hex: crate::psk::to_hex(&s.session_id_bytes()),
+            transport: super::bridge::transport_label(s.transport()),
+        });
         let t = Tracked {
             session: s.clone(),
+            tag,
             published: 0,
             unacked: 0,
             held_utack: None,
@@ -176,7 +231,7 @@ impl ShardApp for NatsShard {
         };
         self.sessions.borrow_mut().insert(s.session_id_bytes(), t);
         self.by_device.borrow_mut().insert(s.device_id_bytes(), s.session_id_bytes());
-        let _ = self.up.send(Up::Opened(self.facts(s)));
+        self.send_up(Up::Opened(self.facts(s)));
     }
 
     fn on_message(&self, s: &Session, msg: &[u8]) -> Ack {
@@ -188,9 +243,7 @@ impl ShardApp for NatsShard {
         t.unacked += 1;
         let up = Up::Publish {
             shard: self.idx,
-            facts_session: s.session_id_bytes(),
-            device: s.device_id_bytes(),
-            transport: s.transport(),
+            tag: t.tag.clone(),
             number: t.published,
             payload: Bytes::copy_from_slice(msg),
         };
@@ -205,9 +258,7 @@ impl ShardApp for NatsShard {
                 self.stats.backpressure.fetch_add(1, Ordering::Relaxed);
             }
         }
-        // The bridge thread outlives the shards; a send fails only once it has stopped,
-        // and then the message stays unacknowledged for the device to send again.
-        let _ = self.up.send(up);
+        self.send_up(up);
         Ack::Held
     }
 
@@ -254,32 +305,43 @@ impl ShardApp for NatsShard {
         if let Some(mut t) = t {
             self.progress(&mut t);
             for (_, id) in t.deliveries {
-                let _ = self.up.send(Up::Delivery { id, outcome: Delivery::Gone });
+                self.send_up(Up::Delivery { id, outcome: Delivery::Gone });
             }
         }
-        let _ = self.up.send(Up::Closed(self.facts(s), reason));
+        self.send_up(Up::Closed(self.facts(s), reason));
     }
 
     fn run(self: Rc<Self>, shard: ShardContext) -> Pin<Box<dyn Future<Output = ()>>> {
         Box::pin(async move {
             let stop = shard.stopped();
             let work = async {
-                while let Ok(cmd) = self.down.recv_async().await {
-                    self.handle(cmd);
-                    // Drain what else is there without a wake-up per command.
-                    while let Ok(cmd) = self.down.try_recv() {
-                        self.handle(cmd);
+                while let Ok(batch) = self.down.recv_async().await {
+                    batch.into_iter().for_each(|cmd| self.handle(cmd));
+                    // Drain what else is there without a wake-up per batch.
+                    while let Ok(batch) = self.down.try_recv() {
+                        batch.into_iter().for_each(|cmd| self.handle(cmd));
                     }
                 }
             };
+            // Runs after the tasks woken in the same turn (they add to the outbox first).
+            let flusher = std::future::poll_fn(|cx| {
+                self.flush();
+                self.flusher.set(Some(cx.waker().clone()));
+                Poll::<()>::Pending
+            });
             monoio::select! {
                 _ = stop => {}
                 _ = work => {}
+                _ = flusher => {}
             }
+            self.stopped.set(true);
+            self.flusher.take();
+            self.flush();
             // Acknowledgements that arrive during shutdown still release held UTACKs.
-            while let Ok(cmd) = self.down.try_recv() {
-                self.handle(cmd);
+            while let Ok(batch) = self.down.try_recv() {
+                batch.into_iter().for_each(|cmd| self.handle(cmd));
             }
+            self.flush();
         })
     }
 }
