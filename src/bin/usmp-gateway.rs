@@ -297,6 +297,12 @@ fn main() -> ExitCode {
     };
     let gw = match started {
         Ok(g) => g,
+        // Settings were resolved above; a setting the library still refuses is the operator's
+        // to fix, as is every other configuration error (exit code 2).
+        Err(usmp::rt::Error::Config(e)) => {
+            eprintln!("usmp-gateway: error: {e}");
+            return ExitCode::from(2);
+        }
         Err(e) => {
             eprintln!("usmp-gateway: error: cannot start on {listen}: {e}");
             return ExitCode::from(1);
