@@ -292,6 +292,24 @@ fn key_rotation_with_sighup_keeps_the_fleet_and_revokes_removed_devices() {
 }
 
 #[test]
+fn the_builder_refuses_a_bad_configuration_as_a_config_error_naming_the_setting() {
+    let no_key = Gateway::builder().listen("127.0.0.1:0".parse().unwrap()).serve_messages(|_, _| {});
+    match no_key {
+        Err(usmp::rt::Error::Config(e)) => assert_eq!(e.field, "psk", "{e}"),
+        Err(e) => panic!("not a configuration error: {e:?}"),
+        Ok(_) => panic!("a gateway without keys started"),
+    }
+    let no_shards = Gateway::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .psk(PskSource::single(PSK).unwrap())
+        .shards(0)
+        .serve_messages(|_, _| {});
+    let e = no_shards.err().expect("zero shards refused");
+    assert!(matches!(&e, usmp::rt::Error::Config(c) if c.field == "shards"), "{e:?}");
+    assert!(e.to_string().contains("shards"), "{e}");
+}
+
+#[test]
 fn config_file_errors_name_the_key_and_flags_override_it() {
     let dir = std::env::temp_dir().join(format!("usmp-cfg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -117,7 +117,7 @@ struct Args {
     /// Write the JSON summary here.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
-    /// Write merged histograms (.hgrm), SVG percentile plots and the JSON summary here.
+    /// Write the merged histograms (.hgrm, for HdrHistogram's plotter) and the JSON summary here.
     #[arg(long, value_name = "DIR")]
     hist_dir: Option<PathBuf>,
     /// No progress line and no summary table.
@@ -295,11 +295,11 @@ fn run_worker(a: &Args, index: usize, count: usize) -> ExitCode {
     }
     stop.store(true, Ordering::Relaxed);
     let _ = reporter.join();
-    let out = json!({
-        "counters": counters,
-        "handshake": report::hist_to_pairs(&hs),
-        "rtt": report::hist_to_pairs(&rtt),
-    });
+    let (hs, rtt) = match (report::encode_v2(&hs), report::encode_v2(&rtt)) {
+        (Ok(hs), Ok(rtt)) => (hs, rtt),
+        (Err(e), _) | (_, Err(e)) => return fail(e),
+    };
+    let out = json!({ "counters": counters, "handshake": hs, "rtt": rtt });
     println!("RESULT {out}");
     let _ = std::io::stdout().flush();
     ExitCode::SUCCESS
@@ -406,10 +406,16 @@ fn run_parent(a: &Args) -> ExitCode {
                 if let Ok(c) = serde_json::from_value::<report::Counters>(v["counters"].clone()) {
                     counters.add(&c);
                 }
-                let pairs =
-                    |k: &str| serde_json::from_value::<Vec<(u64, u64)>>(v[k].clone()).unwrap_or_default();
-                report::merge(&mut hs, &report::hist_from_pairs(&pairs("handshake")));
-                report::merge(&mut rtt, &report::hist_from_pairs(&pairs("rtt")));
+                for (key, into) in [("handshake", &mut hs), ("rtt", &mut rtt)] {
+                    match report::decode_v2(v[key].as_str().unwrap_or_default()) {
+                        Ok(h) => report::merge(into, &h),
+                        // Counted, not dropped in silence: the latencies would be short of it.
+                        Err(e) => {
+                            eprintln!("loadgen: a worker's {key} histogram: {e}");
+                            counters.error("worker_histogram_unreadable");
+                        }
+                    }
+                }
             }
             None => missing += 1,
         }

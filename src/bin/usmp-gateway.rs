@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use base64::Engine;
 use clap::Parser;
@@ -180,28 +180,14 @@ impl Args {
     }
 }
 
-/// RFC 3339 UTC timestamp with microseconds (no extra dependency for one format).
+/// RFC 3339 UTC timestamp with exactly six fractional digits: fixed-width lines sort and align
+/// in a log, which the well-known format (trailing zeros trimmed) would not give.
 fn rfc3339(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_micros()
-    )
+    const MICROS_UTC: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+    );
+    // Only a year beyond 9999 fails to format; no clock on a running gateway gets there.
+    time::OffsetDateTime::from(t).format(MICROS_UTC).unwrap_or_default()
 }
 
 /// The built-in modes answer inline, on the shard that received the message: no task per
@@ -311,6 +297,12 @@ fn main() -> ExitCode {
     };
     let gw = match started {
         Ok(g) => g,
+        // Settings were resolved above; a setting the library still refuses is the operator's
+        // to fix, as is every other configuration error (exit code 2).
+        Err(usmp::rt::Error::Config(e)) => {
+            eprintln!("usmp-gateway: error: {e}");
+            return ExitCode::from(2);
+        }
         Err(e) => {
             eprintln!("usmp-gateway: error: cannot start on {listen}: {e}");
             return ExitCode::from(1);
@@ -387,7 +379,7 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use std::time::{Duration, UNIX_EPOCH};
 
     #[test]
     fn timestamps_are_rfc3339() {

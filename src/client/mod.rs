@@ -175,11 +175,8 @@ impl Client {
     pub async fn connect_via(endpoint: &UdpEndpoint, cfg: &ClientConfig) -> Result<Client, Error> {
         let (psk, device_id) = identity(cfg)?;
         let Some(src) = cfg.bind.map(|b| b.ip()) else {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "connect_via needs the device's source address in ClientConfig::bind",
-            )
-            .into());
+            let why = "connect_via needs the device's source address";
+            return Err(crate::psk::ConfigError::new("ClientConfig::bind", why).into());
         };
         let router = Rc::new(udp::Router::default());
         let out = endpoint.attach(src, &router, cfg.addr)?;

@@ -340,7 +340,7 @@ impl GatewayBuilder {
     }
 
     fn start(self, handler: Handler) -> Result<Gateway, Error> {
-        self.validate().map_err(|e| Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+        self.validate()?;
         let cfg = self.cfg;
         let listeners = shard::bind_sockets(cfg.listen, cfg.shards, cfg.transports)?;
         let local_addr = listeners[0].local_addr()?;

@@ -1,9 +1,11 @@
 //! `usmp-gateway` settings: every command-line flag has a config-file key of the same name
 //! (`--session-timeout` ⇔ `session-timeout = 60`). The file is TOML; unknown keys and values of
 //! the wrong type are errors naming the key; flags given on the command line override the file.
+//! Reading the file and deriving the flags' value parsers need the `cli` feature (TOML, clap);
+//! without it the settings are still built, merged and resolved in code.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -13,7 +15,8 @@ use crate::nats::NatsConfig;
 use crate::psk::{parse_hex, to_hex, validate_key, ConfigError, PskSource, Registry};
 
 /// What the gateway binary does with each message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum ReplyMode {
     /// Reply with the same bytes.
@@ -27,7 +30,8 @@ pub enum ReplyMode {
 }
 
 /// Transports, as spelled in flags and files.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum TransportName {
     /// TCP only.
@@ -39,7 +43,8 @@ pub enum TransportName {
 }
 
 /// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -226,12 +231,14 @@ pub fn parse_cpus(s: &str) -> Result<Vec<usize>, ConfigError> {
 
 impl Settings {
     /// Parse a TOML config file's text; `origin` names it in errors.
+    #[cfg(feature = "cli")]
     pub fn from_toml(text: &str, origin: &str) -> Result<Settings, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::new(origin, e.to_string().trim_end()))
     }
 
     /// Read and parse a config file.
-    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    #[cfg(feature = "cli")]
+    pub fn load(path: &std::path::Path) -> Result<Settings, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::new(path.display().to_string(), format!("cannot read: {e}")))?;
         Self::from_toml(&text, &path.display().to_string())
@@ -449,6 +456,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(feature = "cli")]
     fn unknown_keys_and_bad_values_name_the_key() {
         let e = Settings::from_toml("shards = 2\nsesion-timeout = 5\n", "gw.toml").unwrap_err();
         assert!(e.message.contains("sesion-timeout"), "{e}");
@@ -464,6 +472,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "cli")]
     fn flags_override_the_file_and_keys_move_together() {
         let file = Settings::from_toml(
             "listen = \"127.0.0.1:7000\"\nshards = 4\npsk-file = \"/nonexistent\"\nsession-timeout = 30\n",
@@ -490,8 +499,9 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "cli")]
     fn the_example_config_is_valid() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tuning/usmp-gateway.toml");
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tuning/usmp-gateway.toml");
         let mut s = Settings::load(&path).unwrap();
         // The example points at /etc; check everything but the registry file itself.
         assert!(s.psk_file.is_some(), "the example shows a registry");

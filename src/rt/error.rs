@@ -1,8 +1,10 @@
-//! The runtime's error: a protocol error (with the reference-compatible kind) or an I/O error.
+//! The runtime's error: a protocol error (with the reference-compatible kind), an I/O error, or
+//! a configuration the gateway or client refused before it touched the network.
 
 use std::fmt;
 
 use crate::proto::{Error as ProtoError, ErrorKind};
+use crate::psk::ConfigError;
 
 /// Errors of the gateway and client APIs.
 #[derive(Debug)]
@@ -11,6 +13,8 @@ pub enum Error {
     Protocol(ProtoError),
     /// A socket error.
     Io(std::io::Error),
+    /// A setting is missing or out of range (the error names it); nothing was started.
+    Config(ConfigError),
 }
 
 impl Error {
@@ -20,6 +24,9 @@ impl Error {
             Error::Protocol(e) => e.kind(),
             Error::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => ErrorKind::Timeout,
             Error::Io(_) => ErrorKind::ConnectionClosed,
+            // The reference raises no USMP error class for bad arguments; the nearest is that
+            // no session was ever set up. Callers that care match `Error::Config` itself.
+            Error::Config(_) => ErrorKind::NotConnected,
         }
     }
 
@@ -41,11 +48,18 @@ impl fmt::Display for Error {
         match self {
             Error::Protocol(e) => e.fmt(f),
             Error::Io(e) => write!(f, "ConnectionClosedError: {e}"),
+            Error::Config(e) => write!(f, "invalid configuration: {e}"),
         }
     }
 }
 
 impl std::error::Error for Error {}
+
+impl From<ConfigError> for Error {
+    fn from(e: ConfigError) -> Self {
+        Error::Config(e)
+    }
+}
 
 impl From<ProtoError> for Error {
     fn from(e: ProtoError) -> Self {
