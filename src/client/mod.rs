@@ -124,7 +124,7 @@ async fn handshake(
     let mut stream = tcp_connect(cfg).await?;
     let _ = stream.set_nodelay(true);
     let mut deframer = Deframer::new();
-    let key = EphemeralKey::from_seed(&wire::random::<32>(&rng)?)?;
+    let key = EphemeralKey::generate(&rng)?;
     let mut hs = ClientHandshake::new(device_id, psk, key);
     let mut buf = vec![0u8; MAX_HANDSHAKE_FRAME_LEN];
     // Step 1: HELLO.

@@ -606,9 +606,8 @@ async fn server_handshake(
         return Err(fail(Error::misuse(ErrorKind::NotConnected, "handshake budget exhausted")));
     }
     // Step 2: CHALLENGE with a fresh key pair and nonce.
-    let seed = wire::random::<32>(&shard.rng).map_err(fail)?;
+    let key = EphemeralKey::generate(&shard.rng).map_err(|e| fail(e.into()))?;
     let nonce = wire::random::<32>(&shard.rng).map_err(fail)?;
-    let key = EphemeralKey::from_seed(&seed).map_err(|e| fail(e.into()))?;
     let expect = ServerExpectHelloAck::new(&hello, &psk, key, nonce).map_err(|e| fail(e.into()))?;
     let mut buf = vec![0u8; MAX_HANDSHAKE_FRAME_LEN];
     let n = expect.encode_challenge(&mut buf).map_err(|e| fail(e.into()))?;

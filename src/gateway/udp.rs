@@ -19,7 +19,7 @@ use super::shard::{
 };
 use super::stats::ShardStats;
 use super::Handler;
-use crate::proto::crypto::Psk;
+use crate::proto::crypto::{EphemeralKey, Psk};
 use crate::proto::endpoint::{
     DatagramEvent, Endpoint, EndpointConfig, Event, Handled, HandshakeFailure, Incoming, KeyDecision,
 };
@@ -406,9 +406,10 @@ fn decide(shard: &Shard, psk: Option<Psk>) -> KeyDecision {
         ShardStats::inc(&shard.stats().refused_over_limit);
         return KeyDecision::OverBudget;
     }
-    let r = (wire::random::<32>(&shard.rng), wire::random::<32>(&shard.rng), wire::random::<16>(&shard.rng));
+    let r =
+        (EphemeralKey::generate(&shard.rng), wire::random::<32>(&shard.rng), wire::random::<16>(&shard.rng));
     match r {
-        (Ok(seed), Ok(nonce), Ok(session_id)) => KeyDecision::Key { psk, seed, nonce, session_id },
+        (Ok(key), Ok(nonce), Ok(session_id)) => KeyDecision::Key { psk, key, nonce, session_id },
         _ => KeyDecision::OverBudget,
     }
 }
