@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use monoio::net::TcpStream;
 use ring::rand::SystemRandom;
+use zeroize::Zeroizing;
 
 pub use endpoint::UdpEndpoint;
 pub use reconnect::{Backoff, ReconnectingClient};
@@ -31,8 +32,8 @@ use crate::rt::{wire, Error};
 pub struct ClientConfig {
     /// Gateway address.
     pub addr: SocketAddr,
-    /// Pre-shared key (≥ 16 bytes).
-    pub psk: Vec<u8>,
+    /// Pre-shared key (≥ 16 bytes), zeroized when the configuration is dropped.
+    pub psk: Zeroizing<Vec<u8>>,
     /// Device id; random when `None` (as the reference client does).
     pub device_id: Option<[u8; DEVICE_ID_LEN]>,
     /// Deadline for TCP connect plus the whole handshake.
@@ -64,7 +65,7 @@ impl ClientConfig {
     pub fn new(addr: SocketAddr, psk: impl Into<Vec<u8>>) -> Self {
         ClientConfig {
             addr,
-            psk: psk.into(),
+            psk: Zeroizing::new(psk.into()),
             device_id: None,
             connect_timeout: Duration::from_secs(10),
             keepalive: None,
