@@ -101,6 +101,7 @@ impl core::fmt::Debug for Transmit {
 
 /// What became of a datagram the endpoint handled itself (for the caller's counters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Handled {
     /// A HELLO without cookie: UTACK and HELLO_RETRY sent, no state kept.
     CookieSent,
@@ -168,6 +169,7 @@ pub enum KeyDecision {
 
 /// Why a handshake ended without a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum HandshakeFailure {
     /// No verified HELLO_ACK within the handshake timeout.
     Timeout,

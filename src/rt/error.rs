@@ -6,6 +6,7 @@ use crate::proto::{Error as ProtoError, ErrorKind};
 
 /// Errors of the gateway and client APIs.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Error {
     /// A USMP protocol error (see [`ErrorKind`] for the reference's class).
     Protocol(ProtoError),
@@ -45,7 +46,15 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    /// The wrapped protocol or socket error, for error-chain reporters and `downcast_ref`.
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Protocol(e) => Some(e),
+            Error::Io(e) => Some(e),
+        }
+    }
+}
 
 impl From<ProtoError> for Error {
     fn from(e: ProtoError) -> Self {
