@@ -4,6 +4,8 @@
 #![warn(missing_docs)]
 
 pub mod client;
+// Drives the core with fixed keys: only for cargo-fuzz (`--cfg fuzzing`) and the test suite.
+#[cfg(any(fuzzing, feature = "test-support"))]
 pub mod fuzzing;
 pub mod gateway;
 pub mod nats;

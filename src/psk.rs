@@ -21,6 +21,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use parking_lot::RwLock;
+use zeroize::Zeroizing;
 
 use crate::proto::crypto::{Psk, DEVICE_ID_LEN, MIN_PSK_LEN};
 
@@ -107,9 +108,10 @@ pub fn validate_key(field: &str, key: &[u8]) -> Result<Psk, ConfigError> {
 pub struct Registry {
     keys: HashMap<DeviceIdBytes, Psk>,
     wildcard: Option<Psk>,
-    /// The key bytes, for the device side (load generators, tests) that must present them.
-    raw: HashMap<DeviceIdBytes, Vec<u8>>,
-    raw_wildcard: Option<Vec<u8>>,
+    /// The key bytes, for the device side (load generators, tests) that must present them;
+    /// zeroized when the registry is dropped (a reload drops the old one).
+    raw: HashMap<DeviceIdBytes, Zeroizing<Vec<u8>>>,
+    raw_wildcard: Option<Zeroizing<Vec<u8>>>,
 }
 
 impl fmt::Debug for Registry {
@@ -131,14 +133,14 @@ impl Registry {
     pub fn insert(&mut self, device_id: DeviceIdBytes, key: &[u8]) -> Result<(), ConfigError> {
         let psk = validate_key(&format_device_id(&device_id), key)?;
         self.keys.insert(device_id, psk);
-        self.raw.insert(device_id, key.to_vec());
+        self.raw.insert(device_id, Zeroizing::new(key.to_vec()));
         Ok(())
     }
 
     /// Set the key used for devices not listed (the reference's `b""` entry).
     pub fn set_wildcard(&mut self, key: &[u8]) -> Result<(), ConfigError> {
         self.wildcard = Some(validate_key("*", key)?);
-        self.raw_wildcard = Some(key.to_vec());
+        self.raw_wildcard = Some(Zeroizing::new(key.to_vec()));
         Ok(())
     }
 
@@ -149,7 +151,7 @@ impl Registry {
 
     /// The key bytes a device presents (its own, else the wildcard): for the device side.
     pub fn raw_key(&self, device_id: &DeviceIdBytes) -> Option<&[u8]> {
-        self.raw.get(device_id).or(self.raw_wildcard.as_ref()).map(Vec::as_slice)
+        self.raw.get(device_id).or(self.raw_wildcard.as_ref()).map(|k| k.as_slice())
     }
 
     /// Whether `device_id` would be accepted.
@@ -189,12 +191,12 @@ impl Registry {
             if parts.next().is_some() {
                 return Err(ConfigError::new(&at, "expected `device_id key`, found extra fields"));
             }
-            let key = match key_text.strip_prefix("hex:") {
+            let key = Zeroizing::new(match key_text.strip_prefix("hex:") {
                 Some(h) => {
                     parse_hex(h).ok_or_else(|| ConfigError::new(&at, "key after `hex:` is not hex"))?
                 }
                 None => key_text.as_bytes().to_vec(),
-            };
+            });
             let psk = validate_key(&at, &key)?;
             if id == "*" {
                 reg.wildcard = Some(psk);
@@ -217,8 +219,11 @@ impl Registry {
     /// or others.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new(&name, format!("cannot read: {e}")))?;
+        // The whole file is key material: its copy in memory is zeroized too.
+        let text = Zeroizing::new(
+            std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::new(&name, format!("cannot read: {e}")))?,
+        );
         if let Some(w) = std::fs::metadata(path).ok().and_then(|m| permission_warning(&m)) {
             tracing::warn!(path = %name, "{w}");
         }
@@ -367,7 +372,7 @@ impl PskSource {
             PskSource::Single(p) => Some(p.clone()),
             PskSource::Registry { current, .. } => current.read().lookup(&device_id).cloned(),
             PskSource::Resolver(r) => {
-                let key = r.resolve(device_id).await?;
+                let key = Zeroizing::new(r.resolve(device_id).await?);
                 Psk::new(&key).ok()
             }
         }

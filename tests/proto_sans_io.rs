@@ -13,6 +13,7 @@ const FORBIDDEN: &[&str] = &[
     "SystemTime",
     "Instant::now",
     "SystemRandom",
+    "OsRng",
     "getrandom",
     "std::fs",
     "std::process",

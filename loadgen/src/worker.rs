@@ -214,7 +214,7 @@ impl Ctx {
         let bind = (!ips.is_empty()).then(|| SocketAddr::new(ips[which % ips.len()], 0));
         ClientConfig {
             addr: self.spec.target,
-            psk,
+            psk: psk.into(),
             device_id: Some(device_id),
             connect_timeout: self.spec.connect_timeout,
             keepalive: self.spec.keepalive,

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use monoio::net::TcpStream;
 use ring::rand::SystemRandom;
+use zeroize::Zeroizing;
 
 pub use endpoint::UdpEndpoint;
 pub use reconnect::{Backoff, ReconnectingClient};
@@ -31,8 +32,8 @@ use crate::rt::{wire, Error};
 pub struct ClientConfig {
     /// Gateway address.
     pub addr: SocketAddr,
-    /// Pre-shared key (≥ 16 bytes).
-    pub psk: Vec<u8>,
+    /// Pre-shared key (≥ 16 bytes), zeroized when the configuration is dropped.
+    pub psk: Zeroizing<Vec<u8>>,
     /// Device id; random when `None` (as the reference client does).
     pub device_id: Option<[u8; DEVICE_ID_LEN]>,
     /// Deadline for TCP connect plus the whole handshake.
@@ -64,7 +65,7 @@ impl ClientConfig {
     pub fn new(addr: SocketAddr, psk: impl Into<Vec<u8>>) -> Self {
         ClientConfig {
             addr,
-            psk: psk.into(),
+            psk: Zeroizing::new(psk.into()),
             device_id: None,
             connect_timeout: Duration::from_secs(10),
             keepalive: None,
@@ -124,7 +125,7 @@ async fn handshake(
     let mut stream = tcp_connect(cfg).await?;
     let _ = stream.set_nodelay(true);
     let mut deframer = Deframer::new();
-    let key = EphemeralKey::from_seed(&wire::random::<32>(&rng)?)?;
+    let key = EphemeralKey::generate(&rng)?;
     let mut hs = ClientHandshake::new(device_id, psk, key);
     let mut buf = vec![0u8; MAX_HANDSHAKE_FRAME_LEN];
     // Step 1: HELLO.

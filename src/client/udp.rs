@@ -13,7 +13,7 @@ use monoio::net::udp::UdpSocket;
 use ring::rand::SystemRandom;
 
 use super::ClientConfig;
-use crate::proto::crypto::{Psk, DEVICE_ID_LEN};
+use crate::proto::crypto::{EphemeralKey, Psk, DEVICE_ID_LEN};
 use crate::proto::device::{Device, DeviceEvent};
 use crate::proto::frame::PacketType;
 use crate::proto::session::Session;
@@ -22,7 +22,7 @@ use crate::proto::{ErrorKind, Transport};
 use crate::rt::conn::Conn;
 use crate::rt::event::LocalEvent;
 use crate::rt::udp::{on_session_datagram, pump, send_loop, Inbound, UdpOut, RECV_BUF_LEN};
-use crate::rt::{now, wire, Error};
+use crate::rt::{now, Error};
 
 /// Datagrams from the server, routed to the handshake until a session exists.
 #[derive(Default)]
@@ -160,8 +160,9 @@ pub(super) async fn run(
     out: Rc<UdpOut>,
 ) -> Result<(Rc<Conn>, monoio::task::JoinHandle<()>), Error> {
     let server = cfg.addr;
-    let dev = match wire::random::<32>(&SystemRandom::new())
-        .and_then(|s| Ok(Device::new(now(), server, device_id, psk, &s)?))
+    let dev = match EphemeralKey::generate(&SystemRandom::new())
+        .and_then(|k| Device::new(now(), server, device_id, psk, k))
+        .map_err(Error::from)
     {
         Ok(d) => d,
         Err(e) => {

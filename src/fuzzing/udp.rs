@@ -33,7 +33,7 @@ use std::collections::BTreeMap;
 
 use super::{hmac_oracle, open_oracle, psk_of, seal_oracle, utack_oracle};
 use super::{Input, Report, CLIENT_SEEDS, DEVICES};
-use crate::proto::crypto::Psk;
+use crate::proto::crypto::{EphemeralKey, Psk};
 use crate::proto::device::{Device, DeviceEvent};
 use crate::proto::endpoint::{DatagramEvent, Endpoint, EndpointConfig, Event, HandshakeFailure, KeyDecision};
 use crate::proto::frame::{Frame, PacketType};
@@ -141,7 +141,7 @@ impl Shard {
                     let d = match psk_of(&device_id).and_then(|k| Psk::new(k).ok()) {
                         Some(psk) => KeyDecision::Key {
                             psk,
-                            seed: self.random(),
+                            key: EphemeralKey::from_seed(&self.random()).expect("any 32 bytes"),
                             nonce: self.random(),
                             session_id: self.random(),
                         },
@@ -472,7 +472,9 @@ pub fn udp_path(data: &[u8]) -> Report {
                 h.started += 1;
                 let dev = &mut h.devs[slot];
                 dev.session = None;
-                dev.device = Device::new(now, GATEWAY, device, psk, &CLIENT_SEEDS[ksel]).ok();
+                dev.device = EphemeralKey::from_seed(&CLIENT_SEEDS[ksel])
+                    .ok()
+                    .and_then(|k| Device::new(now, GATEWAY, device, psk, k).ok());
                 h.flush(slot);
             }
             2 => h.step(slot),

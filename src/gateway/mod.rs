@@ -24,6 +24,7 @@
 pub mod app;
 mod directory;
 mod inbox;
+mod outcome;
 mod session;
 mod shard;
 mod stats;

@@ -17,6 +17,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::app::ShardApp;
 use super::directory::SessionInfo;
+use super::outcome::{HandshakeError, Refusal};
 use super::session::Session;
 use super::stats::ShardStats;
 use super::{Command, Handler, Shared};
@@ -26,15 +27,12 @@ use crate::proto::frame::Frame;
 use crate::proto::handshake::{decode_hello, ServerExpectHelloAck, MAX_HANDSHAKE_FRAME_LEN};
 use crate::proto::lockout::{Admission, LockoutTable};
 use crate::proto::session::Session as ProtoSession;
-use crate::proto::{ErrorKind, Transport};
+use crate::proto::Transport;
 use crate::psk::{format_device_id, to_hex};
 use crate::rt::conn::{self, CloseReason, Conn, Links};
 use crate::rt::{now, wire, Error};
 
 const LISTEN_BACKLOG: i32 = 4096;
-pub(super) const UNREGISTERED: &str = "device not registered";
-/// Detail of a handshake evicted under pressure: counted as a timeout, never toward lockout.
-pub(super) const EVICTED: &str = "handshake evicted: stalled under pressure";
 
 /// One shard's sockets.
 pub(super) struct ShardSockets {
@@ -457,7 +455,7 @@ async fn accept_loop(shard: &Rc<Shard>, listener: TcpListener, handler: &Arc<Han
 
 /// Why a handshake failed, and which lockout key it counts against.
 pub(super) struct Failure {
-    pub(super) error: Error,
+    pub(super) reason: HandshakeError,
     pub(super) device: Option<[u8; 6]>,
 }
 
@@ -528,9 +526,9 @@ async fn accept_handshake(
     shard.unregister_pending(pending);
     let evicted = canceller.borrow().is_none();
     let outcome = match hs {
-        Ok(Err(_)) if evicted => Err(Failure { error: Error::timeout(EVICTED), device: device.get() }),
+        Ok(Err(_)) if evicted => Err(Failure { reason: HandshakeError::Evicted, device: device.get() }),
         Ok(r) => r,
-        Err(_) => Err(Failure { error: Error::timeout("handshake timed out"), device: device.get() }),
+        Err(_) => Err(Failure { reason: HandshakeError::Timeout, device: device.get() }),
     };
     match outcome {
         Ok(s) => {
@@ -545,33 +543,18 @@ async fn accept_handshake(
 }
 
 pub(super) fn record_failure(shard: &Shard, peer: SocketAddr, f: Failure) {
-    let kind = f.error.kind();
-    let s = shard.stats();
-    let counted = match kind {
-        ErrorKind::Auth => Some(&s.handshakes_bad_key),
-        ErrorKind::Timeout => Some(&s.handshakes_timeout),
-        // A refused handshake (locked out, over budget) is not a new failure; it was counted.
-        ErrorKind::NotConnected => None,
-        ErrorKind::Handshake if matches!(&f.error, Error::Protocol(e) if e.detail() == UNREGISTERED) => {
-            Some(&s.handshakes_unknown_device)
-        }
-        _ => Some(&s.handshakes_malformed),
-    };
-    // A peer that connected and left without a byte is not an attack on a key.
-    let silent_close = matches!(&f.error, Error::Protocol(e) if e.kind() == ErrorKind::ConnectionClosed)
-        && f.device.is_none();
-    let Some(counter) = counted else { return };
+    // A refused handshake (locked out, over budget) is not a new failure; it was counted.
+    let Some(counter) = f.reason.counter(shard.stats()) else { return };
     ShardStats::inc(counter);
+    // A peer that connected and left without a byte is not an attack on a key.
+    let silent_close = f.reason.is_clean_close() && f.device.is_none();
     if !silent_close && shard.may_log() {
-        tracing::info!(%peer, device = ?f.device.map(|d| format_device_id(&d)), reason = %f.error, "handshake failed");
+        tracing::info!(%peer, device = ?f.device.map(|d| format_device_id(&d)), reason = %f.reason, "handshake failed");
     }
-    // An eviction follows from our load, not from the peer's key: during a reconnect storm
-    // it must not lock a NAT address full of healthy devices out.
-    let evicted = matches!(&f.error, Error::Protocol(e) if e.detail() == EVICTED);
     // Only a handshake that named a device counts: garbage, silence or a socket closed
     // before a HELLO tries no key, and must not lock a whole NAT address out.
     match f.device {
-        Some(device) if !evicted => shard.lockout_event(peer.ip(), device, true),
+        Some(device) if f.reason.counts_toward_lockout() => shard.lockout_event(peer.ip(), device, true),
         _ => {}
     }
 }
@@ -585,30 +568,28 @@ async fn server_handshake(
     device: &Cell<Option<[u8; 6]>>,
     cancel: Option<monoio::io::CancelHandle>,
 ) -> Result<ProtoSession, Failure> {
-    let fail = |error: Error| Failure { error, device: device.get() };
+    let fail = |e: Error| Failure { reason: e.into(), device: device.get() };
+    let end = |reason: HandshakeError| Failure { reason, device: device.get() };
     // Step 1: HELLO.
     let f = wire::read_frame_cancelable(stream, deframer, cancel.clone()).await.map_err(fail)?;
     let hello = Frame::decode(&f).and_then(|f| decode_hello(&f)).map_err(|e| fail(e.into()))?;
     if shard.refuse_locked(peer, &hello.device_id) {
-        return Err(fail(Error::misuse(ErrorKind::NotConnected, "locked out")));
+        return Err(end(HandshakeError::Refused(Refusal::LockedOut)));
     }
     device.set(Some(hello.device_id));
     let psk = match shard.shared.cfg.psk.as_ref() {
         Some(src) => src.lookup(hello.device_id).await,
         None => None,
     };
-    let psk = psk.ok_or_else(|| {
-        fail(Error::Protocol(crate::proto::Error::misbehaved(ErrorKind::Handshake, UNREGISTERED)))
-    })?;
+    let psk = psk.ok_or_else(|| end(HandshakeError::Unregistered))?;
     // X25519 only within the shard's budget: a flood cannot take every cycle from live sessions.
     if !shard.crypto_allowed() {
         ShardStats::inc(&shard.stats().refused_over_limit);
-        return Err(fail(Error::misuse(ErrorKind::NotConnected, "handshake budget exhausted")));
+        return Err(end(HandshakeError::Refused(Refusal::OverBudget)));
     }
     // Step 2: CHALLENGE with a fresh key pair and nonce.
-    let seed = wire::random::<32>(&shard.rng).map_err(fail)?;
+    let key = EphemeralKey::generate(&shard.rng).map_err(|e| fail(e.into()))?;
     let nonce = wire::random::<32>(&shard.rng).map_err(fail)?;
-    let key = EphemeralKey::from_seed(&seed).map_err(|e| fail(e.into()))?;
     let expect = ServerExpectHelloAck::new(&hello, &psk, key, nonce).map_err(|e| fail(e.into()))?;
     let mut buf = vec![0u8; MAX_HANDSHAKE_FRAME_LEN];
     let n = expect.encode_challenge(&mut buf).map_err(|e| fail(e.into()))?;

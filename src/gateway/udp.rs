@@ -14,14 +14,12 @@ use std::time::Duration;
 use monoio::net::udp::UdpSocket;
 use nix::errno::Errno;
 
-use super::shard::{
-    close_session, links, open_session, record_failure, Failure, Shard, Ticket, EVICTED, UNREGISTERED,
-};
+use super::shard::{close_session, links, open_session, record_failure, Failure, Shard, Ticket};
 use super::stats::ShardStats;
 use super::Handler;
-use crate::proto::crypto::Psk;
+use crate::proto::crypto::{EphemeralKey, Psk};
 use crate::proto::endpoint::{
-    DatagramEvent, Endpoint, EndpointConfig, Event, Handled, HandshakeFailure, Incoming, KeyDecision,
+    DatagramEvent, Endpoint, EndpointConfig, Event, Handled, Incoming, KeyDecision,
 };
 use crate::proto::session::Session as ProtoSession;
 use crate::proto::{ErrorKind, Transport};
@@ -31,7 +29,7 @@ use crate::rt::event::LocalEvent;
 use crate::rt::udp::{
     on_session_datagram, recv_nonblocking, send_loop_direct, Inbound, UdpOut, UdpPort, RECV_BUF_LEN,
 };
-use crate::rt::{now, wire, Error};
+use crate::rt::{now, wire};
 
 /// Datagrams read per wake-up before the sessions they woke, the senders and timers run.
 const RECV_BATCH: usize = 64;
@@ -326,28 +324,9 @@ fn drive(shard: &Rc<Shard>, udp: &Rc<UdpShard>, handler: &Arc<Handler>) {
                 ended(shard, udp, from);
                 udp.pending.borrow_mut().remove(&from);
                 shard.shared.release(from.ip());
-                let error = match reason {
-                    HandshakeFailure::Timeout => Error::timeout("handshake timed out"),
-                    HandshakeFailure::PeerGone => Error::timeout("device stopped answering"),
-                    HandshakeFailure::Evicted => Error::timeout(EVICTED),
-                    HandshakeFailure::BadProof => Error::Protocol(crate::proto::Error::misbehaved(
-                        ErrorKind::Auth,
-                        "HELLO_ACK proof did not verify",
-                    )),
-                    HandshakeFailure::Unregistered => {
-                        Error::Protocol(crate::proto::Error::misbehaved(ErrorKind::Handshake, UNREGISTERED))
-                    }
-                    HandshakeFailure::Crypto => Error::Protocol(crate::proto::Error::misbehaved(
-                        ErrorKind::Crypto,
-                        "key agreement failed",
-                    )),
-                    // Refusals were counted when made; a superseded handshake is no failure.
-                    HandshakeFailure::OverBudget => {
-                        Error::misuse(ErrorKind::NotConnected, "handshake budget exhausted")
-                    }
-                    HandshakeFailure::Superseded => Error::misuse(ErrorKind::NotConnected, "superseded"),
-                };
-                record_failure(shard, from, Failure { error, device: Some(device_id) });
+                // Refusals (over budget, superseded) were counted when made: `record_failure`
+                // counts them no further (`outcome::HandshakeError::counter`).
+                record_failure(shard, from, Failure { reason: reason.into(), device: Some(device_id) });
             }
             Event::SessionOkUnacked(conn) => {
                 // Retransmitted SESSION_OK until acknowledged, unless the device's traffic
@@ -406,9 +385,10 @@ fn decide(shard: &Shard, psk: Option<Psk>) -> KeyDecision {
         ShardStats::inc(&shard.stats().refused_over_limit);
         return KeyDecision::OverBudget;
     }
-    let r = (wire::random::<32>(&shard.rng), wire::random::<32>(&shard.rng), wire::random::<16>(&shard.rng));
+    let r =
+        (EphemeralKey::generate(&shard.rng), wire::random::<32>(&shard.rng), wire::random::<16>(&shard.rng));
     match r {
-        (Ok(seed), Ok(nonce), Ok(session_id)) => KeyDecision::Key { psk, seed, nonce, session_id },
+        (Ok(key), Ok(nonce), Ok(session_id)) => KeyDecision::Key { psk, key, nonce, session_id },
         _ => KeyDecision::OverBudget,
     }
 }

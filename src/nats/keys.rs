@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::kv;
 use futures_util::StreamExt;
+use zeroize::Zeroizing;
 
 use super::bridge::Ctx;
 use super::config::parse_device_token;
@@ -19,19 +20,20 @@ use crate::psk::{parse_hex, Registry};
 /// The bucket key of the wildcard entry.
 pub const DEFAULT_KEY: &str = "_default";
 
-/// The bucket's current entries, by bucket key, as raw key bytes.
+/// The bucket's current entries, by bucket key, as raw key bytes (zeroized when replaced,
+/// deleted or dropped).
 #[derive(Default)]
 pub(super) struct KeySet {
-    entries: HashMap<String, Vec<u8>>,
+    entries: HashMap<String, Zeroizing<Vec<u8>>>,
 }
 
 /// A key value in the registry file's format.
-fn parse_value(v: &[u8]) -> Option<Vec<u8>> {
+fn parse_value(v: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
     let s = std::str::from_utf8(v).ok()?.trim();
-    let key = match s.strip_prefix("hex:") {
+    let key = Zeroizing::new(match s.strip_prefix("hex:") {
         Some(h) => parse_hex(h)?,
         None => s.as_bytes().to_vec(),
-    };
+    });
     (key.len() >= crate::proto::crypto::MIN_PSK_LEN).then_some(key)
 }
 

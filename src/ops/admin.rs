@@ -45,6 +45,7 @@ use crate::proto::crypto::ct_eq;
 use crate::proto::reassembly::MAX_MESSAGE_LEN;
 use crate::proto::ErrorKind;
 use crate::psk::{format_device_id, parse_device_id, to_hex, REDACTED};
+use zeroize::Zeroizing;
 
 /// Options of the operations listener.
 #[derive(Clone, Default)]
@@ -71,7 +72,10 @@ impl std::fmt::Debug for OpsOptions {
 #[derive(Clone)]
 struct Ops {
     gw: GatewayHandle,
+    /// The options without the token, which lives in `token`.
     opts: Arc<OpsOptions>,
+    /// The admin token, moved out of the options: zeroized when the router is dropped.
+    token: Option<Arc<Zeroizing<String>>>,
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response {
@@ -120,8 +124,8 @@ fn same_origin(headers: &HeaderMap, opts: &OpsOptions, admin: bool) -> Result<()
     Ok(())
 }
 
-fn authorized(headers: &HeaderMap, peer: SocketAddr, opts: &OpsOptions) -> Result<(), Refusal> {
-    match &opts.admin_token {
+fn authorized(headers: &HeaderMap, peer: SocketAddr, token: Option<&str>) -> Result<(), Refusal> {
+    match token {
         Some(token) => {
             let given = headers
                 .get(header::AUTHORIZATION)
@@ -151,8 +155,8 @@ async fn guard_all(State(ops): State<Ops>, req: Request, next: Next) -> Response
 async fn guard_admin(State(ops): State<Ops>, req: Request, next: Next) -> Response {
     let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
     let Some(peer) = peer else { return text(StatusCode::FORBIDDEN, "unknown client\n") };
-    if let Err(r) =
-        same_origin(req.headers(), &ops.opts, true).and_then(|()| authorized(req.headers(), peer, &ops.opts))
+    if let Err(r) = same_origin(req.headers(), &ops.opts, true)
+        .and_then(|()| authorized(req.headers(), peer, ops.token.as_ref().map(|t| t.as_str())))
     {
         return text(r.0, format!("{}\n", r.1));
     }
@@ -302,8 +306,10 @@ async fn no_route() -> Response {
 }
 
 /// The route table: open routes, then the admin routes behind their guard.
-pub fn router(gw: GatewayHandle, opts: OpsOptions) -> Router {
-    let ops = Ops { gw, opts: Arc::new(opts) };
+pub fn router(gw: GatewayHandle, mut opts: OpsOptions) -> Router {
+    // Moved, not copied: the one heap copy of the token is the one zeroized.
+    let token = opts.admin_token.take().map(|t| Arc::new(Zeroizing::new(t)));
+    let ops = Ops { gw, opts: Arc::new(opts), token };
     let admin = Router::new()
         .route("/sessions", get(sessions))
         .route("/devices/{id}/{action}", post(device_route))

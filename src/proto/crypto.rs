@@ -2,7 +2,9 @@
 //! the HMAC-SHA256 handshake proofs (constant-time verification) and AES-256-GCM records
 //! sealed and opened in place. Randomness comes in as bytes; nothing here reads the OS.
 
-use ring::{aead, agreement, hkdf, hmac};
+use ring::rand::SecureRandom;
+use ring::{aead, hkdf, hmac};
+use zeroize::Zeroizing;
 
 use super::error::{Error, ErrorKind, Result};
 use super::frame::{PacketType, AAD_LEN, MAGIC, VERSION};
@@ -30,9 +32,10 @@ pub const MIN_PSK_LEN: usize = 16;
 /// REKEY salt size.
 pub const REKEY_SALT_LEN: usize = 32;
 
-/// A fresh X25519 key pair, made from 32 random bytes supplied by the caller.
+/// A fresh X25519 key pair for one handshake. `agree` consumes it, so a key is used once.
+/// The scalar lives in an `x25519_dalek::StaticSecret`, which zeroizes it on drop.
 pub struct EphemeralKey {
-    private: agreement::EphemeralPrivateKey,
+    secret: x25519_dalek::StaticSecret,
     public: [u8; PUB_KEY_LEN],
 }
 
@@ -43,21 +46,28 @@ impl core::fmt::Debug for EphemeralKey {
 }
 
 impl EphemeralKey {
-    /// Build the key pair whose private scalar is `seed` (the runtime passes 32 bytes from the
-    /// OS RNG; tests pass fixed bytes so results match the reference's known answers).
+    /// Make a key pair from `rng`, which must be a CSPRNG (the runtime passes ring's
+    /// `SystemRandom`: the core takes randomness as an argument and never reads the OS).
+    /// Fails only if the generator does.
+    pub fn generate(rng: &dyn SecureRandom) -> Result<Self> {
+        let mut scalar = Zeroizing::new([0u8; 32]);
+        rng.fill(&mut scalar[..]).map_err(|_| Error::misuse(ErrorKind::Crypto, "random generator failed"))?;
+        Ok(Self::from_scalar(&scalar))
+    }
+
+    /// The key pair whose private scalar is `seed`: known-answer tests (the reference's vectors),
+    /// fixtures and fuzz targets, which must replay identically. Not in production builds, where
+    /// a key from chosen bytes could only be a mistake.
+    #[cfg(any(test, fuzzing, feature = "test-support"))]
     pub fn from_seed(seed: &[u8; 32]) -> Result<Self> {
-        // ring only builds X25519 keys from a `SecureRandom`, which is sealed; its fixed-slice
-        // random is the sanctioned way to feed chosen bytes and fills the scalar verbatim.
-        #[allow(deprecated)]
-        let rng = ring::test::rand::FixedSliceRandom { bytes: seed };
-        let private = agreement::EphemeralPrivateKey::generate(&agreement::X25519, &rng)
-            .map_err(|_| Error::misuse(ErrorKind::Crypto, "cannot create X25519 key"))?;
-        let mut public = [0u8; PUB_KEY_LEN];
-        let pk = private
-            .compute_public_key()
-            .map_err(|_| Error::misuse(ErrorKind::Crypto, "cannot compute X25519 public key"))?;
-        public.copy_from_slice(pk.as_ref());
-        Ok(EphemeralKey { private, public })
+        Ok(Self::from_scalar(seed))
+    }
+
+    fn from_scalar(scalar: &[u8; 32]) -> Self {
+        // X25519 clamps the scalar (RFC 7748 §5), so any 32 bytes make a valid key.
+        let secret = x25519_dalek::StaticSecret::from(*scalar);
+        let public = x25519_dalek::PublicKey::from(&secret).to_bytes();
+        EphemeralKey { secret, public }
     }
 
     /// Our public key, sent in HELLO or CHALLENGE.
@@ -66,19 +76,18 @@ impl EphemeralKey {
     }
 
     /// X25519 with the peer's key; an all-zero shared secret (low-order point) is rejected.
-    pub fn agree(self, peer_public: &[u8; PUB_KEY_LEN]) -> Result<[u8; 32]> {
-        let peer = agreement::UnparsedPublicKey::new(&agreement::X25519, peer_public);
-        let shared = agreement::agree_ephemeral(self.private, &peer, |s| {
-            let mut out = [0u8; 32];
-            out.copy_from_slice(s);
-            out
-        })
-        .map_err(|_| Error::misbehaved(ErrorKind::Crypto, "X25519 failed (low-order public key)"))?;
-        // ring already refuses an all-zero result; check again so the rule does not rest on it.
-        if shared == [0u8; 32] {
-            return Err(Error::misbehaved(ErrorKind::Crypto, "all-zero X25519 shared secret"));
+    /// The secret comes back in a buffer that zeroizes itself when dropped.
+    pub fn agree(self, peer_public: &[u8; PUB_KEY_LEN]) -> Result<Zeroizing<[u8; 32]>> {
+        let shared = self.secret.diffie_hellman(&x25519_dalek::PublicKey::from(*peer_public));
+        // A low-order peer key forces the all-zero result, which would make the session keys
+        // depend on public values only (PROTOCOL.md §3).
+        if !shared.was_contributory() {
+            return Err(Error::misbehaved(
+                ErrorKind::Crypto,
+                "all-zero X25519 shared secret (low-order public key)",
+            ));
         }
-        Ok(shared)
+        Ok(Zeroizing::new(*shared.as_bytes()))
     }
 }
 
@@ -92,9 +101,9 @@ impl hkdf::KeyType for OkmLen {
 
 fn hkdf64(ikm: &[u8], salt: &[u8], info: &[&[u8]]) -> ([u8; 32], [u8; 32]) {
     let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(ikm);
-    let mut okm = [0u8; 64];
+    let mut okm = Zeroizing::new([0u8; 64]);
     // 64 bytes is far below HKDF-SHA256's 8160-byte limit, so expand cannot fail.
-    prk.expand(info, OkmLen(64)).and_then(|o| o.fill(&mut okm)).expect("HKDF output length is valid");
+    prk.expand(info, OkmLen(64)).and_then(|o| o.fill(&mut okm[..])).expect("HKDF output length is valid");
     let mut a = [0u8; 32];
     let mut b = [0u8; 32];
     a.copy_from_slice(&okm[..32]);
@@ -122,10 +131,10 @@ pub fn derive_rekey_keys(
     session_id: &[u8; SESSION_ID_LEN],
     salt: &[u8; REKEY_SALT_LEN],
 ) -> ([u8; KEY_LEN], [u8; KEY_LEN]) {
-    let mut ikm = [0u8; 64];
+    let mut ikm = Zeroizing::new([0u8; 64]);
     ikm[..32].copy_from_slice(initiator_tx);
     ikm[32..].copy_from_slice(initiator_rx);
-    hkdf64(&ikm, salt, &[b"usmp-rekey", session_id])
+    hkdf64(&ikm[..], salt, &[b"usmp-rekey", session_id])
 }
 
 /// A device pre-shared key, validated (≥ 16 bytes) and prepared for HMAC once.

@@ -54,16 +54,16 @@ impl core::fmt::Debug for Device {
 }
 
 impl Device {
-    /// Start a handshake with `server` for `device_id`; `seed` makes the ephemeral key.
+    /// Start a handshake with `server` for `device_id` with a fresh ephemeral `key`.
     /// HELLO is queued at once.
     pub fn new(
         now: Duration,
         server: SocketAddr,
         device_id: [u8; DEVICE_ID_LEN],
         psk: Psk,
-        seed: &[u8; 32],
+        key: EphemeralKey,
     ) -> Result<Self> {
-        let hs = ClientHandshake::new(device_id, psk, EphemeralKey::from_seed(seed)?);
+        let hs = ClientHandshake::new(device_id, psk, key);
         let mut d = Device {
             server,
             stage: Stage::Failed,

@@ -101,6 +101,7 @@ impl core::fmt::Debug for Transmit {
 
 /// What became of a datagram the endpoint handled itself (for the caller's counters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Handled {
     /// A HELLO without cookie: UTACK and HELLO_RETRY sent, no state kept.
     CookieSent,
@@ -149,12 +150,12 @@ pub struct Incoming {
 // Moved once per handshake: the size difference costs nothing worth an allocation.
 #[allow(clippy::large_enum_variant)]
 pub enum KeyDecision {
-    /// The device's key and fresh randomness (ephemeral key seed, nonce, session id).
+    /// The device's key and fresh randomness (ephemeral key, nonce, session id).
     Key {
         /// The device's PSK.
         psk: Psk,
-        /// Seed of the ephemeral X25519 key.
-        seed: [u8; 32],
+        /// The ephemeral X25519 key for CHALLENGE (from the OS RNG in production).
+        key: EphemeralKey,
         /// The CHALLENGE nonce.
         nonce: [u8; NONCE_LEN],
         /// The session id SESSION_OK will carry.
@@ -168,6 +169,7 @@ pub enum KeyDecision {
 
 /// Why a handshake ended without a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum HandshakeFailure {
     /// No verified HELLO_ACK within the handshake timeout.
     Timeout,
@@ -479,13 +481,12 @@ impl<H: Clone> Endpoint<H> {
         if !matches!(hs.stage, Stage::AwaitKey) {
             return;
         }
-        let (psk, seed, nonce, session_id) = match decision {
-            KeyDecision::Key { psk, seed, nonce, session_id } => (psk, seed, nonce, session_id),
+        let (psk, key, nonce, session_id) = match decision {
+            KeyDecision::Key { psk, key, nonce, session_id } => (psk, key, nonce, session_id),
             KeyDecision::Unregistered => return self.fail(from, HandshakeFailure::Unregistered),
             KeyDecision::OverBudget => return self.fail(from, HandshakeFailure::OverBudget),
         };
-        let expect =
-            EphemeralKey::from_seed(&seed).and_then(|k| ServerExpectHelloAck::new(&hs.hello, &psk, k, nonce));
+        let expect = ServerExpectHelloAck::new(&hs.hello, &psk, key, nonce);
         let Ok(expect) = expect else { return self.fail(from, HandshakeFailure::Crypto) };
         let mut frame = [0u8; MAX_HANDSHAKE_FRAME_LEN];
         if expect.encode_challenge(&mut frame).is_err() {

@@ -18,13 +18,14 @@ fn endpoint(cfg: EndpointConfig) -> Endpoint<u32> {
 }
 
 fn device(now: Duration) -> Device {
-    Device::new(now, gw_addr(), DEV, Psk::new(PSK).unwrap(), &[0x11; 32]).unwrap()
+    Device::new(now, gw_addr(), DEV, Psk::new(PSK).unwrap(), EphemeralKey::from_seed(&[0x11; 32]).unwrap())
+        .unwrap()
 }
 
 fn key(i: u8) -> KeyDecision {
     KeyDecision::Key {
         psk: Psk::new(PSK).unwrap(),
-        seed: [i; 32],
+        key: EphemeralKey::from_seed(&[i; 32]).unwrap(),
         nonce: [i + 1; 32],
         session_id: [i + 2; 16],
     }
@@ -174,8 +175,14 @@ fn cookies_are_single_use_and_the_peer_table_is_bounded() {
     let mut ep = endpoint(EndpointConfig { max_peers: 2, ..EndpointConfig::default() });
     let mut cookie_hellos = Vec::new();
     for i in 0..3 {
-        let mut dev =
-            Device::new(T0, gw_addr(), [i as u8; 6], Psk::new(PSK).unwrap(), &[i as u8 + 1; 32]).unwrap();
+        let mut dev = Device::new(
+            T0,
+            gw_addr(),
+            [i as u8; 6],
+            Psk::new(PSK).unwrap(),
+            EphemeralKey::from_seed(&[i as u8 + 1; 32]).unwrap(),
+        )
+        .unwrap();
         to_gw(T0, &mut ep, &mut dev, dev_addr(i));
         to_dev(T0, &mut ep, &mut dev);
         let ch = core::iter::from_fn(|| dev.poll_transmit()).find(|t| t.bytes().len() == 66).unwrap();

@@ -7,6 +7,7 @@ use core::fmt;
 
 /// The reference SDK's exception classes, one variant each (`USMPError` is the type itself).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ErrorKind {
     /// `FrameError`: malformed frame (too short, unknown type, wrong payload shape).
     Frame,
@@ -69,6 +70,7 @@ impl ErrorKind {
 
 /// Who is at fault, in the spirit of rustls' error grouping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Fault {
     /// The bytes are not a well-formed USMP frame (noise, scanner, corruption).
     PeerSentGarbage,
@@ -91,6 +93,7 @@ pub enum Transport {
 
 /// What the I/O layer must do about an error. Errors are never reported on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Reaction {
     /// Close the connection / end the session (BYE is not sent for peer faults).
     Close,

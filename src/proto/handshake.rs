@@ -14,6 +14,7 @@ use super::crypto::{
 };
 use super::error::{Error, ErrorKind, Result};
 use super::frame::{encode_frame, Frame, PacketType, HEADER_LEN};
+use zeroize::Zeroize;
 
 /// UDP return-routability cookie size.
 pub const COOKIE_LEN: usize = 16;
@@ -52,6 +53,15 @@ pub struct Established {
     pub tx_key: [u8; KEY_LEN],
     /// Key we open with.
     pub rx_key: [u8; KEY_LEN],
+}
+
+// The key bytes leave no copy behind in this value when it is dropped (moves may still leave
+// stale copies on the stack, which no Rust code can reach without `unsafe`).
+impl Drop for Established {
+    fn drop(&mut self) {
+        self.tx_key.zeroize();
+        self.rx_key.zeroize();
+    }
 }
 
 impl core::fmt::Debug for Established {
@@ -117,6 +127,13 @@ pub struct ServerExpectHelloAck {
     nonce: [u8; NONCE_LEN],
     k_c2s: [u8; KEY_LEN],
     k_s2c: [u8; KEY_LEN],
+}
+
+impl Drop for ServerExpectHelloAck {
+    fn drop(&mut self) {
+        self.k_c2s.zeroize();
+        self.k_s2c.zeroize();
+    }
 }
 
 impl core::fmt::Debug for ServerExpectHelloAck {
@@ -279,6 +296,13 @@ pub struct ClientExpectSessionOk {
     nonce: [u8; NONCE_LEN],
     k_c2s: [u8; KEY_LEN],
     k_s2c: [u8; KEY_LEN],
+}
+
+impl Drop for ClientExpectSessionOk {
+    fn drop(&mut self) {
+        self.k_c2s.zeroize();
+        self.k_s2c.zeroize();
+    }
 }
 
 impl core::fmt::Debug for ClientExpectSessionOk {

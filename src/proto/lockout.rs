@@ -78,6 +78,7 @@ pub fn source_of(ip: IpAddr) -> IpAddr {
 
 /// What [`LockoutTable::admit`] decided for a HELLO.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Admission {
     /// Go on with the handshake.
     Admit,

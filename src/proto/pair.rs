@@ -6,7 +6,7 @@
 use core::net::SocketAddr;
 use core::time::Duration;
 
-use super::crypto::Psk;
+use super::crypto::{EphemeralKey, Psk};
 use super::device::{Device, DeviceEvent};
 use super::endpoint::{
     DatagramEvent, Endpoint, EndpointConfig, Event, Handled, HandshakeFailure, KeyDecision,
@@ -153,7 +153,8 @@ impl Pair {
         let gateway_addr: SocketAddr = "10.9.0.1:9000".parse().expect("literal");
         let device_addr: SocketAddr = "10.9.0.2:40000".parse().expect("literal");
         let psk = Psk::new(PAIR_PSK).expect("16+ bytes");
-        let device = Device::new(now, gateway_addr, PAIR_DEVICE, psk.clone(), &rng.bytes()).ok();
+        let key = EphemeralKey::from_seed(&rng.bytes()).ok();
+        let device = key.and_then(|k| Device::new(now, gateway_addr, PAIR_DEVICE, psk.clone(), k).ok());
         let mut p = Pair {
             now,
             gateway: Endpoint::new(cfg, &rng.bytes()),
@@ -247,7 +248,7 @@ impl Pair {
                         let d = match self.gateway_psk.clone() {
                             Some(psk) => KeyDecision::Key {
                                 psk,
-                                seed: self.rng.bytes(),
+                                key: EphemeralKey::from_seed(&self.rng.bytes()).expect("any 32 bytes"),
                                 nonce: self.rng.bytes(),
                                 session_id: self.rng.bytes(),
                             },

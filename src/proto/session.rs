@@ -15,6 +15,7 @@ use super::frame::{
 use super::handshake::{Established, Role};
 use super::reassembly::{Reassembly, MAX_MESSAGE_FRAMES, MAX_MESSAGE_LEN, MAX_PLAINTEXT_LEN};
 use super::window::ReplayWindow;
+use zeroize::Zeroize;
 
 /// Buffer size that holds any sealed message (4 maximal frames).
 pub const MAX_SEALED_MESSAGE_LEN: usize = MAX_MESSAGE_FRAMES * MAX_FRAME_LEN;
@@ -85,7 +86,8 @@ pub enum Received<'a> {
 /// it switched (in flight, queued, or retransmitted when our UTACK was lost) still open with
 /// it, until a frame under the new key verifies (PROTOCOL.md §6 says such frames "will fail";
 /// on UDP that loses acknowledged-to-be data, so we keep them).
-#[derive(Debug, Clone, Copy)]
+// Not `Copy` and no derived `Debug`: it holds a key, zeroized on drop.
+#[derive(Clone)]
 struct PrevRx {
     key: [u8; KEY_LEN],
     window: ReplayWindow,
@@ -114,6 +116,19 @@ pub struct Session {
     closed: bool,
     /// Boxed: only between a REKEY and the first frame under the new key.
     prev_rx: Option<Box<PrevRx>>,
+}
+
+impl Drop for PrevRx {
+    fn drop(&mut self) {
+        self.key.zeroize();
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.tx_key_bytes.zeroize();
+        self.rx_key_bytes.zeroize();
+    }
 }
 
 impl core::fmt::Debug for Session {

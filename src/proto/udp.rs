@@ -117,6 +117,7 @@ impl core::fmt::Debug for CookieJar {
 
 /// Why a cookie HELLO was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CookieError {
     /// Not issued by us for this address, device and key in the last two buckets.
     Invalid,

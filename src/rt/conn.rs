@@ -39,6 +39,7 @@ fn nanos(d: Duration) -> u64 {
 
 /// Why a connection ended (for logs, metrics and the application).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CloseReason {
     /// The peer sent BYE.
     PeerBye,

@@ -8,6 +8,7 @@ use crate::psk::ConfigError;
 
 /// Errors of the gateway and client APIs.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Error {
     /// A USMP protocol error (see [`ErrorKind`] for the reference's class).
     Protocol(ProtoError),
@@ -53,7 +54,15 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    /// The wrapped protocol or socket error, for error-chain reporters and `downcast_ref`.
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Protocol(e) => Some(e),
+            Error::Io(e) => Some(e),
+        }
+    }
+}
 
 impl From<ConfigError> for Error {
     fn from(e: ConfigError) -> Self {

@@ -28,6 +28,7 @@ pub(super) async fn flood(ctx: &Ctx, idx: u64, kind: Flood, start: Instant, end:
         None
     };
     let mut k = 0u64;
+    let rng = ring::rand::SystemRandom::new();
     loop {
         let intended = match interval {
             Some(i) => start + i.mul_f64(k as f64),
@@ -47,8 +48,7 @@ pub(super) async fn flood(ctx: &Ctx, idx: u64, kind: Flood, start: Instant, end:
                     *b = splitmix(r ^ (i as u64) << 8) as u8;
                 }
                 // A valid X25519 public key: the basepoint times a random scalar.
-                let seed: [u8; 32] = p[6..38].try_into().expect("32");
-                if let Ok(key) = usmp::proto::crypto::EphemeralKey::from_seed(&seed) {
+                if let Ok(key) = usmp::proto::crypto::EphemeralKey::generate(&rng) {
                     p[6..].copy_from_slice(key.public());
                 }
                 let mut out = [0u8; 64];

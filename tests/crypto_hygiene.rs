@@ -1,0 +1,104 @@
+//! Crypto hygiene (issue 14, item 6): no `Debug` output shows a key, token or password, and
+//! production X25519 keys come from the caller's CSPRNG.
+//!
+//! Every configuration type that holds a secret is formatted with `{:?}` and `{:#?}`, and the
+//! output is searched for the secret as text, as hex and as the byte list a derived `Debug`
+//! of a `Vec<u8>` or an array would print.
+
+use std::net::SocketAddr;
+
+use ring::rand::SystemRandom;
+use usmp::client::ClientConfig;
+use usmp::nats::NatsConfig;
+use usmp::ops::settings::Settings;
+use usmp::ops::OpsOptions;
+use usmp::proto::crypto::{EphemeralKey, Psk};
+use usmp::proto::handshake::ClientHandshake;
+use usmp::proto::testing::session_pair;
+use usmp::proto::Transport;
+use usmp::psk::{to_hex, PskSource, Registry};
+
+const KEY: &str = "the-device-key-SECRET-0123456789";
+const KEY2: &str = "a-registry-key-SECRET-987654321";
+const TOKEN: &str = "admin-token-SECRET-abcdefghijkl";
+const PASSWORD: &str = "nats-password-SECRET-mnopqrstu";
+
+/// The ways a secret could show up in formatted output.
+fn forms(secret: &[u8]) -> Vec<String> {
+    let list = format!("{:?}", &secret[..12]);
+    vec![
+        String::from_utf8_lossy(secret).into_owned(),
+        to_hex(secret),
+        // `[116, 104, …]` without its brackets: found inside a longer list too.
+        list.trim_start_matches('[').trim_end_matches(']').to_string(),
+        "SECRET".into(),
+    ]
+}
+
+fn assert_hidden(what: &str, value: &dyn std::fmt::Debug, secrets: &[&[u8]]) {
+    for out in [format!("{value:?}"), format!("{value:#?}")] {
+        for s in secrets {
+            for form in forms(s) {
+                assert!(!out.contains(&form), "{what}: `{form}` appears in its Debug output: {out}");
+            }
+        }
+    }
+}
+
+#[test]
+fn no_config_type_prints_a_secret() {
+    let addr: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+    let cfg = ClientConfig::new(addr, KEY);
+    assert_hidden("ClientConfig", &cfg, &[KEY.as_bytes()]);
+
+    let settings = Settings {
+        psk: Some(KEY.into()),
+        psk_hex: Some(to_hex(KEY2.as_bytes())),
+        admin_token: Some(TOKEN.into()),
+        nats_password: Some(PASSWORD.into()),
+        ..Default::default()
+    };
+    assert_hidden(
+        "Settings",
+        &settings,
+        &[KEY.as_bytes(), KEY2.as_bytes(), TOKEN.as_bytes(), PASSWORD.as_bytes()],
+    );
+
+    let ops = OpsOptions { admin_token: Some(TOKEN.into()), ..Default::default() };
+    assert_hidden("OpsOptions", &ops, &[TOKEN.as_bytes()]);
+
+    let nats =
+        NatsConfig { user: Some("gateway".into()), password: Some(PASSWORD.into()), ..Default::default() };
+    assert_hidden("NatsConfig", &nats, &[PASSWORD.as_bytes()]);
+
+    let text = format!("001122334455 {KEY}\n* hex:{}\n", to_hex(KEY2.as_bytes()));
+    let reg = Registry::parse(&text, "keys").unwrap();
+    assert_hidden("Registry", &reg, &[KEY.as_bytes(), KEY2.as_bytes()]);
+    assert_hidden("PskSource::Registry", &PskSource::registry(reg), &[KEY.as_bytes(), KEY2.as_bytes()]);
+    assert_hidden("PskSource::Single", &PskSource::single(KEY.as_bytes()).unwrap(), &[KEY.as_bytes()]);
+    assert_hidden("Psk", &Psk::new(KEY.as_bytes()).unwrap(), &[KEY.as_bytes()]);
+
+    let key = EphemeralKey::from_seed(&[0x5a; 32]).unwrap();
+    let hs = ClientHandshake::new([1; 6], Psk::new(KEY.as_bytes()).unwrap(), key);
+    assert_hidden("ClientHandshake", &hs, &[KEY.as_bytes(), &[0x5a; 32]]);
+}
+
+#[test]
+fn sessions_do_not_print_their_keys() {
+    let (c, s) = session_pair(Transport::Udp);
+    let (tx, rx) = (*c.tx_key_bytes(), *c.rx_key_bytes());
+    assert_hidden("client Session", &c, &[&tx, &rx]);
+    assert_hidden("server Session", &s, &[&tx, &rx]);
+}
+
+#[test]
+fn generated_keys_are_fresh_and_agree() {
+    let rng = SystemRandom::new();
+    let a = EphemeralKey::generate(&rng).unwrap();
+    let b = EphemeralKey::generate(&rng).unwrap();
+    assert_ne!(a.public(), b.public(), "two draws from the OS RNG gave the same key");
+    let (pa, pb) = (*a.public(), *b.public());
+    let (sa, sb) = (a.agree(&pb).unwrap(), b.agree(&pa).unwrap());
+    assert_eq!(*sa, *sb);
+    assert_ne!(*sa, [0u8; 32]);
+}
