@@ -89,7 +89,9 @@ impl From<Error> for HandshakeError {
     fn from(e: Error) -> Self {
         match e {
             Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => HandshakeError::Timeout,
-            Error::Io(_) => HandshakeError::Closed(e),
+            // Settings are refused before anything is served; a step cannot produce one, and
+            // if it did the connection is over all the same.
+            Error::Io(_) | Error::Config(_) => HandshakeError::Closed(e),
             Error::Protocol(p) => match p.kind() {
                 ErrorKind::Auth => HandshakeError::BadProof,
                 ErrorKind::Timeout => HandshakeError::Timeout,

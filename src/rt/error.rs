@@ -55,11 +55,13 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {
-    /// The wrapped protocol or socket error, for error-chain reporters and `downcast_ref`.
+    /// The wrapped protocol, socket or configuration error, for error-chain reporters and
+    /// `downcast_ref`.
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Protocol(e) => Some(e),
             Error::Io(e) => Some(e),
+            Error::Config(e) => Some(e),
         }
     }
 }
