@@ -220,6 +220,8 @@ fn cookie_memory_is_fixed_under_millions_of_spoofed_hellos_and_redeemed_cookies(
     let mut rng = Rng::new(99);
     let mut now = Duration::from_secs(1_000);
     let (mut answered, mut baseline) = (0usize, None);
+    // The test's own record of cookie HELLOs to replay, allocated before the baseline.
+    let mut redeemed: Vec<(SocketAddr, [u8; 66])> = Vec::with_capacity(300);
     for i in 0..2_000_000u32 {
         if i == 10_000 {
             baseline = Some(live_bytes());
@@ -236,7 +238,7 @@ fn cookie_memory_is_fixed_under_millions_of_spoofed_hellos_and_redeemed_cookies(
     // The shared budget (50,000/s, a second's burst) over two seconds.
     assert!(answered <= 150_001, "{answered} answered");
     let baseline = baseline.unwrap();
-    let (mut redeemed, mut refused) = (Vec::new(), 0);
+    let mut refused = 0;
     for i in 0..300_000u32 {
         now += Duration::from_micros(40); // 25,000 a second, within the shared budget
         let from = SocketAddr::new(IpAddr::V4(Ipv4Addr::from(0x0b00_0000 + i)), 5000);
@@ -259,7 +261,7 @@ fn cookie_memory_is_fixed_under_millions_of_spoofed_hellos_and_redeemed_cookies(
             e => panic!("fresh cookie {i}: {e:?}"),
         }
         if i % 1000 == 0 {
-            redeemed.push((from, d));
+            redeemed.push((from, d[..].try_into().unwrap()));
         }
         let recent = redeemed.len().saturating_sub(5);
         if i % 1000 == 999 {
@@ -274,7 +276,8 @@ fn cookie_memory_is_fixed_under_millions_of_spoofed_hellos_and_redeemed_cookies(
     assert!(refused < 300, "{refused} of 300,000 fresh cookies refused");
     assert_eq!(ep.cookie_memory_bytes(), fixed);
     let grown = live_bytes() - baseline;
-    assert!(grown < 64 << 10, "the endpoint grew by {grown} bytes");
+    eprintln!("after the flood: {grown} bytes more on the heap, {refused} fresh cookies refused");
+    assert!(grown < 4 << 10, "the endpoint grew by {grown} bytes");
     assert!(ep.cookie_false_refusal() < 1e-3, "{}", ep.cookie_false_refusal());
     assert_eq!(ep.peer_count(), 0);
 }
