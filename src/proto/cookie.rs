@@ -346,22 +346,25 @@ impl CookieGate {
         u64::try_from(now.as_nanos()).unwrap_or(u64::MAX)
     }
 
+    /// The way holding `device` from source `src`, if it authenticated within the window.
+    fn known_way(&self, src: IpAddr, device: &[u8; DEVICE_ID_LEN], now: Duration) -> Option<usize> {
+        let (base, tag) = self.ways(src, device);
+        let window = u32::try_from(self.cfg.known_window.as_secs()).unwrap_or(u32::MAX);
+        let secs = Self::secs(now);
+        (base..base + WAYS)
+            .find(|&i| self.known[i].tag == tag && secs.saturating_sub(self.known[i].auth) <= window)
+    }
+
     /// Whether a HELLO without cookie from `ip` naming `device` gets a cookie at `now`, and
     /// from which budget. Remembered pairs try their own budget first, then the shared one.
     pub fn allow(&mut self, ip: IpAddr, device: &[u8; DEVICE_ID_LEN], now: Duration) -> Option<Admit> {
         let src = source_of(ip);
         let t = Self::nanos(now);
-        let window = u32::try_from(self.cfg.known_window.as_secs()).unwrap_or(u32::MAX);
-        let (base, tag) = self.ways(src, device);
-        let secs = Self::secs(now);
-        if let Some(k) = self.known[base..base + WAYS]
-            .iter_mut()
-            .find(|k| k.tag == tag && secs.saturating_sub(k.auth) <= window)
-        {
+        if let Some(i) = self.known_way(src, device, now) {
             if let (Some(own), Some(all)) =
-                (self.per_known.take(k.tat, t), self.global.take(self.reserved, t))
+                (self.per_known.take(self.known[i].tat, t), self.global.take(self.reserved, t))
             {
-                k.tat = own;
+                self.known[i].tat = own;
                 self.reserved = all;
                 return Some(Admit::Known);
             }
@@ -396,10 +399,7 @@ impl CookieGate {
 
     /// Whether the pair is remembered as authenticated at `now`.
     pub fn is_known(&self, ip: IpAddr, device: &[u8; DEVICE_ID_LEN], now: Duration) -> bool {
-        let (base, tag) = self.ways(source_of(ip), device);
-        let window = u32::try_from(self.cfg.known_window.as_secs()).unwrap_or(u32::MAX);
-        let secs = Self::secs(now);
-        self.known[base..base + WAYS].iter().any(|k| k.tag == tag && secs.saturating_sub(k.auth) <= window)
+        self.known_way(source_of(ip), device, now).is_some()
     }
 
     /// Bytes the gate's tables take: fixed at construction, whatever the traffic.
