@@ -164,3 +164,71 @@ fn handshake_rates_that_would_overflow_are_refused_with_a_clear_error() {
         assert!(err.contains("--handshake-rate") && !err.contains("panicked"), "{rate}: {err}");
     }
 }
+
+/// Item 11, with stderr a pipe (as under systemd or a log shipper): no line carries an ANSI
+/// colour code, and "handshake failed" lines are rate-limited. A burst of 60 failed
+/// handshakes gives at most 10 lines per second per shard; the rest are counted in one
+/// "suppressed" line, so lines plus suppressed add up to every failure.
+#[test]
+fn logs_to_a_pipe_are_plain_and_handshake_failures_are_rate_limited() {
+    use std::io::Write;
+    let mut child = ChildGuard(
+        Command::new(BIN)
+            .args(["--listen", "127.0.0.1:0", "--shards", "1", "--psk", "binary-test-key-0123"])
+            .env("RUST_LOG", "info")
+            .env_remove("NO_COLOR")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines() {
+            let _ = tx.send(l.unwrap_or_default());
+        }
+    });
+    let mut lines = Vec::new();
+    let addr = loop {
+        let l = rx.recv_timeout(Duration::from_secs(10)).expect("the listening line");
+        lines.push(l.clone());
+        if l.contains("listening") {
+            break listening_addr(&mut std::iter::once(Ok(l)));
+        }
+    };
+    // Garbage where a HELLO should be: each connection is one failed handshake, and counts
+    // toward no lockout (it named no device).
+    let garbage = |n: usize| {
+        let conns: Vec<_> = (0..n)
+            .map(|_| {
+                let mut s = std::net::TcpStream::connect(addr).unwrap();
+                s.write_all(&[0xFF; 12]).unwrap();
+                s
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        drop(conns);
+    };
+    let t0 = std::time::Instant::now();
+    garbage(60);
+    let burst = t0.elapsed();
+    std::thread::sleep(Duration::from_millis(1200));
+    garbage(1); // the next second's first line, after which the summary comes
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+    lines.extend(rx.iter());
+    for l in &lines {
+        assert!(!l.contains("\u{1b}["), "colour code in a piped log line: {l:?}");
+    }
+    let failed = lines.iter().filter(|l| l.contains("handshake failed")).count();
+    let suppressed: usize = lines
+        .iter()
+        .filter_map(|l| l.split("suppressed=").nth(1))
+        .map(|v| v.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse::<usize>().unwrap())
+        .sum();
+    assert_eq!(failed + suppressed, 61, "every failure logged or counted: {lines:#?}");
+    let windows = burst.as_secs() as usize + 2;
+    assert!(failed <= 10 * windows + 1, "{failed} lines in {burst:?}");
+    assert!(suppressed >= 60 - 10 * windows, "{suppressed} suppressed");
+}

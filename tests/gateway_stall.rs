@@ -215,3 +215,42 @@ fn a_stalled_device_never_holds_up_its_shard() {
     wait_for("the kicked hog's session ends", Duration::from_secs(2), || h.session_count() == 1);
     gw.shutdown();
 }
+
+/// The gateway's accepted socket whose peer is `client` (found among this process's
+/// descriptors, since the gateway runs in it): its `TCP_USER_TIMEOUT`, once set.
+fn accepted_user_timeout(client: std::net::SocketAddr) -> Option<Duration> {
+    use std::os::fd::BorrowedFd;
+    for e in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
+        let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        // SAFETY: the descriptor is only queried (getpeername, getsockopt), never closed or
+        // kept; if another thread closes it meanwhile, the calls fail or describe another
+        // socket, whose peer then does not match.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let s = socket2::SockRef::from(&fd);
+        let peer = s.peer_addr().ok().and_then(|a| a.as_socket());
+        if peer == Some(client) {
+            return s.tcp_user_timeout().ok().flatten();
+        }
+    }
+    None
+}
+
+/// Item 1's kernel backstop: every accepted TCP socket carries `TCP_USER_TIMEOUT`, twice the
+/// watchdog and at least 30 s, so a peer that acknowledges nothing we send (zero-window
+/// probes included) is given up by the kernel even if the gateway's own checks failed.
+#[test]
+fn accepted_sockets_carry_tcp_user_timeout_from_the_watchdog() {
+    for (watchdog, want) in [(20, 40), (5, 30)] {
+        let gw = builder().session_timeout(Duration::from_secs(watchdog)).serve(drain).unwrap();
+        let client = std::net::TcpStream::connect(gw.local_addr()).unwrap();
+        let me = client.local_addr().unwrap();
+        let mut got = None;
+        wait_for("the gateway accepts and sets the option", Duration::from_secs(5), || {
+            got = accepted_user_timeout(me);
+            got.is_some()
+        });
+        assert_eq!(got, Some(Duration::from_secs(want)), "watchdog {watchdog} s");
+        drop(client);
+        gw.shutdown();
+    }
+}

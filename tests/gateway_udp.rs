@@ -565,3 +565,58 @@ fn unregistered_devices_do_not_spend_the_handshake_budget() {
     assert!(sent >= 5 && s.handshakes_unknown_device >= 5, "{sent} cookie HELLOs, {s:?}");
     gw.shutdown();
 }
+
+/// Issue 15 item 6 through the gateway's glue: a device that authenticated over TCP (on
+/// whichever of two shards) gets a UDP cookie from the budget kept for devices known at
+/// their source, although that source's own budget is spent; a device never seen from
+/// there gets none.
+#[test]
+fn devices_that_authenticated_before_get_cookies_when_their_source_is_spent() {
+    let gw = Gateway::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .shards(2)
+        .cookie_rate_per_ip(0.01) // a burst of 10, then one HELLO answered per 100 s
+        .psk(PskSource::single(PSK).unwrap())
+        .serve(echo)
+        .unwrap();
+    let (h, addr) = (gw.handle(), gw.local_addr());
+    let src: SocketAddr = "127.0.7.1:0".parse().unwrap();
+    let cfg = |id: u8, transport| ClientConfig {
+        device_id: Some([0x4b, 0, 0, 0, 0, id]),
+        bind: Some(src),
+        transport,
+        connect_timeout: Duration::from_secs(2),
+        ..ClientConfig::new(addr, PSK)
+    };
+    usmp::rt::block_on(async {
+        for id in 1..=4 {
+            Client::connect(&cfg(id, Transport::Tcp)).await.unwrap().disconnect().await;
+        }
+    });
+    // Spend the source's cookie budget on both shards: HELLOs from 100 of its ports.
+    let mut hello = [0u8; 64];
+    let n = encode_frame(PacketType::Hello, 0, &[7; 38], &mut hello).unwrap();
+    let socks: Vec<UdpSocket> = (0..100).map(|_| UdpSocket::bind(src).unwrap()).collect();
+    for s in &socks {
+        s.send_to(&hello[..n], addr).unwrap();
+    }
+    let t0 = Instant::now();
+    while h.stats().cookie_rate_limited < 70 {
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", h.stats());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    usmp::rt::block_on(async {
+        for id in 1..=4 {
+            // The first HELLO is answered: a retry would come after 0.5 s and find the
+            // source's budget still spent.
+            let t = Instant::now();
+            let c = Client::connect(&cfg(id, Transport::Udp)).await.unwrap();
+            assert!(t.elapsed() < Duration::from_millis(400), "device {id}: {:?}", t.elapsed());
+            c.disconnect().await;
+        }
+        let never_seen = Client::connect(&cfg(0x99, Transport::Udp)).await;
+        assert!(never_seen.is_err(), "a device never seen from a spent source got a cookie");
+    });
+    drop(socks);
+    gw.shutdown();
+}

@@ -166,6 +166,8 @@ pub(super) struct Shard {
     tcp_links: Rc<Links>,
     /// This shard's half of an application ([`super::GatewayBuilder::serve_app`]).
     pub(super) app: Option<Rc<dyn ShardApp>>,
+    /// The UDP endpoint, told of every success (for its cookie path's known devices).
+    pub(super) udp: RefCell<std::rc::Weak<super::udp::UdpShard>>,
 }
 
 /// Identifies a registered handshake: slab key plus a unique id.
@@ -214,6 +216,12 @@ impl Shard {
         let mut t = self.lockout.borrow_mut();
         if !failed {
             t.succeed(ip, device, at);
+            drop(t);
+            // A device that authenticated anywhere (TCP, another shard) gets UDP cookies from
+            // the budget a spoofed-source flood cannot empty.
+            if let Some(u) = self.udp.borrow().upgrade() {
+                u.remember(ip, device, at);
+            }
             return;
         }
         let overflowed = t.overflowed();
@@ -352,6 +360,7 @@ pub(super) fn run(
         crypto_budget: Cell::new(Duration::ZERO),
         tcp_links: links(idx, &handler, app.as_ref(), None),
         app,
+        udp: RefCell::new(std::rc::Weak::new()),
     });
     let preferred = shard.shared.cfg.io_driver;
     let (_, driver) = crate::rt::run_with(preferred, shard_main(shard, sockets, inbox, handler));
@@ -381,6 +390,7 @@ async fn shard_main(
     let udp = match sockets.udp.map(|u| wire::random::<32>(&shard.rng).map(|secret| (u, secret))) {
         Some(Ok((u, secret))) => match super::udp::UdpShard::new(u, secret, &shard, &handler) {
             Ok(udp) => {
+                *shard.udp.borrow_mut() = Rc::downgrade(&udp);
                 background.extend(super::udp::start(&shard, &udp, handler.clone()));
                 Some(udp)
             }

@@ -66,11 +66,12 @@ impl UdpShard {
             max_peers: if cfg.max_sessions == 0 { 1 << 22 } else { cfg.max_sessions }
                 .saturating_add(cfg.max_handshakes_per_shard),
             handshake_timeout: cfg.handshake_timeout,
-            // Per source: `per_ip`/s with a one-second burst; plus a shard-wide ceiling.
+            // Per source: `per_ip`/s with a one-second burst; plus a shard-wide ceiling (a
+            // second one, as large, for devices known to have authenticated here).
             cookie_rate: per_ip,
             cookie_burst: per_ip.max(10.0),
             cookie_global_rate: 50_000.0,
-            cookie_sources: 65_536,
+            ..EndpointConfig::default()
         };
         let port = UdpPort::new(UdpOut::new());
         Ok(Rc::new(UdpShard {
@@ -87,6 +88,15 @@ impl UdpShard {
     /// Peers with state (handshakes or sessions): what a HELLO flood must not grow.
     pub(super) fn peer_count(&self) -> usize {
         self.ep.borrow().peer_count()
+    }
+
+    /// `device` authenticated from `ip` (anywhere in the gateway): see [`Endpoint::remember`].
+    pub(super) fn remember(&self, ip: std::net::IpAddr, device: &[u8; 6], at: Duration) {
+        // Busy only while this endpoint reports its own verified handshake, which it
+        // remembered itself.
+        if let Ok(mut ep) = self.ep.try_borrow_mut() {
+            ep.remember(ip, device, at);
+        }
     }
 }
 

@@ -3,7 +3,8 @@
 //! ([`Endpoint::poll_transmit`]), one deadline ([`Endpoint::poll_timeout`] /
 //! [`Endpoint::handle_timeout`]) and events out ([`Endpoint::poll_event`]).
 //!
-//! It owns the cookie path (source limiter, single-use cookies), the handshake under the
+//! It owns the cookie path ([`super::cookie`]: single-use cookies and the limits on who gets
+//! one, all in fixed memory), the handshake under the
 //! stop-and-wait ARQ (CHALLENGE and SESSION_OK retransmitted, the device's HELLO and HELLO_ACK
 //! acknowledged), and the demultiplexing of datagrams by peer address into handshakes and
 //! sessions. What a session does with its datagrams is [`super::link`]'s. Policy stays with the
@@ -26,13 +27,14 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 
 use super::arq::{Arq, ArqAction};
+use super::cookie::{CookieError, CookieGate, CookieJar, GateConfig};
 use super::crypto::{EphemeralKey, Psk, DEVICE_ID_LEN, HMAC_LEN, NONCE_LEN, SESSION_ID_LEN};
 use super::frame::{encode_frame, Frame, PacketType, HEADER_LEN};
 use super::handshake::{
     decode_hello, Established, Hello, ServerExpectHelloAck, COOKIE_LEN, HELLO_COOKIE_LEN,
     MAX_HANDSHAKE_FRAME_LEN, SESSION_OK_LEN,
 };
-use super::udp::{encode_utack, is_utack, CookieError, CookieJar, ExpectedAck, SourceLimiter, UTACK_MAX_LEN};
+use super::udp::{encode_utack, is_utack, ExpectedAck, UTACK_MAX_LEN};
 
 /// Largest datagram the endpoint itself sends (CHALLENGE).
 pub const MAX_TRANSMIT_LEN: usize = MAX_HANDSHAKE_FRAME_LEN;
@@ -47,14 +49,33 @@ pub struct EndpointConfig {
     pub max_peers: usize,
     /// Bound on a handshake from its valid cookie to a verified HELLO_ACK.
     pub handshake_timeout: Duration,
-    /// Cookie path: HELLOs answered per source IP per second, and the burst per source.
+    /// Cookie path: HELLOs answered per source (IPv4 address, IPv6 /64) per second.
     pub cookie_rate: f64,
     /// Burst per source.
     pub cookie_burst: f64,
-    /// Cookie path: HELLOs answered per second over all sources.
+    /// Cookie path: HELLOs answered per second over all sources not remembered as
+    /// authenticated (and, separately, over all that are).
     pub cookie_global_rate: f64,
-    /// Sources the cookie path's limiter tracks at most.
+    /// Per-source buckets of the cookie path (a fixed array; 8 bytes each).
     pub cookie_sources: usize,
+    /// (source, device) pairs remembered as authenticated (a fixed table; 16 bytes each).
+    pub known_devices: usize,
+    /// Bits of each of the two used-cookie bitmaps.
+    pub cookie_filter_bits: usize,
+}
+
+impl EndpointConfig {
+    /// The cookie gate's part of the configuration.
+    fn gate(&self) -> GateConfig {
+        GateConfig {
+            rate: self.cookie_rate,
+            burst: self.cookie_burst,
+            global_rate: self.cookie_global_rate,
+            sources: self.cookie_sources,
+            known: self.known_devices,
+            ..GateConfig::default()
+        }
+    }
 }
 
 impl Default for EndpointConfig {
@@ -66,6 +87,8 @@ impl Default for EndpointConfig {
             cookie_burst: 10.0,
             cookie_global_rate: 50_000.0,
             cookie_sources: 65_536,
+            known_devices: 65_536,
+            cookie_filter_bits: super::cookie::DEFAULT_FILTER_BITS,
         }
     }
 }
@@ -271,7 +294,7 @@ struct Peer<H> {
 pub struct Endpoint<H> {
     cfg: EndpointConfig,
     cookies: CookieJar,
-    limiter: SourceLimiter,
+    gate: CookieGate,
     peers: HashMap<SocketAddr, Peer<H>>,
     handshakes: usize,
     timers: BinaryHeap<Reverse<(Duration, SocketAddr)>>,
@@ -300,13 +323,8 @@ impl<H: Clone> Endpoint<H> {
     pub fn new(cfg: EndpointConfig, secret: &[u8; 32]) -> Self {
         Endpoint {
             cfg,
-            cookies: CookieJar::new(secret),
-            limiter: SourceLimiter::new(
-                cfg.cookie_burst,
-                cfg.cookie_rate,
-                cfg.cookie_global_rate,
-                cfg.cookie_sources,
-            ),
+            cookies: CookieJar::with_filter_bits(secret, cfg.cookie_filter_bits),
+            gate: CookieGate::new(cfg.gate(), secret),
             peers: HashMap::new(),
             handshakes: 0,
             timers: BinaryHeap::new(),
@@ -328,6 +346,30 @@ impl<H: Clone> Endpoint<H> {
     /// Cookies remembered as used.
     pub fn cookies_used(&self) -> usize {
         self.cookies.used_len()
+    }
+
+    /// Bytes the cookie path's tables take (used-cookie bitmaps, per-source buckets,
+    /// remembered devices): fixed when the endpoint is made, whatever the traffic.
+    pub fn cookie_memory_bytes(&self) -> usize {
+        self.cookies.memory_bytes() + self.gate.memory_bytes()
+    }
+
+    /// The probability that a fresh cookie is refused as used at this moment (the used-cookie
+    /// bitmaps' price for fixed memory).
+    pub fn cookie_false_refusal(&self) -> f64 {
+        self.cookies.false_refusal()
+    }
+
+    /// `device` authenticated from `ip` (over TCP, or on another shard): remember the pair, so
+    /// that its HELLOs get cookies from the budget a spoofed flood cannot reach. Handshakes
+    /// this endpoint verifies are remembered without this call.
+    pub fn remember(&mut self, ip: core::net::IpAddr, device: &[u8; DEVICE_ID_LEN], now: Duration) {
+        self.gate.remember(ip, device, now);
+    }
+
+    /// Whether `device` is remembered as authenticated from `ip` at `now`.
+    pub fn is_known(&self, ip: core::net::IpAddr, device: &[u8; DEVICE_ID_LEN], now: Duration) -> bool {
+        self.gate.is_known(ip, device, now)
     }
 
     /// Every attached session (shutdown closes them).
@@ -419,7 +461,7 @@ impl<H: Clone> Endpoint<H> {
     fn cookie_path(&mut self, now: Duration, from: SocketAddr, frame: &Frame<'_>) -> DatagramEvent<H> {
         let Ok(hello) = decode_hello(frame) else { return DatagramEvent::Done(Handled::Malformed) };
         let Some(cookie) = hello.cookie else {
-            if !self.limiter.allow(from.ip(), now) {
+            if self.gate.allow(from.ip(), &hello.device_id, now).is_none() {
                 return DatagramEvent::Done(Handled::RateLimited);
             }
             let c = self.cookies.issue(from, &hello.device_id, &hello.pub_c, bucket(now));
@@ -555,6 +597,10 @@ impl<H: Clone> Endpoint<H> {
         hs.arq.on_send(ExpectedAck::new(PacketType::SessionOk as u8, 0, None), now);
         hs.stage = Stage::SessionOk { proof, ack_seq: seq, frame: ok };
         hs.deadline = now + timeout;
+        // The device proved its key from this address: its next HELLOs draw on the budget
+        // kept for devices known here.
+        let device = hs.hello.device_id;
+        self.gate.remember(from.ip(), &device, now);
         self.handshakes -= 1;
         self.utack(from, PacketType::HelloAck, seq);
         // Step 4: the caller attaches the session before SESSION_OK can be answered, so the
@@ -618,7 +664,6 @@ impl<H: Clone> Endpoint<H> {
             .filter(|hs| !matches!(hs.stage, Stage::SessionOk { .. }));
         assert_eq!(pending.count(), self.handshakes, "handshake count drifted");
         assert!(self.peers.len() <= self.cfg.max_peers, "peer table over its bound");
-        assert!(self.limiter.len() <= self.cfg.cookie_sources, "limiter table over its bound");
         for p in self.peers.values() {
             assert!(p.hs.is_some() || p.session.is_some(), "empty peer entry kept");
             if let Some(hs) = &p.hs {

@@ -3,6 +3,7 @@
 //! testable with byte vectors (see DESIGN.md, layer 1).
 
 pub mod arq;
+pub mod cookie;
 pub mod crc16;
 pub mod crypto;
 pub mod deframer;

@@ -210,6 +210,33 @@ impl Pair {
         self.wire.push(InFlight { at: self.now, to_gateway: true, from, bytes: bytes.to_vec() });
     }
 
+    /// Hand the gateway a datagram from `from` at once (a flood's: cheaper than the wire);
+    /// answers to any address but the device's are dropped, as a spoofer never sees them.
+    pub fn deliver_now(&mut self, from: SocketAddr, bytes: &[u8]) -> Option<Handled> {
+        let h = match self.gateway.handle_datagram(self.now, from, bytes) {
+            DatagramEvent::Done(h) => Some(h),
+            DatagramEvent::Incoming(inc) => {
+                self.gateway.accept(self.now, inc);
+                None
+            }
+            DatagramEvent::Session(_) => None,
+        };
+        self.collect();
+        h
+    }
+
+    /// The device starts over as `device_id` from `addr`, with a fresh key (a reboot, a new
+    /// NAT mapping, or another device behind the same address); its old session is dropped.
+    pub fn restart_device(&mut self, addr: SocketAddr, device_id: [u8; 6]) {
+        let psk = Psk::new(PAIR_PSK).expect("16+ bytes");
+        let key = EphemeralKey::from_seed(&self.rng.bytes()).ok();
+        self.device = key.and_then(|k| Device::new(self.now, self.gateway_addr, device_id, psk, k).ok());
+        self.device_session = None;
+        self.device_error = None;
+        self.device_addr = addr;
+        self.collect();
+    }
+
     /// Move everything the peers queued onto the wire, and act on the gateway's events.
     fn collect(&mut self) {
         loop {

@@ -1,15 +1,13 @@
 //! The UDP binding's sans-IO pieces (PROTOCOL.md §7): UTACK transport acknowledgements with
-//! their 8-byte MAC, the stateless return-routability cookie, a bounded per-source token bucket
-//! for the cookie path, and the Jacobson/Karn retransmission timer of the stop-and-wait ARQ.
+//! their 8-byte MAC and the Jacobson/Karn retransmission timer of the stop-and-wait ARQ. The
+//! cookie path's state (cookies, used-cookie memory, its rate limits) is in [`super::cookie`].
 
-use core::net::{IpAddr, SocketAddr};
 use core::time::Duration;
-use std::collections::{HashMap, HashSet};
 
 use ring::hmac;
 
-use super::crypto::{ct_eq, DEVICE_ID_LEN, KEY_LEN, PUB_KEY_LEN};
-use super::handshake::COOKIE_LEN;
+pub use super::cookie::{CookieError, CookieJar};
+use super::crypto::{ct_eq, KEY_LEN};
 
 /// First two bytes of every UTACK.
 pub const UTACK_MAGIC: [u8; 2] = [0xAC, 0xAC];
@@ -96,183 +94,6 @@ impl ExpectedAck {
                 datagram.len() >= UTACK_MAX_LEN && ct_eq(mac, &datagram[UTACK_HEADER_LEN..UTACK_MAX_LEN])
             }
         }
-    }
-}
-
-/// Issues and checks the stateless cookies of the UDP handshake. A cookie binds the peer's
-/// address, device id and public key to a 30-second time bucket; it is accepted in the
-/// current and the previous bucket, and only once.
-pub struct CookieJar {
-    key: hmac::Key,
-    used: HashSet<[u8; COOKIE_LEN]>,
-    used_prev: HashSet<[u8; COOKIE_LEN]>,
-    used_bucket: u64,
-}
-
-impl core::fmt::Debug for CookieJar {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("CookieJar").field("used", &(self.used.len() + self.used_prev.len())).finish()
-    }
-}
-
-/// Why a cookie HELLO was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum CookieError {
-    /// Not issued by us for this address, device and key in the last two buckets.
-    Invalid,
-    /// Valid, but already used once (a replayed HELLO).
-    Replayed,
-}
-
-impl CookieJar {
-    /// A jar with a 32-byte random secret.
-    pub fn new(secret: &[u8; 32]) -> Self {
-        CookieJar {
-            key: hmac::Key::new(hmac::HMAC_SHA256, secret),
-            used: HashSet::new(),
-            used_prev: HashSet::new(),
-            used_bucket: 0,
-        }
-    }
-
-    /// The time bucket of a wall-clock time in seconds since the Unix epoch.
-    pub fn bucket(unix_secs: u64) -> u64 {
-        unix_secs / COOKIE_BUCKET_SECS
-    }
-
-    fn mac(
-        &self,
-        peer: SocketAddr,
-        device_id: &[u8; DEVICE_ID_LEN],
-        pub_c: &[u8; PUB_KEY_LEN],
-        bucket: u64,
-    ) -> [u8; COOKIE_LEN] {
-        let mut ctx = hmac::Context::with_key(&self.key);
-        match peer.ip() {
-            IpAddr::V4(v4) => ctx.update(&v4.octets()),
-            IpAddr::V6(v6) => ctx.update(&v6.octets()),
-        }
-        ctx.update(&peer.port().to_le_bytes());
-        ctx.update(&bucket.to_le_bytes());
-        ctx.update(device_id);
-        ctx.update(pub_c);
-        let mut c = [0u8; COOKIE_LEN];
-        c.copy_from_slice(&ctx.sign().as_ref()[..COOKIE_LEN]);
-        c
-    }
-
-    /// The cookie for a HELLO without one.
-    pub fn issue(
-        &self,
-        peer: SocketAddr,
-        device_id: &[u8; DEVICE_ID_LEN],
-        pub_c: &[u8; PUB_KEY_LEN],
-        bucket: u64,
-    ) -> [u8; COOKIE_LEN] {
-        self.mac(peer, device_id, pub_c, bucket)
-    }
-
-    /// Check a returned cookie (constant time) and consume it.
-    pub fn redeem(
-        &mut self,
-        peer: SocketAddr,
-        device_id: &[u8; DEVICE_ID_LEN],
-        pub_c: &[u8; PUB_KEY_LEN],
-        cookie: &[u8; COOKIE_LEN],
-        bucket: u64,
-    ) -> Result<(), CookieError> {
-        let ok = [bucket, bucket.saturating_sub(1)]
-            .iter()
-            .any(|b| ct_eq(&self.mac(peer, device_id, pub_c, *b), cookie));
-        if !ok {
-            return Err(CookieError::Invalid);
-        }
-        // Used cookies only need remembering while they could still verify: two buckets.
-        if bucket != self.used_bucket {
-            self.used_prev =
-                if bucket == self.used_bucket + 1 { core::mem::take(&mut self.used) } else { HashSet::new() };
-            self.used.clear();
-            self.used_bucket = bucket;
-        }
-        if self.used.contains(cookie) || self.used_prev.contains(cookie) {
-            return Err(CookieError::Replayed);
-        }
-        self.used.insert(*cookie);
-        Ok(())
-    }
-
-    /// Cookies remembered as used (bounded by what two buckets of real clients redeem).
-    pub fn used_len(&self) -> usize {
-        self.used.len() + self.used_prev.len()
-    }
-}
-
-/// Per-source token buckets with a hard bound on memory: when the table is full, entries
-/// that have refilled are dropped; if it is still full, the table is reset (a spoofed-source
-/// flood then meets the global bucket alone).
-#[derive(Debug)]
-pub struct SourceLimiter {
-    per_source: HashMap<IpAddr, (f64, Duration)>,
-    global: (f64, Duration),
-    burst: f64,
-    rate: f64,
-    global_burst: f64,
-    global_rate: f64,
-    max_sources: usize,
-}
-
-impl SourceLimiter {
-    /// `burst`/`rate` per source, `global_rate` over all sources, at most `max_sources` entries.
-    pub fn new(burst: f64, rate: f64, global_rate: f64, max_sources: usize) -> Self {
-        SourceLimiter {
-            per_source: HashMap::new(),
-            global: (global_rate, Duration::ZERO),
-            burst,
-            rate,
-            global_burst: global_rate,
-            global_rate,
-            max_sources,
-        }
-    }
-
-    fn refill(tokens: f64, last: Duration, now: Duration, rate: f64, burst: f64) -> f64 {
-        (tokens + now.saturating_sub(last).as_secs_f64() * rate).min(burst)
-    }
-
-    /// Take one token for `ip` at `now`; false means drop the request.
-    pub fn allow(&mut self, ip: IpAddr, now: Duration) -> bool {
-        let g = Self::refill(self.global.0, self.global.1, now, self.global_rate, self.global_burst);
-        if g < 1.0 {
-            self.global = (g, now);
-            return false;
-        }
-        if !self.per_source.contains_key(&ip) && self.per_source.len() >= self.max_sources {
-            let (rate, burst) = (self.rate, self.burst);
-            self.per_source.retain(|_, (t, last)| Self::refill(*t, *last, now, rate, burst) < burst);
-            if self.per_source.len() >= self.max_sources {
-                self.per_source.clear();
-            }
-        }
-        let (t, last) = self.per_source.get(&ip).copied().unwrap_or((self.burst, now));
-        let t = Self::refill(t, last, now, self.rate, self.burst);
-        if t < 1.0 {
-            self.per_source.insert(ip, (t, now));
-            return false;
-        }
-        self.per_source.insert(ip, (t - 1.0, now));
-        self.global = (g - 1.0, now);
-        true
-    }
-
-    /// Sources tracked.
-    pub fn len(&self) -> usize {
-        self.per_source.len()
-    }
-
-    /// No sources tracked.
-    pub fn is_empty(&self) -> bool {
-        self.per_source.is_empty()
     }
 }
 
