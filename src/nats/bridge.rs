@@ -4,7 +4,7 @@
 //! connected elsewhere, and hosts the downlink and key-bucket tasks. Shards talk to it through
 //! channels only; nothing here runs on a shard.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -50,8 +50,6 @@ pub(super) struct Ctx {
     /// Steps of the start done (streams provisioned, downlink requests served): see
     /// [`super::NatsBridge::wait_ready`].
     pub(super) ready: tokio::sync::watch::Sender<u8>,
-    /// Sessions with a publish in flight, and their uplinks waiting behind it.
-    pub(super) publishing: Mutex<HashMap<[u8; 16], std::collections::VecDeque<Up>>>,
     /// Devices whose queue is being drained; true if a nudge asked for another look.
     pub(super) draining: Mutex<HashMap<[u8; 6], bool>>,
     pub(super) presence: tokio::sync::OnceCell<kv::Store>,
@@ -247,35 +245,14 @@ pub(super) async fn ensure_bucket(
     js.get_key_value(bucket).await.map_err(|e| format!("bucket {bucket}: {e}"))
 }
 
-/// Hand an uplink to its session's publisher: one publish in flight per session, so a
-/// session's messages are stored in the order the device sent them, retries included.
-fn enqueue(ctx: &Arc<Ctx>, up: Up) {
-    let Up::Publish { tag, .. } = &up else { return };
-    let session = tag.session;
-    {
-        let mut q = ctx.publishing.lock();
-        match q.get_mut(&session) {
-            Some(waiting) => {
-                waiting.push_back(up);
-                return;
-            }
-            None => {
-                q.insert(session, std::collections::VecDeque::new());
-            }
-        }
-    }
-    let ctx = ctx.clone();
-    tokio::spawn(async move {
-        let mut next = Some(up);
-        while let Some(up) = next {
-            publish(&ctx, up).await;
-            let mut q = ctx.publishing.lock();
-            next = q.get_mut(&session).and_then(|w| w.pop_front());
-            if next.is_none() {
-                q.remove(&session);
-            }
-        }
-    });
+/// Store `up` (a [`Up::Publish`]); yields its session once stored.
+async fn publish_owned(ctx: Arc<Ctx>, up: Up) -> [u8; 16] {
+    let session = match &up {
+        Up::Publish { tag, .. } => tag.session,
+        _ => [0; 16],
+    };
+    publish(&ctx, up).await;
+    session
 }
 
 /// Store one uplink, retrying until JetStream acknowledges it, then tell its shard.
@@ -442,24 +419,53 @@ pub(super) async fn sample_queue_depth(ctx: Arc<Ctx>) {
     }
 }
 
-/// Route everything the shards send.
+/// Route everything the shards send. Uplinks are stored one publish in flight per session,
+/// so a session's messages reach the stream in the order the device sent them, retries
+/// included; the publishes in flight are futures polled here rather than a task each.
 pub(super) async fn dispatch(ctx: Arc<Ctx>, up: flume::Receiver<Vec<Up>>) {
-    while let Ok(batch) = up.recv_async().await {
-        for msg in batch {
-            dispatch_one(&ctx, msg);
+    let mut storing = futures_util::stream::FuturesUnordered::new();
+    // Sessions with a publish in flight, and their uplinks waiting behind it.
+    let mut waiting: HashMap<[u8; 16], VecDeque<Up>> = HashMap::new();
+    loop {
+        tokio::select! {
+            batch = up.recv_async() => {
+                let Ok(batch) = batch else { break };
+                for msg in batch {
+                    match msg {
+                        Up::Publish { ref tag, .. } => {
+                            let session = tag.session;
+                            match waiting.get_mut(&session) {
+                                Some(q) => q.push_back(msg),
+                                None => {
+                                    waiting.insert(session, VecDeque::new());
+                                    storing.push(publish_owned(ctx.clone(), msg));
+                                }
+                            }
+                        }
+                        Up::Opened(f) => opened(&ctx, f),
+                        Up::Closed(f, reason) => closed(&ctx, f, reason),
+                        Up::Delivery { id, outcome } => {
+                            if let Some(tx) = ctx.deliveries.lock().remove(&id) {
+                                let _ = tx.send(outcome);
+                            }
+                        }
+                    }
+                }
+            }
+            Some(session) = storing.next(), if !storing.is_empty() => {
+                match waiting.get_mut(&session).and_then(VecDeque::pop_front) {
+                    Some(next) => storing.push(publish_owned(ctx.clone(), next)),
+                    None => {
+                        waiting.remove(&session);
+                    }
+                }
+            }
         }
     }
-}
-
-fn dispatch_one(ctx: &Arc<Ctx>, msg: Up) {
-    match msg {
-        m @ Up::Publish { .. } => enqueue(ctx, m),
-        Up::Opened(f) => opened(ctx, f),
-        Up::Closed(f, reason) => closed(ctx, f, reason),
-        Up::Delivery { id, outcome } => {
-            if let Some(tx) = ctx.deliveries.lock().remove(&id) {
-                let _ = tx.send(outcome);
-            }
+    // The shards are gone: finish what they handed over.
+    while let Some(session) = storing.next().await {
+        if let Some(next) = waiting.get_mut(&session).and_then(VecDeque::pop_front) {
+            storing.push(publish_owned(ctx.clone(), next));
         }
     }
 }

@@ -46,6 +46,15 @@ impl Reply {
     }
     /// The JSON body.
     pub fn to_json(&self) -> Bytes {
+        // Every delivered downlink is answered: spare the common case a JSON tree.
+        if self.reason.is_none() {
+            match self.status {
+                "delivered" => return Bytes::from_static(br#"{"status":"delivered"}"#),
+                "queued" => return Bytes::from_static(br#"{"status":"queued"}"#),
+                "offline" => return Bytes::from_static(br#"{"status":"offline"}"#),
+                _ => {}
+            }
+        }
         let mut v = serde_json::json!({ "status": self.status });
         if let Some(r) = &self.reason {
             v["reason"] = r.clone().into();
@@ -279,5 +288,25 @@ pub(super) async fn drain_queue(ctx: Arc<Ctx>, device: [u8; 6]) {
         }
         d.remove(&device);
         return;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_round_trip_and_match_their_json() {
+        for status in super::super::link::DOWNLINK_STATUSES {
+            let r = Reply { status, reason: None };
+            let body = r.to_json();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v, serde_json::json!({ "status": status }), "{status}");
+            assert_eq!(Reply::parse(&body), Some(r));
+        }
+        let r = Reply::rejected("device busy");
+        let v: serde_json::Value = serde_json::from_slice(&r.to_json()).unwrap();
+        assert_eq!(v, serde_json::json!({ "status": "rejected", "reason": "device busy" }));
+        assert_eq!(Reply::parse(&r.to_json()), Some(r));
     }
 }

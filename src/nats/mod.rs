@@ -139,7 +139,6 @@ impl NatsBridge {
                         next_delivery: AtomicU64::new(1),
                         local: Mutex::default(),
                         draining: Mutex::default(),
-                        publishing: Mutex::default(),
                         ready: tokio::sync::watch::channel(0).0,
                         presence: tokio::sync::OnceCell::new(),
                         down_stream: tokio::sync::OnceCell::new(),
