@@ -27,8 +27,7 @@ use crate::proto::frame::Frame;
 use crate::proto::handshake::{decode_hello, ServerExpectHelloAck, MAX_HANDSHAKE_FRAME_LEN};
 use crate::proto::lockout::{Admission, LockoutTable};
 use crate::proto::session::Session as ProtoSession;
-use crate::proto::Transport;
-use crate::psk::{format_device_id, to_hex};
+use crate::proto::{DeviceId, SessionId, Transport};
 use crate::rt::conn::{self, CloseReason, Conn, Links};
 use crate::rt::{now, wire, Error};
 
@@ -87,7 +86,7 @@ fn bind_sockets_once(
     let mut out = Vec::with_capacity(n);
     let mut addr = addr;
     for _ in 0..n {
-        let tcp = if t.tcp() {
+        let tcp = if t.contains(Transport::Tcp) {
             let s = reuseport_socket(addr, Type::STREAM, Protocol::TCP)?;
             s.set_nodelay(true)?;
             s.listen(LISTEN_BACKLOG)?;
@@ -97,7 +96,7 @@ fn bind_sockets_once(
         } else {
             None
         };
-        let udp = if t.udp() {
+        let udp = if t.contains(Transport::Udp) {
             let s = match reuseport_socket(addr, Type::DGRAM, Protocol::UDP) {
                 Ok(s) => s,
                 Err(e) => {
@@ -136,8 +135,8 @@ impl Live {
 
     pub(super) fn info(&self, shard: usize) -> SessionInfo {
         SessionInfo {
-            device_id: self.conn.device_id(),
-            session_id: self.conn.session_id(),
+            device_id: self.conn.device_id().into(),
+            session_id: self.conn.session_id().into(),
             transport: self.conn.transport(),
             peer: self.conn.peer(),
             shard,
@@ -549,7 +548,7 @@ pub(super) fn record_failure(shard: &Shard, peer: SocketAddr, f: Failure) {
     // A peer that connected and left without a byte is not an attack on a key.
     let silent_close = f.reason.is_clean_close() && f.device.is_none();
     if !silent_close && shard.may_log() {
-        tracing::info!(%peer, device = ?f.device.map(|d| format_device_id(&d)), reason = %f.reason, "handshake failed");
+        tracing::info!(%peer, device = ?f.device.map(DeviceId::new), reason = %f.reason, "handshake failed");
     }
     // Only a handshake that named a device counts: garbage, silence or a socket closed
     // before a HELLO tries no key, and must not lock a whole NAT address out.
@@ -628,7 +627,7 @@ pub(super) fn open_session(shard: &Rc<Shard>, conn: &Rc<Conn>, handler: &Handler
     conn.tag.set(key as u32);
     shard.by_device.borrow_mut().insert(device_id, key);
     ShardStats::inc(open_gauge(shard, transport));
-    tracing::info!(device = %format_device_id(&device_id), session = %to_hex(&session_id), %peer, ?transport, shard = shard.idx, "session up");
+    tracing::info!(device = %DeviceId::new(device_id), session = %SessionId::new(session_id), %peer, ?transport, shard = shard.idx, "session up");
     if let Some(app) = &shard.app {
         app.on_open(&Session { conn: conn.clone(), shard: shard.idx, transport });
     }
@@ -637,7 +636,7 @@ pub(super) fn open_session(shard: &Rc<Shard>, conn: &Rc<Conn>, handler: &Handler
         let c2 = conn.clone();
         monoio::spawn(async move {
             if crate::rt::CatchUnwind::new(fut).await.is_err() {
-                tracing::error!(device = %format_device_id(&c2.device_id()), "session handler panicked");
+                tracing::error!(device = %DeviceId::new(c2.device_id()), "session handler panicked");
             }
             c2.close(CloseReason::HandlerDone, true);
         });
@@ -674,7 +673,7 @@ pub(super) fn close_session(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     s.bytes_out.fetch_add(st.bytes_out, Ordering::Relaxed);
     s.udp_retransmits.fetch_add(st.retransmits, Ordering::Relaxed);
     ShardStats::dec(open_gauge(shard, conn.transport()));
-    tracing::info!(device = %format_device_id(&device_id), %peer, reason = reason.as_str(), detail = ?reason, "session down");
+    tracing::info!(device = %DeviceId::new(device_id), %peer, reason = reason.as_str(), detail = ?reason, "session down");
     shard.sessions.borrow_mut().remove(key);
     let mut by = shard.by_device.borrow_mut();
     if by.get(&device_id) == Some(&key) {
@@ -711,7 +710,7 @@ impl crate::rt::conn::MessageHook for InlineHook {
         let s = Session { conn: conn.clone(), shard: self.shard, transport: conn.transport() };
         let f = &self.on_message;
         if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&s, msg))).is_err() {
-            tracing::error!(device = %format_device_id(&conn.device_id()), "message handler panicked");
+            tracing::error!(device = %DeviceId::new(conn.device_id()), "message handler panicked");
             conn.close(CloseReason::HandlerDone, true);
         }
         crate::rt::conn::Ack::Now

@@ -72,7 +72,7 @@ impl Reply {
 /// Hand a downlink to the shard holding the device here; `None` if no session is here.
 async fn deliver_local(ctx: &Arc<Ctx>, device: [u8; 6], payload: Bytes) -> Option<Delivery> {
     let gw = ctx.gateway.get()?;
-    let shard = gw.device_shard(&device)?;
+    let shard = gw.device_shard(device.into())?;
     let tx = ctx.shards.get(shard)?;
     let id = ctx.next_delivery.fetch_add(1, Ordering::Relaxed);
     let (done, wait) = oneshot::channel();

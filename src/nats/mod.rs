@@ -8,9 +8,8 @@
 //! shards hand it work through channels and never block on it (see [`link`]).
 //!
 //! ```no_run
-//! use usmp::gateway::Gateway;
 //! use usmp::nats::{NatsBridge, NatsConfig};
-//! use usmp::psk::PskSource;
+//! use usmp::{Gateway, PskSource};
 //!
 //! let cfg = NatsConfig { urls: vec!["nats://127.0.0.1:4222".into()], ..NatsConfig::default() };
 //! let bridge = NatsBridge::start(cfg, 2).unwrap();

@@ -217,7 +217,7 @@ impl ShardApp for NatsShard {
         let tag = Arc::new(PublishTag {
             session: s.session_id_bytes(),
             subject: format!("{}.up.{}", self.prefix, super::config::device_token(&device)).into(),
-            device: crate::psk::format_device_id(&device),
+            device: crate::proto::DeviceId::new(device).to_string(),
             session_hex: crate::psk::to_hex(&s.session_id_bytes()),
             transport: super::bridge::transport_label(s.transport()),
         });

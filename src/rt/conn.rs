@@ -131,7 +131,8 @@ pub trait MessageHook {
     fn on_output_progress(&self, _conn: &Rc<Conn>) {}
 }
 
-/// What a [`MessageHook`] does with the device's acknowledgement of a message.
+/// What the application's message hook (`gateway::app::ShardApp::on_message`) does with the
+/// device's acknowledgement of a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ack {
     /// Acknowledge as usual.

@@ -80,11 +80,6 @@ pub fn run_with<F: Future>(preferred: Driver, fut: F) -> (F::Output, Driver) {
     (rt.block_on(fut), Driver::Legacy)
 }
 
-/// Sleep on the current monoio runtime.
-pub async fn sleep(d: Duration) {
-    monoio::time::sleep(d).await
-}
-
 /// Runs a future and turns a panic inside it into `Err(())`, so a panicking session handler
 /// ends its own session instead of the shard's runtime (and every other session on it).
 pub struct CatchUnwind<F: Future>(std::pin::Pin<Box<F>>);

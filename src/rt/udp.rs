@@ -27,7 +27,7 @@ const MAX_QUEUED: usize = 65_536;
 /// Spare buffers kept for reuse: enough for a busy loop turn; a burst's worth beyond this is
 /// freed rather than held for the life of the socket.
 const MAX_POOLED: usize = 512;
-pub use crate::proto::link::{Inbound, ACK_LOSS_MEMORY, LAST_ATTEMPTS_DOUBLED, UTACK_COPIES};
+pub use crate::proto::link::Inbound;
 /// Receive buffer: larger than any valid datagram, so oversize ones are seen (and dropped).
 pub const RECV_BUF_LEN: usize = 2048;
 
@@ -118,11 +118,6 @@ impl UdpOut {
     pub fn stop(&self) {
         self.stopped.set(true);
         self.ev.notify();
-    }
-
-    /// Datagrams waiting to be sent.
-    pub fn queued(&self) -> usize {
-        self.queue.borrow().len()
     }
 }
 
