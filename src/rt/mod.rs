@@ -43,6 +43,7 @@ pub async fn yield_now() {
 
 /// Which I/O driver a runtime ended up with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Driver {
     /// io_uring.
     IoUring,
