@@ -24,7 +24,7 @@ use crate::proto::handshake::{ClientHandshake, ClientReply, MAX_HANDSHAKE_FRAME_
 use crate::proto::session::Session;
 use crate::proto::Transport;
 use crate::proto::{DeviceId, SessionId};
-use crate::rt::conn::{self, CloseReason, Conn};
+use crate::rt::conn::{CloseReason, Conn};
 use crate::rt::{wire, Error};
 
 /// How to reach and authenticate to a gateway. Its `Debug` never shows the key.
@@ -166,7 +166,7 @@ impl Client {
                 Err(_) => return Err(Error::timeout("handshake timed out")),
             };
         let conn = Conn::new(session, cfg.addr);
-        let driver = monoio::spawn(conn::drive(conn.clone(), stream, deframer));
+        let driver = monoio::spawn(crate::rt::tcp::drive(conn.clone(), stream, deframer));
         Ok(Client::started(cfg, conn, driver))
     }
 

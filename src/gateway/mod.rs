@@ -21,13 +21,18 @@
 //! ```
 
 pub mod app;
+mod bind;
+mod boot;
 mod directory;
 mod inbox;
 mod outcome;
+mod port;
+mod registry;
 mod session;
 mod shard;
 mod stats;
 mod sweeper;
+mod tcp;
 mod udp;
 
 use std::collections::HashMap;
@@ -378,7 +383,7 @@ impl GatewayBuilder {
     fn start(self, handler: Handler) -> Result<Gateway, Error> {
         self.validate()?;
         let cfg = self.cfg;
-        let listeners = shard::bind_sockets(cfg.listen, cfg.shards, cfg.transports)?;
+        let listeners = bind::bind_sockets(cfg.listen, cfg.shards, cfg.transports)?;
         let local_addr = listeners[0].local_addr()?;
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..cfg.shards).map(|_| flume::bounded(INBOX_CAP)).unzip();
         let shared = Arc::new(Shared {
@@ -400,7 +405,7 @@ impl GatewayBuilder {
             let handler = handler.clone();
             let t = std::thread::Builder::new()
                 .name(format!("usmp-shard-{i}"))
-                .spawn(move || shard::run(i, shared, listener, rx, handler))?;
+                .spawn(move || boot::run(i, shared, listener, rx, handler))?;
             threads.push(t);
         }
         Ok(Gateway { handle: GatewayHandle { shared }, threads, local_addr })

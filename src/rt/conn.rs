@@ -1,4 +1,4 @@
-//! One established connection on one thread. TCP: one future ([`drive`], in `rt::tcp`) waits for
+//! One established connection on one thread. TCP: one future (`drive`, in `rt::tcp`) waits for
 //! readiness, reads into a buffer lent only while frames are open, opens frames in place,
 //! answers PINGs and refreshes the watchdog clock whether or not the application reads, and
 //! sends the one outgoing buffer without waiting. The application side (`send`, `recv`,
@@ -11,9 +11,8 @@ use std::net::SocketAddr;
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
+use super::datagram::UdpOut;
 use super::event::LocalEvent;
-pub use super::tcp::{drive, drive_then};
-use super::udp::UdpPort;
 use super::{now, Error};
 use crate::proto::crypto::REKEY_SALT_LEN;
 use crate::proto::frame::HEADER_LEN;
@@ -149,7 +148,21 @@ pub struct Links {
     pub hook: Option<Box<dyn MessageHook>>,
     /// UDP: drive the stop-and-wait sender inline and from the port's timers instead of
     /// from a task per connection.
-    pub port: Option<Rc<UdpPort>>,
+    pub port: Option<Rc<dyn Port>>,
+}
+
+/// The owner of port-driven UDP connections (the gateway's shared socket): it sends their
+/// datagrams, moves their stop-and-wait senders and keeps their timers. A trait, so that the
+/// connection calls its owner without this file depending on the owner, which depends on it.
+pub trait Port {
+    /// The queue the connection's datagrams leave through.
+    fn out(&self) -> &UdpOut;
+    /// Advance `conn`'s sender at `t` (`rt::udp::step`); true once it is finished.
+    fn step(&self, conn: &Conn, t: Duration) -> bool;
+    /// Look at `conn` again no later than `at`.
+    fn arm(&self, conn: &Conn, at: Duration);
+    /// `conn` is closed with nothing left to deliver: its owner unregisters it.
+    fn finished(&self, conn: Rc<Conn>);
 }
 
 /// [`ConnStats`] as a connection stores them: the rare counters in 32 bits (they saturate).
@@ -256,7 +269,7 @@ impl Conn {
         })
     }
 
-    fn port(&self) -> Option<&Rc<UdpPort>> {
+    fn port(&self) -> Option<&Rc<dyn Port>> {
         self.links.as_ref()?.port.as_ref()
     }
 
@@ -415,7 +428,7 @@ impl Conn {
             return;
         };
         let t = now();
-        if super::udp::step(self, port.out(), t) {
+        if port.step(self, t) {
             // `step` may close the connection, which kicks again: hand it over once.
             if self.finish() {
                 if let Some(me) = self.me.upgrade() {

@@ -3,6 +3,7 @@
 //! connection driver, and small single-thread primitives.
 
 pub mod conn;
+pub mod datagram;
 pub mod error;
 pub mod event;
 pub(crate) mod fd;
