@@ -18,8 +18,8 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::oneshot;
 
-use super::bridge::Ctx;
 use super::config::{parse_device_token, MAX_DOWNLINK};
+use super::ctx::Ctx;
 use super::link::{Delivery, Down};
 
 /// How long a holder may take to get a downlink out (UDP: five attempts with backoff).

@@ -25,6 +25,7 @@
 
 mod bridge;
 pub mod config;
+mod ctx;
 mod downlink;
 mod keys;
 pub mod link;
@@ -50,7 +51,7 @@ use link::{Down, Up};
 
 /// A running bridge: its thread, the channels to the shards, and its counters.
 pub struct NatsBridge {
-    ctx: Arc<bridge::Ctx>,
+    ctx: Arc<ctx::Ctx>,
     up: flume::Sender<Vec<Up>>,
     downs: Vec<flume::Receiver<Vec<Down>>>,
     runtime: tokio::runtime::Handle,
@@ -127,7 +128,7 @@ impl NatsBridge {
                         }
                     };
                     let js = async_nats::jetstream::new(client.clone());
-                    let ctx = Arc::new(bridge::Ctx {
+                    let ctx = Arc::new(ctx::Ctx {
                         cfg: thread_cfg,
                         client,
                         js,
