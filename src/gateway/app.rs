@@ -11,6 +11,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 
 use super::session::Session;
+use crate::proto::DeviceId;
 use crate::rt::conn::{CloseReason, Conn, MessageHook};
 use crate::rt::event::LocalEvent;
 
@@ -75,8 +76,8 @@ impl ShardContext {
     }
 
     /// The live session of `device_id` on this shard, if any.
-    pub fn session(&self, device_id: &[u8; 6]) -> Option<Session> {
-        self.shard.session(device_id)
+    pub fn session(&self, device_id: DeviceId) -> Option<Session> {
+        self.shard.session(device_id.as_bytes())
     }
 
     /// Completes once the gateway is shutting down.

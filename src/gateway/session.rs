@@ -22,16 +22,16 @@ impl Session {
     pub fn device_id(&self) -> DeviceId {
         DeviceId::new(self.conn.device_id())
     }
-    /// Device id bytes.
-    pub fn device_id_bytes(&self) -> [u8; 6] {
+    /// Device id bytes, for maps inside the crate (the API gives [`Session::device_id`]).
+    pub(crate) fn device_id_bytes(&self) -> [u8; 6] {
         self.conn.device_id()
     }
     /// The session (`Display`: 32 lowercase hex characters).
     pub fn session_id(&self) -> SessionId {
         SessionId::new(self.conn.session_id())
     }
-    /// Session id bytes.
-    pub fn session_id_bytes(&self) -> [u8; 16] {
+    /// Session id bytes, for maps inside the crate (the API gives [`Session::session_id`]).
+    pub(crate) fn session_id_bytes(&self) -> [u8; 16] {
         self.conn.session_id()
     }
     /// The device's address.

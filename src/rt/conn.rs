@@ -224,7 +224,9 @@ pub struct Conn {
     stats: Cell<Counters>,
     transport: Transport,
     links: Option<Rc<Links>>,
-    /// The owner's handle for this connection (the gateway's slab key).
+    /// A number the owner keeps with the connection to find its own record of it (the
+    /// gateway: its slab key). rt never reads it; four bytes here save the owner a map from
+    /// connection to record.
     pub(crate) tag: Cell<u32>,
     /// UDP: the transport state (`proto::link`): the frame in flight (the first frame of
     /// `out`), the UTACK each queued frame expects, signs of UTACK loss.
