@@ -11,7 +11,7 @@ use usmp::proto::crypto::{EphemeralKey, Psk};
 use usmp::proto::frame::{encode_frame, Frame, PacketType, MAX_FRAME_LEN};
 use usmp::proto::handshake::{decode_hello, ClientHandshake, ClientReply, ServerExpectHelloAck};
 use usmp::proto::session::{Session, MAX_SEALED_MESSAGE_LEN};
-use usmp::proto::Transport;
+use usmp::Transport;
 
 use usmp::proto::testing::session_pair as pair;
 

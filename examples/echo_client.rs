@@ -3,13 +3,13 @@
 
 use std::time::Duration;
 
-use usmp::client::{Client, ClientConfig};
+use usmp::{Client, ClientConfig};
 
 fn main() {
     let mut args = std::env::args().skip(1);
     let addr = args.next().unwrap_or_else(|| "127.0.0.1:9000".into()).parse().expect("ADDR:PORT");
     let psk = args.next().expect("usage: echo_client ADDR:PORT PSK");
-    usmp::rt::block_on(async move {
+    usmp::block_on(async move {
         let client = Client::connect(&ClientConfig::new(addr, psk.into_bytes())).await.expect("connect");
         println!("connected: device {} session {}", client.device_id(), client.session_id());
         for msg in [&b"hello"[..], &[], &[7u8; 1808]] {

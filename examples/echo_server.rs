@@ -1,8 +1,7 @@
 //! The smallest gateway: one key, echo every message.
 //! `cargo run --example echo_server -- 0.0.0.0:9000 a-key-of-16-bytes-or-more`
 
-use usmp::gateway::Gateway;
-use usmp::psk::PskSource;
+use usmp::{Gateway, PskSource};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);

@@ -4,9 +4,7 @@
 
 use std::time::Duration;
 
-use usmp::gateway::{Gateway, Session};
-use usmp::proto::ErrorKind;
-use usmp::psk::PskSource;
+use usmp::{ErrorKind, Gateway, PskSource, Session};
 
 async fn handle(session: Session) {
     println!("up: {} {} from {}", session.device_id(), session.session_id(), session.peer_addr());
@@ -45,9 +43,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::thread::spawn(move || loop {
         std::thread::sleep(Duration::from_secs(60));
         for s in handle.sessions() {
-            let id = usmp::psk::format_device_id(&s.device_id);
-            if let Err(e) = handle.send_to(&id, b"report") {
-                eprintln!("send_to {id}: {e}");
+            if let Err(e) = handle.send_to(s.device_id, b"report") {
+                eprintln!("send_to {}: {e}", s.device_id);
             }
         }
         let _ = handle.broadcast(b"tick");

@@ -4,13 +4,14 @@
 
 use std::time::Duration;
 
-use usmp::client::{Backoff, ClientConfig, ReconnectingClient};
+use usmp::client::{Backoff, ReconnectingClient};
+use usmp::ClientConfig;
 
 fn main() {
     let mut args = std::env::args().skip(1);
     let addr = args.next().unwrap_or_else(|| "127.0.0.1:9000".into()).parse().expect("ADDR:PORT");
     let psk = args.next().expect("usage: reconnect_client ADDR:PORT PSK");
-    usmp::rt::block_on(async move {
+    usmp::block_on(async move {
         let cfg = ClientConfig { keepalive: Some(Duration::from_secs(20)), ..ClientConfig::new(addr, psk) };
         let mut device = ReconnectingClient::new(cfg, Backoff::default());
         for reading in 0u32.. {

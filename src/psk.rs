@@ -24,6 +24,9 @@ use parking_lot::RwLock;
 use zeroize::Zeroizing;
 
 use crate::proto::crypto::{Psk, DEVICE_ID_LEN, MIN_PSK_LEN};
+// Key files spell keys in hex; the helpers live with the id types, which print hex too.
+use crate::proto::id::DeviceId;
+pub use crate::proto::id::{parse_hex, to_hex};
 
 /// What `Debug` output shows in place of a key or token.
 pub const REDACTED: &str = "<redacted>";
@@ -54,47 +57,6 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
-
-/// Parse `001122334455` or `00:11:22:33:44:55` (also `-` separated).
-pub fn parse_device_id(s: &str) -> Option<DeviceIdBytes> {
-    let hex: String = s.chars().filter(|c| *c != ':' && *c != '-').collect();
-    let v = parse_hex(&hex)?;
-    v.try_into().ok()
-}
-
-/// Parse an even-length hex string.
-pub fn parse_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) || !s.is_ascii() {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()
-}
-
-/// Format a device id as colon hex (`00:11:22:33:44:55`), as the reference does.
-pub fn format_device_id(id: &DeviceIdBytes) -> String {
-    let mut s = String::with_capacity(17);
-    for (i, b) in id.iter().enumerate() {
-        if i > 0 {
-            s.push(':');
-        }
-        push_hex(&mut s, *b);
-    }
-    s
-}
-
-/// Lowercase hex of any bytes (session ids: 32 characters). One allocation: the NATS bridge
-/// spells ids in every message's headers.
-pub fn to_hex(b: &[u8]) -> String {
-    let mut s = String::with_capacity(b.len() * 2);
-    b.iter().for_each(|x| push_hex(&mut s, *x));
-    s
-}
-
-fn push_hex(s: &mut String, b: u8) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    s.push(char::from(DIGITS[usize::from(b >> 4)]));
-    s.push(char::from(DIGITS[usize::from(b & 0xf)]));
-}
 
 /// Validate a raw key, naming `field` when it is too short.
 pub fn validate_key(field: &str, key: &[u8]) -> Result<Psk, ConfigError> {
@@ -131,7 +93,7 @@ impl Registry {
 
     /// Add or replace a device's key (validated).
     pub fn insert(&mut self, device_id: DeviceIdBytes, key: &[u8]) -> Result<(), ConfigError> {
-        let psk = validate_key(&format_device_id(&device_id), key)?;
+        let psk = validate_key(&DeviceId::new(device_id).to_string(), key)?;
         self.keys.insert(device_id, psk);
         self.raw.insert(device_id, Zeroizing::new(key.to_vec()));
         Ok(())
@@ -203,7 +165,7 @@ impl Registry {
                 reg.raw_wildcard = Some(key);
             } else {
                 // The field is not echoed: a line with its fields swapped would print the key.
-                let dev = parse_device_id(id).ok_or_else(|| {
+                let dev = id.parse::<DeviceId>().map(<[u8; DEVICE_ID_LEN]>::from).map_err(|_| {
                     ConfigError::new(&at, "the first field is not a device id (12 hex digits or colon hex)")
                 })?;
                 reg.keys.insert(dev, psk);
@@ -407,14 +369,5 @@ mod tests {
         assert!(e.message.contains("no key"));
         let e = Registry::parse("001122334455 hex:zz00", "k").unwrap_err();
         assert!(e.message.contains("not hex"));
-    }
-
-    #[test]
-    fn formats() {
-        assert_eq!(format_device_id(&[0, 0x11, 0x22, 0x33, 0x44, 0x55]), "00:11:22:33:44:55");
-        assert_eq!(to_hex(&[0xab; 16]).len(), 32);
-        assert_eq!(to_hex(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
-        assert_eq!(format_device_id(&[0xfe, 0xdc, 0xba, 0x98, 0x76, 0x05]), "fe:dc:ba:98:76:05");
-        assert_eq!(parse_device_id("00-11-22-33-44-55"), Some([0, 0x11, 0x22, 0x33, 0x44, 0x55]));
     }
 }

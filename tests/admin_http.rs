@@ -6,10 +6,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use usmp::client::{Client, ClientConfig};
-use usmp::gateway::{Gateway, Session};
 use usmp::ops::{self, OpsOptions};
-use usmp::psk::PskSource;
+use usmp::{Client, ClientConfig, Gateway, PskSource, Session};
 
 const PSK: &[u8] = b"admin-http-test-key-0123";
 
@@ -80,7 +78,7 @@ fn chunked_bodies_arrive_whole_and_reason_phrases_are_real() {
     let srv = ops::serve("127.0.0.1:0".parse().unwrap(), gw.handle(), OpsOptions::default()).unwrap();
     let (addr, h) = (srv.local_addr(), gw.handle());
     let gw_addr = gw.local_addr();
-    usmp::rt::block_on(async move {
+    usmp::block_on(async move {
         let c = Client::connect(&ClientConfig { device_id: Some([1; 6]), ..ClientConfig::new(gw_addr, PSK) })
             .await
             .unwrap();

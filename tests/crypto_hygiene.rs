@@ -8,15 +8,14 @@
 use std::net::SocketAddr;
 
 use ring::rand::SystemRandom;
-use usmp::client::ClientConfig;
 use usmp::nats::NatsConfig;
 use usmp::ops::settings::Settings;
 use usmp::ops::OpsOptions;
 use usmp::proto::crypto::{EphemeralKey, Psk};
 use usmp::proto::handshake::ClientHandshake;
 use usmp::proto::testing::session_pair;
-use usmp::proto::Transport;
 use usmp::psk::{to_hex, PskSource, Registry};
+use usmp::{ClientConfig, Transport};
 
 const KEY: &str = "the-device-key-SECRET-0123456789";
 const KEY2: &str = "a-registry-key-SECRET-987654321";

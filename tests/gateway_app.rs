@@ -6,12 +6,8 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use usmp::client::{Client, ClientConfig};
 use usmp::gateway::app::{Ack, App, ShardApp, ShardContext};
-use usmp::gateway::{Gateway, Session};
-use usmp::proto::Transport;
-use usmp::psk::PskSource;
-use usmp::rt::conn::CloseReason;
+use usmp::{Client, ClientConfig, CloseReason, Gateway, PskSource, Session, Transport};
 
 const PSK: &[u8] = b"app-hook-test-key-0123456789";
 
@@ -145,7 +141,7 @@ fn udp_utack_waits_for_the_release_and_retransmissions_are_not_delivered_twice()
     let (gw, seen, release) = gateway(1);
     let addr = gw.local_addr();
     let client = std::thread::spawn(move || {
-        usmp::rt::block_on(async move {
+        usmp::block_on(async move {
             let c = Client::connect(&config(addr, Transport::Udp)).await.unwrap();
             c.send(b"first").await.unwrap();
             c.send(b"second").await.unwrap();
@@ -170,7 +166,7 @@ fn tcp_reading_pauses_at_the_held_bound_and_resumes_on_release() {
     let (gw, seen, release) = gateway(2);
     let addr = gw.local_addr();
     let client = std::thread::spawn(move || {
-        usmp::rt::block_on(async move {
+        usmp::block_on(async move {
             let c = Client::connect(&config(addr, Transport::Tcp)).await.unwrap();
             // Six messages in one burst: the gateway takes in two, then stops reading.
             for i in 0..6u8 {
@@ -196,7 +192,7 @@ fn output_progress_reports_delivery_and_close_reports_the_reason() {
     for t in [Transport::Tcp, Transport::Udp] {
         let (gw, seen, _release) = gateway(100);
         let addr = gw.local_addr();
-        usmp::rt::block_on(async move {
+        usmp::block_on(async move {
             let c = Client::connect(&config(addr, t)).await.unwrap();
             c.send(b"reply").await.unwrap();
             assert_eq!(c.recv_timeout(Duration::from_secs(5)).await.unwrap(), b"the reply");

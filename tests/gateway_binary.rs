@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use usmp::client::{Client, ClientConfig};
+use usmp::{Client, ClientConfig};
 
 mod common;
 use common::child::ChildGuard;
@@ -64,7 +64,7 @@ fn generated_key_works_and_sigterm_says_bye() {
     let addr: std::net::SocketAddr = addr.expect("the listening line").parse().unwrap();
     std::thread::spawn(move || for _ in lines {});
     let pid = child.id().to_string();
-    usmp::rt::block_on(async move {
+    usmp::block_on(async move {
         let c = Client::connect(&ClientConfig::new(addr, key.into_bytes())).await.unwrap();
         c.send(b"echo me").await.unwrap();
         assert_eq!(c.recv_timeout(Duration::from_secs(5)).await.unwrap(), b"echo me");
@@ -72,7 +72,7 @@ fn generated_key_works_and_sigterm_says_bye() {
         let st = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         assert!(st.success());
         assert!(c.recv_timeout(Duration::from_secs(10)).await.is_err());
-        assert_eq!(c.close_reason(), Some(usmp::rt::conn::CloseReason::PeerBye));
+        assert_eq!(c.close_reason(), Some(usmp::CloseReason::PeerBye));
     });
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
@@ -119,7 +119,7 @@ fn listening_addr(lines: &mut impl Iterator<Item = std::io::Result<String>>) -> 
 #[test]
 fn ack_and_log_modes() {
     let (mut child, addr) = start(&["--mode", "ack"]);
-    usmp::rt::block_on(async move {
+    usmp::block_on(async move {
         let c = Client::connect(&ClientConfig::new(addr, &b"binary-test-key-0123"[..])).await.unwrap();
         c.send(b"reading 42").await.unwrap();
         assert_eq!(c.recv_timeout(Duration::from_secs(5)).await.unwrap(), b"ACK");
@@ -130,7 +130,7 @@ fn ack_and_log_modes() {
 
     let (mut child, addr) = start(&["--mode", "log"]);
     let stdout = child.stdout.take().unwrap();
-    let (dev, sid) = usmp::rt::block_on(async move {
+    let (dev, sid) = usmp::block_on(async move {
         let cfg = ClientConfig {
             device_id: Some([0xde, 0xad, 0xbe, 0xef, 0, 1]),
             ..ClientConfig::new(addr, &b"binary-test-key-0123"[..])
@@ -146,9 +146,9 @@ fn ack_and_log_modes() {
     child.kill().unwrap();
     child.wait().unwrap();
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-    assert_eq!(v["device_id"], dev.as_str());
-    assert_eq!(dev, "de:ad:be:ef:00:01");
-    assert_eq!(v["session_id"], sid.as_str());
+    assert_eq!(v["device_id"], dev.to_string());
+    assert_eq!(dev.to_string(), "de:ad:be:ef:00:01");
+    assert_eq!(v["session_id"], sid.to_string());
     assert_eq!(v["payload"], "AAFiaW5hcnk=");
     let ts = v["timestamp"].as_str().unwrap();
     assert!(ts.len() == 27 && ts.ends_with('Z') && ts.as_bytes()[10] == b'T', "{ts}");

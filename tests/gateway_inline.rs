@@ -4,11 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use usmp::client::{Client, ClientConfig};
-use usmp::gateway::{Gateway, GatewayHandle};
-use usmp::proto::Transport;
-use usmp::psk::PskSource;
-use usmp::rt::conn::CloseReason;
+use usmp::{Client, ClientConfig, CloseReason, Gateway, GatewayHandle, PskSource, Transport};
 
 const PSK: &[u8] = b"inline-handler-test-key-0123";
 
@@ -45,7 +41,7 @@ async fn wait_sessions(h: &GatewayHandle, n: usize) {
 fn inline_echo_of_every_size_over_tcp_and_udp() {
     let gw = gateway();
     let (addr, h) = (gw.local_addr(), gw.handle());
-    usmp::rt::block_on(async move {
+    usmp::block_on(async move {
         for t in [Transport::Tcp, Transport::Udp] {
             let c = Client::connect(&config(addr, t)).await.unwrap();
             // 452 fits one frame (opened in place); 453 and 1808 are reassembled.
@@ -79,7 +75,7 @@ fn inline_echo_of_every_size_over_tcp_and_udp() {
 fn a_panicking_or_closing_hook_ends_only_its_own_session() {
     let gw = gateway();
     let (addr, h) = (gw.local_addr(), gw.handle());
-    usmp::rt::block_on(async move {
+    usmp::block_on(async move {
         for t in [Transport::Tcp, Transport::Udp] {
             for word in [&b"PANIC"[..], b"CLOSE"] {
                 let bystander = Client::connect(&config(addr, t)).await.unwrap();

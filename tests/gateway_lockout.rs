@@ -7,10 +7,9 @@ use std::io::Write;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::Duration;
 
-use usmp::client::{Client, ClientConfig};
-use usmp::gateway::{Gateway, Session};
 use usmp::proto::lockout::LockoutPolicy;
 use usmp::psk::{PskSource, Registry};
+use usmp::{Client, ClientConfig, Gateway, Session};
 
 const FLEET_KEY: &[u8] = b"a-fleet-wide-wildcard-key-0123";
 
@@ -34,7 +33,7 @@ fn gateway(policy: LockoutPolicy) -> Gateway {
 
 /// One handshake of `device` from `from` with `key`; true when a session was established.
 fn attempt(addr: SocketAddr, from: IpAddr, device: [u8; 6], key: &[u8]) -> bool {
-    usmp::rt::block_on(async {
+    usmp::block_on(async {
         let cfg = ClientConfig {
             device_id: Some(device),
             connect_timeout: Duration::from_secs(5),

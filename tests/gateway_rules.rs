@@ -10,12 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::raw::RawDevice;
-use usmp::client::{Client, ClientConfig};
-use usmp::gateway::{Gateway, Session};
 use usmp::proto::frame::PacketType;
 use usmp::proto::lockout::LockoutPolicy;
 use usmp::proto::testing::seal_any;
 use usmp::psk::{PskFuture, PskResolver, PskSource};
+use usmp::{Client, ClientConfig, Gateway, Session};
 
 const PSK: &[u8] = b"rules-test-key-0123456789";
 
@@ -24,7 +23,7 @@ async fn sink(s: Session) {
     while s.recv().await.is_ok() {}
 }
 
-fn gateway_with(b: usmp::gateway::GatewayBuilder) -> Gateway {
+fn gateway_with(b: usmp::GatewayBuilder) -> Gateway {
     b.listen("127.0.0.1:0".parse().unwrap()).psk(PskSource::single(PSK).unwrap()).serve(sink).unwrap()
 }
 
@@ -120,7 +119,7 @@ fn session_limits_refuse_before_any_crypto() {
     second.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     assert!(RawDeviceProbe(second).refused(), "second session from 127.0.0.1");
     // Another source address is another IP.
-    usmp::rt::block_on(async {
+    usmp::block_on(async {
         let cfg = ClientConfig { bind: Some("127.0.0.2:0".parse().unwrap()), ..ClientConfig::new(addr, PSK) };
         Client::connect(&cfg).await.expect("127.0.0.2 is under its own limit").disconnect().await;
     });
@@ -153,7 +152,7 @@ fn idle_sockets_never_delay_a_real_handshake() {
     let idle: Vec<TcpStream> = (0..12).map(|_| TcpStream::connect(addr).unwrap()).collect();
     std::thread::sleep(Duration::from_millis(100));
     let t = Instant::now();
-    usmp::rt::block_on(async {
+    usmp::block_on(async {
         Client::connect(&ClientConfig::new(addr, PSK)).await.unwrap().disconnect().await;
     });
     // Far below the 8 s an idle socket may hold its slot: nothing queued behind them.
@@ -174,7 +173,7 @@ fn idle_sockets_never_delay_a_real_handshake() {
 }
 
 fn attempt(addr: SocketAddr, psk: &[u8]) -> bool {
-    usmp::rt::block_on(async {
+    usmp::block_on(async {
         let cfg = ClientConfig {
             device_id: Some([4; 6]),
             connect_timeout: Duration::from_secs(5),
@@ -248,12 +247,12 @@ fn async_resolver_supplies_keys_and_refuses_unknown_devices() {
             async move {
                 while s.recv().await.is_ok() {}
                 let reason = s.close_reason().map(|r| r.as_str().to_string());
-                let _ = tx.lock().unwrap().send((s.device_id(), reason));
+                let _ = tx.lock().unwrap().send((s.device_id().to_string(), reason));
             }
         })
         .unwrap();
     let addr = gw.local_addr();
-    usmp::rt::block_on(async {
+    usmp::block_on(async {
         let known = ClientConfig { device_id: Some([5; 6]), ..ClientConfig::new(addr, PSK) };
         Client::connect(&known).await.unwrap().disconnect().await;
         let unknown = ClientConfig { device_id: Some([6; 6]), ..ClientConfig::new(addr, PSK) };
@@ -308,7 +307,7 @@ fn stalled_handshakes_are_evicted_under_pressure() {
     let idle: Vec<TcpStream> = (0..8).map(|_| TcpStream::connect(addr).unwrap()).collect();
     std::thread::sleep(Duration::from_millis(200));
     let t = Instant::now();
-    let ok = usmp::rt::block_on(async {
+    let ok = usmp::block_on(async {
         // Same address as the idle sockets: evictions are no lockout failures (a reconnect storm
         // behind one NAT address must not lock it out).
         let cfg = ClientConfig { connect_timeout: Duration::from_secs(2), ..ClientConfig::new(addr, PSK) };
@@ -338,7 +337,7 @@ fn stalled_handshakes_are_evicted_under_pressure() {
 fn x25519_runs_within_the_per_shard_budget() {
     let gw = gateway_with(Gateway::builder().shards(1).handshake_rate_per_shard(2.0));
     let addr = gw.local_addr();
-    usmp::rt::block_on(async {
+    usmp::block_on(async {
         let cfg = ClientConfig::new(addr, PSK);
         Client::connect(&cfg).await.unwrap().disconnect().await;
         assert!(Client::connect(&cfg).await.is_err(), "second handshake within 0.5 s is over budget");

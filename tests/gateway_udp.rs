@@ -9,12 +9,9 @@ use std::time::{Duration, Instant};
 use common::proxy::LossyProxy;
 use common::raw_udp::RawUdpDevice;
 use serde_json::Value;
-use usmp::client::{Client, ClientConfig};
-use usmp::gateway::{Gateway, Session};
 use usmp::proto::frame::{encode_frame, PacketType};
 use usmp::proto::udp::encode_utack;
-use usmp::proto::{ErrorKind, Transport};
-use usmp::psk::PskSource;
+use usmp::{Client, ClientConfig, ErrorKind, Gateway, PskSource, Session, Transport};
 
 const PSK: &[u8] = b"udp-gateway-key-0123456789";
 
@@ -89,11 +86,11 @@ fn kick_reaches_a_python_udp_device_as_bye() {
     while h.session_count() == 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let dev = usmp::psk::format_device_id(&h.sessions()[0].device_id);
+    let dev = h.sessions()[0].device_id;
     assert_eq!(h.sessions()[0].transport, Transport::Udp);
-    h.send_to(&dev, b"downlink").unwrap();
+    h.send_to(dev, b"downlink").unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    assert!(h.kick(&dev).unwrap());
+    assert!(h.kick(dev));
     let r = t.join().unwrap();
     assert_eq!(r["ended_by"], "ConnectionClosedError", "{r}");
     gw.shutdown();
@@ -113,7 +110,7 @@ fn thousand_messages_each_way_through_a_lossy_relay() {
     let cfg = ClientConfig { connect_timeout: Duration::from_secs(30), ..udp(proxy.addr) };
     let t0 = Instant::now();
     let h2 = h.clone();
-    usmp::rt::block_on(async move {
+    usmp::block_on(async move {
         let c = Client::connect(&cfg).await.unwrap();
         let dev = c.device_id();
         // 1000 messages up, each echoed: 1000 down; each arrives once and in order.
@@ -126,7 +123,7 @@ fn thousand_messages_each_way_through_a_lossy_relay() {
         }
         // Pushed by the backend with no uplink to pace them: in order, exactly once.
         for i in 0..100u32 {
-            h2.send_to(&dev, &(1_000_000 + i).to_le_bytes()).unwrap();
+            h2.send_to(dev, &(1_000_000 + i).to_le_bytes()).unwrap();
         }
         for i in 0..100u32 {
             match c.recv_timeout(Duration::from_secs(30)).await {
@@ -203,7 +200,11 @@ fn adversarial_datagrams_are_dropped_and_counted() {
             Ok(other) => panic!("the duplicate was delivered again: {other:?}"),
         }
     }
-    assert_eq!(re_acks, usmp::rt::udp::UTACK_COPIES, "the duplicate is re-ACKed, now twice (ACK loss seen)");
+    assert_eq!(
+        re_acks,
+        usmp::proto::link::UTACK_COPIES,
+        "the duplicate is re-ACKed, now twice (ACK loss seen)"
+    );
 
     // Forged frames with a seen seq are not ACKed at all.
     let mut forged = f.clone();
@@ -224,7 +225,7 @@ fn adversarial_datagrams_are_dropped_and_counted() {
 
     // Spoofed UTACKs: the gateway sends a downlink and must keep retransmitting it until the
     // genuine UTACK arrives; wrong-MAC and wrong-seq UTACKs change nothing.
-    h.send_to("ad:ad:ad:ad:ad:ad", b"downlink").unwrap();
+    h.send_to("ad:ad:ad:ad:ad:ad".parse().unwrap(), b"downlink").unwrap();
     let first = dev.recv_within(Duration::from_secs(2)).expect("downlink");
     let seq = u32::from_le_bytes(first[4..8].try_into().unwrap());
     let (mut bad_mac, n) = encode_utack(PacketType::Data as u8, seq, Some(&[0u8; 32]));
@@ -290,7 +291,7 @@ fn hello_flood_from_many_ports_keeps_no_state() {
         }
     }
     // A real device still gets in during and after the flood.
-    usmp::rt::block_on(async {
+    usmp::block_on(async {
         let c = Client::connect(&udp(addr)).await.unwrap();
         c.send(b"hi").await.unwrap();
         assert_eq!(c.recv_timeout(Duration::from_secs(5)).await.unwrap(), b"hi");
@@ -324,7 +325,7 @@ fn wrong_key_over_udp_times_out_and_is_counted() {
         .serve(echo)
         .unwrap();
     let addr = gw.local_addr();
-    usmp::rt::block_on(async {
+    usmp::block_on(async {
         let cfg = ClientConfig {
             connect_timeout: Duration::from_secs(3),
             ..ClientConfig {
@@ -396,14 +397,14 @@ fn epoll_fallback_serves_tcp_and_udp() {
     let gw = Gateway::builder()
         .listen("127.0.0.1:0".parse().unwrap())
         .shards(2)
-        .io_driver(usmp::rt::Driver::Legacy)
+        .io_driver(usmp::Driver::Legacy)
         .psk(PskSource::single(PSK).unwrap())
         .serve(echo)
         .unwrap();
     let addr = gw.local_addr();
     let r = py_client(addr.port(), "echo-sizes", &[]);
     assert_eq!(r["ok"], true, "{r}");
-    usmp::rt::block_on(async {
+    usmp::block_on(async {
         for transport in [Transport::Tcp, Transport::Udp] {
             let c =
                 Client::connect(&ClientConfig { transport, ..ClientConfig::new(addr, PSK) }).await.unwrap();
@@ -430,7 +431,7 @@ fn devices_sharing_one_endpoint_are_separate_sessions_told_apart_by_source_addre
     let h = gw.handle();
     let addr = gw.local_addr();
     let h2 = h.clone();
-    usmp::rt::block_on(async move {
+    usmp::block_on(async move {
         let ep = UdpEndpoint::bind("0.0.0.0:0".parse().unwrap()).unwrap();
         let port = ep.local_addr().unwrap().port();
         let cfg = |i: u8| ClientConfig {
@@ -551,7 +552,7 @@ fn unregistered_devices_do_not_spend_the_handshake_budget() {
         })
     };
     std::thread::sleep(Duration::from_millis(300));
-    usmp::rt::block_on(async {
+    usmp::block_on(async {
         let cfg =
             ClientConfig { device_id: Some([0x42; 6]), connect_timeout: Duration::from_secs(4), ..udp(addr) };
         let c = Client::connect(&cfg).await.expect("the registered device gets in during the stream");
@@ -588,7 +589,7 @@ fn devices_that_authenticated_before_get_cookies_when_their_source_is_spent() {
         connect_timeout: Duration::from_secs(2),
         ..ClientConfig::new(addr, PSK)
     };
-    usmp::rt::block_on(async {
+    usmp::block_on(async {
         for id in 1..=4 {
             Client::connect(&cfg(id, Transport::Tcp)).await.unwrap().disconnect().await;
         }
@@ -605,7 +606,7 @@ fn devices_that_authenticated_before_get_cookies_when_their_source_is_spent() {
         assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", h.stats());
         std::thread::sleep(Duration::from_millis(20));
     }
-    usmp::rt::block_on(async {
+    usmp::block_on(async {
         for id in 1..=4 {
             // The first HELLO is answered: a retry would come after 0.5 s and find the
             // source's budget still spent.

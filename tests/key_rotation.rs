@@ -9,10 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::gateway_bin::{start_binary, wait_log};
-use usmp::client::{Client, ClientConfig};
-use usmp::gateway::{Gateway, GatewayHandle, Session};
-use usmp::psk::PskSource;
-use usmp::rt::conn::CloseReason;
+use usmp::{Client, ClientConfig, CloseReason, Gateway, GatewayHandle, PskSource, Session};
 
 async fn echo(s: Session) {
     while let Ok(m) = s.recv().await {
@@ -56,7 +53,7 @@ async fn alive(c: &Client) -> bool {
 fn a_rotated_key_ends_its_sessions_with_bye_and_spares_the_rest() {
     let path = registry("rotate", "000000000001 device-one-key-0123\n000000000002 device-two-key-0123\n");
     let (gw, h) = gateway(&path);
-    usmp::rt::block_on(async {
+    usmp::block_on(async {
         let one = Client::connect(&cfg(&gw, 1, "device-one-key-0123")).await.unwrap();
         let two = Client::connect(&cfg(&gw, 2, "device-two-key-0123")).await.unwrap();
         // Device 1's key is rotated; device 2's is unchanged.
@@ -77,7 +74,7 @@ fn a_rotated_key_ends_its_sessions_with_bye_and_spares_the_rest() {
 fn removing_a_device_ends_its_own_key_session_even_with_a_wildcard() {
     let path = registry("wild", "000000000001 device-one-key-0123\n* the-fleet-wildcard-key\n");
     let (gw, h) = gateway(&path);
-    usmp::rt::block_on(async {
+    usmp::block_on(async {
         let one = Client::connect(&cfg(&gw, 1, "device-one-key-0123")).await.unwrap();
         let fleet = Client::connect(&cfg(&gw, 3, "the-fleet-wildcard-key")).await.unwrap();
         // Device 1 is removed; the wildcard would admit it, but with another key.
@@ -96,7 +93,7 @@ fn an_empty_or_cut_off_registry_is_refused_and_the_old_keys_stay() {
     let good = "000000000001 device-one-key-0123\n000000000002 device-two-key-0123\n";
     let path = registry("trunc", good);
     let (gw, h) = gateway(&path);
-    usmp::rt::block_on(async {
+    usmp::block_on(async {
         let one = Client::connect(&cfg(&gw, 1, "device-one-key-0123")).await.unwrap();
         for (bad, why) in [
             ("", "empty"),
@@ -125,7 +122,7 @@ fn a_key_file_others_can_read_is_warned_about_and_no_key_reaches_the_logs() {
         start_binary(&["--listen", "127.0.0.1:0", "--shards", "1", "--psk-file", path.to_str().unwrap()]);
     wait_log(&logs, "readable by group or others");
     // A failed handshake, a swapped line in a reload: the logs say why, never with the key.
-    usmp::rt::block_on(async {
+    usmp::block_on(async {
         let c = ClientConfig {
             device_id: Some([0, 0, 0, 0, 0, 1]),
             ..ClientConfig::new(addr, &b"wrong-key-0123456789"[..])

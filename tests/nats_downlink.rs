@@ -6,8 +6,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use usmp::client::Client;
-use usmp::proto::Transport;
+use usmp::{Client, Transport};
 
 mod common;
 use common::gwproc::GatewayProc;
@@ -67,7 +66,7 @@ fn downlinks_queue_expiry_cap_events_presence_and_bad_requests() {
     let (got_tx, got) = std::sync::mpsc::channel::<Vec<u8>>();
     let (bye_tx, bye) = std::sync::mpsc::channel::<()>();
     let device = std::thread::spawn(move || {
-        usmp::rt::block_on(async move {
+        usmp::block_on(async move {
             let c = Client::connect(&config(addr, Transport::Tcp, d1)).await.unwrap();
             while let Ok(m) = c.recv_timeout(Duration::from_secs(10)).await {
                 got_tx.send(m).unwrap();
@@ -141,7 +140,7 @@ fn downlinks_queue_expiry_cap_events_presence_and_bad_requests() {
     std::thread::sleep(Duration::from_millis(3200));
     let (got2_tx, got2) = std::sync::mpsc::channel::<Vec<u8>>();
     let device2 = std::thread::spawn(move || {
-        usmp::rt::block_on(async move {
+        usmp::block_on(async move {
             let c = Client::connect(&config(addr, Transport::Udp, d2)).await.unwrap();
             while let Ok(m) = c.recv_timeout(Duration::from_secs(3)).await {
                 got2_tx.send(m).unwrap();

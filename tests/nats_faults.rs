@@ -9,8 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use usmp::client::Client;
-use usmp::proto::Transport;
+use usmp::{Client, Transport};
 
 mod common;
 use common::gwproc::GatewayProc;
@@ -98,7 +97,7 @@ fn nats_down_for_10_s_keeps_sessions_bounded_and_resumes() {
     let addr = gw.addr;
     let (st, sn) = (stop.clone(), sent.clone());
     let tcp = std::thread::spawn(move || {
-        usmp::rt::block_on(async move {
+        usmp::block_on(async move {
             let c = Client::connect(&config(addr, Transport::Tcp, tcp_dev)).await.unwrap();
             let session = c.session_id();
             while !st.load(Ordering::Relaxed) {
@@ -176,7 +175,7 @@ fn a_nats_that_is_not_there_at_start_is_waited_for() {
     assert!(gw.wait_log(&["not reachable yet"], Duration::from_secs(1)).is_some());
     let addr = gw.addr;
     let device = std::thread::spawn(move || {
-        usmp::rt::block_on(async move {
+        usmp::block_on(async move {
             let c = Client::connect(&config(addr, Transport::Tcp, dev(8, 1))).await.unwrap();
             c.send(b"early").await.unwrap();
             monoio::time::sleep(Duration::from_secs(6)).await;
@@ -257,7 +256,7 @@ fn works_with_debian_nats_server_2_9_where_installed() {
     assert_eq!(rt.block_on(wait_stream_len(&js, "USMP_UP", 40, Duration::from_secs(10))), 40);
     let addr = gw.addr;
     let got = std::thread::spawn(move || {
-        usmp::rt::block_on(async move {
+        usmp::block_on(async move {
             let c = Client::connect(&config(addr, Transport::Udp, d)).await.unwrap();
             let m = c.recv_timeout(Duration::from_secs(10)).await.unwrap();
             c.disconnect().await;

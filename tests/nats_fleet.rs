@@ -6,9 +6,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use usmp::client::{Client, ClientConfig};
-use usmp::proto::Transport;
-use usmp::rt::conn::CloseReason;
+use usmp::{Client, ClientConfig, CloseReason, Transport};
 
 mod common;
 use common::gwproc::GatewayProc;
@@ -32,13 +30,13 @@ fn device(cfg: ClientConfig) -> Device {
     let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
     let (up_tx, up) = std::sync::mpsc::channel();
     let thread = std::thread::spawn(move || {
-        usmp::rt::block_on(async move {
+        usmp::block_on(async move {
             let c = Client::connect(&cfg).await.unwrap();
             up_tx.send(()).unwrap();
             loop {
                 match c.recv_timeout(Duration::from_millis(100)).await {
                     Ok(m) => got_tx.send(m).unwrap(),
-                    Err(e) if e.kind() == usmp::proto::ErrorKind::Timeout => {}
+                    Err(e) if e.kind() == usmp::ErrorKind::Timeout => {}
                     Err(_) => {
                         let _ = ended_tx.send((c.close_reason(), Instant::now()));
                         return;
@@ -182,7 +180,7 @@ fn fleet_keys_from_a_kv_bucket_reach_every_gateway_within_a_second() {
     // Connects within `within` of now (retrying), or not.
     let connects_within = |addr, key: &'static [u8], within: Duration| {
         let end = Instant::now() + within;
-        usmp::rt::block_on(async move {
+        usmp::block_on(async move {
             loop {
                 if let Ok(c) = Client::connect(&cfg(addr, key)).await {
                     c.disconnect().await;

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use usmp::proto::Transport;
+use usmp::Transport;
 
 mod common;
 use common::gwproc::GatewayProc;

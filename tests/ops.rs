@@ -11,10 +11,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::gateway_bin::{start_binary, wait_log, BIN};
-use usmp::client::{Client, ClientConfig};
-use usmp::gateway::{Gateway, Session};
 use usmp::ops::{self, OpsOptions};
-use usmp::psk::PskSource;
+use usmp::{Client, ClientConfig, Gateway, PskSource, Session};
 
 const PSK: &[u8] = b"ops-test-key-0123456789";
 
@@ -169,7 +167,7 @@ fn admin_api_downlink_broadcast_kick_and_token() {
     assert!(py_out.next().unwrap().unwrap().contains("connected"));
     let addr = gw.local_addr();
     let (a, o) = (open.local_addr(), locked.local_addr());
-    usmp::rt::block_on(async move {
+    usmp::block_on(async move {
         let mut devs = vec![];
         // SO_REUSEPORT spreads connections by a hash of their addresses: 20 devices all land
         // on one of the two shards once in half a million runs (6 did once in 32).
@@ -221,7 +219,7 @@ fn admin_api_downlink_broadcast_kick_and_token() {
         assert_eq!(run("GET", "/sessions".into(), Some("wrong-token-000000000"), vec![]).0, 401);
         assert_eq!(run("POST", "/devices/00000000bb05/kick".into(), Some(token), vec![]).0, 202);
         assert!(devs[5].recv_timeout(Duration::from_secs(5)).await.is_err());
-        assert_eq!(devs[5].close_reason(), Some(usmp::rt::conn::CloseReason::PeerBye));
+        assert_eq!(devs[5].close_reason(), Some(usmp::CloseReason::PeerBye));
         // The device hears BYE before the gateway has unregistered the session: allow it a moment.
         let mut again = 0;
         for _ in 0..100 {
@@ -263,7 +261,7 @@ fn key_rotation_with_sighup_keeps_the_fleet_and_revokes_removed_devices() {
     };
     // Whoever reads the "listening" line may signal at once: the handler must already be in.
     hup(&logs, "key registry reloaded");
-    usmp::rt::block_on(async {
+    usmp::block_on(async {
         let one = Client::connect(&cfg(1, "device-one-key-0123")).await.unwrap();
         assert!(Client::connect(&cfg(2, "device-two-key-0123")).await.is_err(), "not registered yet");
         // Add device 2 and rotate nothing else: device 1's live session does not notice.
@@ -276,7 +274,7 @@ fn key_rotation_with_sighup_keeps_the_fleet_and_revokes_removed_devices() {
         std::fs::write(&reg, "000000000001 device-one-key-0123\n").unwrap();
         hup(&logs, "key registry reloaded");
         assert!(two.recv_timeout(Duration::from_secs(5)).await.is_err());
-        assert_eq!(two.close_reason(), Some(usmp::rt::conn::CloseReason::PeerBye));
+        assert_eq!(two.close_reason(), Some(usmp::CloseReason::PeerBye));
         assert!(Client::connect(&cfg(2, "device-two-key-0123")).await.is_err());
         // A corrupt file is refused and the old keys stay in force.
         std::fs::write(&reg, "000000000001 short\nnot a line at all\n").unwrap();
@@ -295,7 +293,7 @@ fn key_rotation_with_sighup_keeps_the_fleet_and_revokes_removed_devices() {
 fn the_builder_refuses_a_bad_configuration_as_a_config_error_naming_the_setting() {
     let no_key = Gateway::builder().listen("127.0.0.1:0".parse().unwrap()).serve_messages(|_, _| {});
     match no_key {
-        Err(usmp::rt::Error::Config(e)) => assert_eq!(e.field, "psk", "{e}"),
+        Err(usmp::Error::Config(e)) => assert_eq!(e.field, "psk", "{e}"),
         Err(e) => panic!("not a configuration error: {e:?}"),
         Ok(_) => panic!("a gateway without keys started"),
     }
@@ -305,7 +303,7 @@ fn the_builder_refuses_a_bad_configuration_as_a_config_error_naming_the_setting(
         .shards(0)
         .serve_messages(|_, _| {});
     let e = no_shards.err().expect("zero shards refused");
-    assert!(matches!(&e, usmp::rt::Error::Config(c) if c.field == "shards"), "{e:?}");
+    assert!(matches!(&e, usmp::Error::Config(c) if c.field == "shards"), "{e:?}");
     assert!(e.to_string().contains("shards"), "{e}");
 }
 
@@ -334,7 +332,7 @@ fn config_file_errors_name_the_key_and_flags_override_it() {
     let (mut child, addr, _logs) =
         start_binary(&["--config", good.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
     assert_ne!(addr.port(), 1);
-    usmp::rt::block_on(async {
+    usmp::block_on(async {
         let c = Client::connect(&ClientConfig::new(addr, &b"config-key-0123456789"[..])).await.unwrap();
         c.send(b"hello").await.unwrap();
         assert_eq!(c.recv_timeout(Duration::from_secs(5)).await.unwrap(), b"ACK", "mode from the file");
@@ -382,7 +380,7 @@ fn json_logs_one_event_per_decision_with_fields() {
     };
     let start = next("usmp-gateway listening");
     let addr: SocketAddr = start["address"].as_str().unwrap().parse().unwrap();
-    usmp::rt::block_on(async {
+    usmp::block_on(async {
         let cfg = ClientConfig {
             device_id: Some([0xab; 6]),
             ..ClientConfig::new(addr, &b"json-log-key-0123456789"[..])

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use usmp::proto::deframer::Deframer;
 use usmp::proto::session::{Received, MAX_SEALED_MESSAGE_LEN};
-use usmp::proto::Transport;
+use usmp::Transport;
 
 struct Counting;
 thread_local! {

@@ -8,7 +8,7 @@ use usmp::proto::deframer::Deframer;
 use usmp::proto::frame::{encode_frame, Frame, PacketType, MAX_FRAME_LEN};
 use usmp::proto::handshake::decode_hello;
 use usmp::proto::session::{Received, MAX_SEALED_MESSAGE_LEN};
-use usmp::proto::Transport;
+use usmp::Transport;
 
 fn ptype() -> impl Strategy<Value = PacketType> {
     prop::sample::select(vec![

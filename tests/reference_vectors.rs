@@ -14,7 +14,7 @@ use usmp::proto::handshake::{
     decode_hello, ClientHandshake, ClientReply, Established, Role, ServerExpectHelloAck,
 };
 use usmp::proto::session::{Received, Session};
-use usmp::proto::Transport;
+use usmp::Transport;
 
 fn hex(v: &Value) -> Vec<u8> {
     let s = v.as_str().expect("hex string");

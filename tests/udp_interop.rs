@@ -5,8 +5,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use usmp::client::{Client, ClientConfig};
-use usmp::proto::{ErrorKind, Transport};
+use usmp::{Client, ClientConfig, ErrorKind, Transport};
 
 const PSK: &[u8] = b"udp-interop-key-0123456789";
 
@@ -17,7 +16,7 @@ fn udp(addr: SocketAddr) -> ClientConfig {
 #[test]
 fn our_udp_client_against_the_python_udp_server() {
     let srv = common::pyref::RefServer::start("udp", PSK, "rekey-echo");
-    usmp::rt::block_on(async {
+    usmp::block_on(async {
         let c = Client::connect(&udp(srv.addr)).await.unwrap();
         for n in [0usize, 1, 452, 453, 1808] {
             let m: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
@@ -46,11 +45,11 @@ fn our_udp_client_against_the_python_udp_server() {
         c.disconnect().await;
     });
     let srv = common::pyref::RefServer::start("udp", PSK, "bye-after-echo");
-    usmp::rt::block_on(async {
+    usmp::block_on(async {
         let c = Client::connect(&udp(srv.addr)).await.unwrap();
         c.send(b"one").await.unwrap();
         assert_eq!(c.recv_timeout(Duration::from_secs(10)).await.unwrap(), b"one");
         assert!(c.recv_timeout(Duration::from_secs(10)).await.is_err());
-        assert_eq!(c.close_reason(), Some(usmp::rt::conn::CloseReason::PeerBye));
+        assert_eq!(c.close_reason(), Some(usmp::CloseReason::PeerBye));
     });
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use serde_json::json;
-use usmp::proto::Transport;
+use usmp::Transport;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -261,7 +261,7 @@ fn run_worker(a: &Args, index: usize, count: usize) -> ExitCode {
                 if let Some(c) = core {
                     core_affinity::set_for_current(core_affinity::CoreId { id: c });
                 }
-                usmp::rt::block_on(worker::run_thread(spec, devices, p))
+                usmp::block_on(worker::run_thread(spec, devices, p))
             })
         })
         .collect();

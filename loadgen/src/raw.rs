@@ -25,8 +25,7 @@ use monoio::net::TcpStream;
 use nix::sys::socket::{
     recvmsg, sendmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags, SockaddrIn,
 };
-use usmp::client::ClientConfig;
-use usmp::rt::event::LocalEvent;
+use usmp::{ClientConfig, LocalEvent};
 
 /// Sizes of the TCP handshake's flight (PROTOCOL.md §3): HELLO then HELLO_ACK, each answered
 /// (the echo stands for CHALLENGE and SESSION_OK), then a BYE-sized message and the close.
@@ -198,7 +197,7 @@ impl RawLink {
 
 async fn connect_tcp(cfg: &ClientConfig) -> io::Result<TcpStream> {
     let s = usmp::client::tcp_connect(cfg).await.map_err(|e| match e {
-        usmp::rt::Error::Io(io) => io,
+        usmp::Error::Io(io) => io,
         other => io::Error::other(other.to_string()),
     })?;
     s.set_nodelay(true)?;

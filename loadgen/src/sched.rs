@@ -13,7 +13,7 @@ use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
 use monoio::time::Instant;
-use usmp::rt::event::LocalEvent;
+use usmp::LocalEvent;
 
 struct Entry {
     at: Instant,
@@ -135,7 +135,7 @@ mod tests {
 
     #[test]
     fn sleepers_wake_in_order_and_not_before_their_time() {
-        usmp::rt::block_on(async {
+        usmp::block_on(async {
             let sched = Rc::new(Schedule::default());
             let runner = monoio::spawn(sched.clone().run());
             let t0 = Instant::now();

@@ -12,9 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use monoio::time::Instant;
-use usmp::client::{Client, ClientConfig, UdpEndpoint};
-use usmp::proto::Transport;
-use usmp::rt::event::LocalEvent;
+use usmp::client::UdpEndpoint;
+use usmp::{Client, ClientConfig, LocalEvent, Transport};
 
 use crate::raw::{self, RawLink, RawUdp};
 use crate::report::{new_hist, Counters, Hist};
@@ -166,7 +165,7 @@ impl Ctx {
         *self.counters.borrow_mut().errors.entry(kind).or_insert(0) += 1;
     }
 
-    fn error_of(&self, e: &usmp::rt::Error) {
+    fn error_of(&self, e: &usmp::Error) {
         self.error(error_kind(e));
     }
 
@@ -182,7 +181,7 @@ impl Ctx {
     }
 
     /// The shared socket of the thread's `pos`-th device (opened on first use), if devices share.
-    fn endpoint(&self, pos: usize) -> Option<Result<Rc<UdpEndpoint>, usmp::rt::Error>> {
+    fn endpoint(&self, pos: usize) -> Option<Result<Rc<UdpEndpoint>, usmp::Error>> {
         self.spec.shared_udp.then(|| {
             shared_socket(&self.endpoints, pos / self.spec.source_ips.len(), || {
                 UdpEndpoint::bind("0.0.0.0:0".parse().expect("literal")).map(Rc::new)

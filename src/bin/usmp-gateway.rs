@@ -9,12 +9,18 @@ use base64::Engine;
 use clap::Parser;
 use std::path::PathBuf;
 
-use usmp::gateway::{Gateway, Session, Transports};
 use usmp::nats::{NatsBridge, NatsConfig};
 use usmp::ops::msglog::MessageLog;
-use usmp::ops::settings::{LogFormat, ReplyMode, Resolved, Settings, TransportName};
+use usmp::ops::settings::{LogFormat, ReplyMode, Resolved, Settings};
 use usmp::ops::{self, OpsOptions};
-use usmp::psk::{ConfigError, PskSource};
+use usmp::{ConfigError, Gateway, PskSource, Session, Transports};
+
+/// `--transport tcp|udp|both`, listed in `--help` as a value enum would be.
+fn transports_arg() -> impl clap::builder::TypedValueParser<Value = Transports> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(["tcp", "udp", "both"])
+        .map(|s| s.parse::<Transports>().expect("one of the listed values"))
+}
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -33,8 +39,8 @@ struct Args {
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<SocketAddr>,
     /// Transports to serve, on the same port number [default: both].
-    #[arg(long, value_enum)]
-    transport: Option<TransportName>,
+    #[arg(long, value_parser = transports_arg())]
+    transport: Option<Transports>,
     /// Shard threads [default: one per core].
     #[arg(long, value_name = "N")]
     shards: Option<usize>,
@@ -198,8 +204,8 @@ fn on_message(session: &Session, msg: &[u8], mode: ReplyMode, log: &MessageLog) 
         ReplyMode::Ack => session.try_send(b"ACK"),
         ReplyMode::Log => {
             let line = serde_json::json!({
-                "device_id": session.device_id(),
-                "session_id": session.session_id(),
+                "device_id": session.device_id().to_string(),
+                "session_id": session.session_id().to_string(),
                 "timestamp": rfc3339(SystemTime::now()),
                 "payload": base64::engine::general_purpose::STANDARD.encode(msg),
             });
@@ -275,11 +281,7 @@ fn main() -> ExitCode {
         eprintln!("USMP PSK (text, {} bytes): {key}", key.len());
     }
     let (mode, shards, listen) = (r.mode, r.config.shards, r.config.listen);
-    let transports = match r.config.transports {
-        Transports::Tcp => "tcp",
-        Transports::Udp => "udp",
-        Transports::Both => "tcp+udp",
-    };
+    let transports = r.config.transports;
     let bridge = match &r.nats {
         Some(cfg) => match start_bridge(cfg, &r) {
             Ok(b) => Some(std::sync::Arc::new(b)),
@@ -299,7 +301,7 @@ fn main() -> ExitCode {
         Ok(g) => g,
         // Settings were resolved above; a setting the library still refuses is the operator's
         // to fix, as is every other configuration error (exit code 2).
-        Err(usmp::rt::Error::Config(e)) => {
+        Err(usmp::Error::Config(e)) => {
             eprintln!("usmp-gateway: error: {e}");
             return ExitCode::from(2);
         }
@@ -346,7 +348,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    tracing::info!(address = %gw.local_addr(), shards, transports, mode = ?mode, "usmp-gateway listening");
+    tracing::info!(address = %gw.local_addr(), shards, %transports, mode = ?mode, "usmp-gateway listening");
     std::thread::spawn(move || {
         for sig in signals.forever() {
             if sig == SIGHUP {

@@ -16,8 +16,10 @@ use nix::errno::Errno;
 use nix::sys::socket::{setsockopt, sockopt};
 
 use super::udp::{deliver, Router};
+use crate::rt::datagram::{
+    pktinfo_space, recv_nonblocking, send_loop_direct, Received, UdpOut, RECV_BUF_LEN,
+};
 use crate::rt::event::LocalEvent;
-use crate::rt::udp::{pktinfo_space, recv_nonblocking, send_loop_direct, Received, UdpOut, RECV_BUF_LEN};
 use crate::rt::Error;
 
 /// Requested socket buffer sizes (both directions).

@@ -23,8 +23,8 @@ use crate::proto::frame::Frame;
 use crate::proto::handshake::{ClientHandshake, ClientReply, MAX_HANDSHAKE_FRAME_LEN};
 use crate::proto::session::Session;
 use crate::proto::Transport;
-use crate::psk::{format_device_id, to_hex};
-use crate::rt::conn::{self, CloseReason, Conn};
+use crate::proto::{DeviceId, SessionId};
+use crate::rt::conn::{CloseReason, Conn};
 use crate::rt::{wire, Error};
 
 /// How to reach and authenticate to a gateway. Its `Debug` never shows the key.
@@ -51,7 +51,7 @@ impl std::fmt::Debug for ClientConfig {
         f.debug_struct("ClientConfig")
             .field("addr", &self.addr)
             .field("psk", &crate::psk::REDACTED)
-            .field("device_id", &self.device_id.map(|d| format_device_id(&d)))
+            .field("device_id", &self.device_id.map(DeviceId::new))
             .field("connect_timeout", &self.connect_timeout)
             .field("keepalive", &self.keepalive)
             .field("bind", &self.bind)
@@ -166,7 +166,7 @@ impl Client {
                 Err(_) => return Err(Error::timeout("handshake timed out")),
             };
         let conn = Conn::new(session, cfg.addr);
-        let driver = monoio::spawn(conn::drive(conn.clone(), stream, deframer));
+        let driver = monoio::spawn(crate::rt::tcp::drive(conn.clone(), stream, deframer));
         Ok(Client::started(cfg, conn, driver))
     }
 
@@ -192,14 +192,14 @@ impl Client {
         Client { conn, driver: Some(driver) }
     }
 
-    /// Device id, colon hex.
-    pub fn device_id(&self) -> String {
-        format_device_id(&self.conn.device_id())
+    /// The device this client speaks for (`Display`: colon hex).
+    pub fn device_id(&self) -> DeviceId {
+        DeviceId::new(self.conn.device_id())
     }
 
-    /// Session id, 32 lowercase hex characters.
-    pub fn session_id(&self) -> String {
-        to_hex(&self.conn.session_id())
+    /// The session (`Display`: 32 lowercase hex characters).
+    pub fn session_id(&self) -> SessionId {
+        SessionId::new(self.conn.session_id())
     }
 
     /// Send one message (0..=1808 bytes; larger is a `PayloadError` and nothing is sent).

@@ -20,8 +20,9 @@ use crate::proto::session::Session;
 use crate::proto::udp::encode_utack;
 use crate::proto::{ErrorKind, Transport};
 use crate::rt::conn::Conn;
+use crate::rt::datagram::{send_loop, UdpOut, RECV_BUF_LEN};
 use crate::rt::event::LocalEvent;
-use crate::rt::udp::{on_session_datagram, pump, send_loop, Inbound, UdpOut, RECV_BUF_LEN};
+use crate::rt::udp::{on_session_datagram, pump, Inbound};
 use crate::rt::{now, Error};
 
 /// Datagrams from the server, routed to the handshake until a session exists.

@@ -11,8 +11,9 @@ use std::pin::Pin;
 use std::rc::Rc;
 
 use super::session::Session;
-use super::shard::Shard;
+use crate::proto::DeviceId;
 use crate::rt::conn::{CloseReason, Conn, MessageHook};
+use crate::rt::event::LocalEvent;
 
 pub use crate::rt::conn::Ack;
 
@@ -52,27 +53,37 @@ pub trait ShardApp {
 /// What a [`ShardApp`]'s task can reach on its shard.
 #[derive(Clone)]
 pub struct ShardContext {
-    pub(super) shard: Rc<Shard>,
+    pub(super) shard: Rc<dyn ShardAccess>,
+}
+
+/// What a [`ShardContext`] needs of its shard. A trait, so that this file does not depend on
+/// the shard's state, which depends on it (the state holds the shard's [`ShardApp`]).
+pub(super) trait ShardAccess {
+    /// The shard's index.
+    fn index(&self) -> usize;
+    /// The live session of `device_id` on this shard, if any.
+    fn session(&self, device_id: &[u8; 6]) -> Option<Session>;
+    /// Whether the gateway is shutting down.
+    fn is_stopping(&self) -> bool;
+    /// Notified when shutdown begins.
+    fn stopping(&self) -> &LocalEvent;
 }
 
 impl ShardContext {
     /// This shard's index.
     pub fn index(&self) -> usize {
-        self.shard.idx
+        self.shard.index()
     }
 
     /// The live session of `device_id` on this shard, if any.
-    pub fn session(&self, device_id: &[u8; 6]) -> Option<Session> {
-        let key = *self.shard.by_device.borrow().get(device_id)?;
-        let conn = self.shard.sessions.borrow().get(key).map(|l| l.conn().clone())?;
-        let transport = conn.transport();
-        Some(Session { conn, shard: self.shard.idx, transport })
+    pub fn session(&self, device_id: DeviceId) -> Option<Session> {
+        self.shard.session(device_id.as_bytes())
     }
 
     /// Completes once the gateway is shutting down.
     pub async fn stopped(&self) {
         while !self.shard.is_stopping() {
-            let stop = self.shard.stopping.wait();
+            let stop = self.shard.stopping().wait();
             if self.shard.is_stopping() {
                 break;
             }

@@ -8,17 +8,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 
-use crate::proto::Transport;
+use crate::proto::{DeviceId, SessionId, Transport};
 
 const STRIPES: usize = 16;
 
 /// A live session as seen by the control plane.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionInfo {
-    /// Device id bytes.
-    pub device_id: [u8; 6],
-    /// Session id bytes.
-    pub session_id: [u8; 16],
+    /// The device.
+    pub device_id: DeviceId,
+    /// Its session.
+    pub session_id: SessionId,
     /// Transport.
     pub transport: Transport,
     /// Peer address.
@@ -51,7 +51,7 @@ impl Entry {
         Entry {
             conn_id: i.conn_id,
             since,
-            session_id: i.session_id,
+            session_id: i.session_id.into(),
             ip: i.peer.ip(),
             port: i.peer.port(),
             shard: i.shard as u16,
@@ -61,8 +61,8 @@ impl Entry {
 
     fn unpack(&self, device_id: [u8; 6]) -> SessionInfo {
         SessionInfo {
-            device_id,
-            session_id: self.session_id,
+            device_id: device_id.into(),
+            session_id: self.session_id.into(),
             transport: self.transport,
             peer: SocketAddr::new(self.ip, self.port),
             shard: self.shard as usize,
@@ -90,7 +90,8 @@ impl Directory {
 
     /// Record a new session (it shadows an older one of the same device).
     pub fn insert(&self, info: SessionInfo) {
-        self.stripe(&info.device_id).lock().insert(info.device_id, Entry::pack(&info));
+        let id = *info.device_id.as_bytes();
+        self.stripe(&id).lock().insert(id, Entry::pack(&info));
     }
 
     /// Forget a session, only if it is still the device's current one.
@@ -126,8 +127,8 @@ mod tests {
 
     fn info(id: u8, peer: &str, conn_id: u64) -> SessionInfo {
         SessionInfo {
-            device_id: [id, 1, 2, 3, 4, 5],
-            session_id: [id; 16],
+            device_id: DeviceId::new([id, 1, 2, 3, 4, 5]),
+            session_id: SessionId::new([id; 16]),
             transport: if id.is_multiple_of(2) { Transport::Tcp } else { Transport::Udp },
             peer: peer.parse().unwrap(),
             shard: id as usize % 3,
@@ -143,16 +144,16 @@ mod tests {
         let b = info(2, "[2001:db8::5]:9000", 8);
         d.insert(a.clone());
         d.insert(b.clone());
-        assert_eq!(d.get(&a.device_id), Some(a.clone()));
-        assert_eq!(d.get(&b.device_id), Some(b.clone()));
+        assert_eq!(d.get(a.device_id.as_bytes()), Some(a.clone()));
+        assert_eq!(d.get(b.device_id.as_bytes()), Some(b.clone()));
         let mut all = d.snapshot();
         all.sort_by_key(|i| i.conn_id);
         assert_eq!(all, vec![a.clone(), b.clone()]);
         // Only the device's current session is forgotten.
-        d.remove(&a.device_id, 99);
+        d.remove(a.device_id.as_bytes(), 99);
         assert_eq!(d.len(), 2);
-        d.remove(&a.device_id, 7);
-        assert_eq!(d.get(&a.device_id), None);
+        d.remove(a.device_id.as_bytes(), 7);
+        assert_eq!(d.get(a.device_id.as_bytes()), None);
         assert_eq!(d.len(), 1);
     }
 }

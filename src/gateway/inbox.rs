@@ -6,8 +6,9 @@ use std::rc::Rc;
 use super::shard::Shard;
 use super::stats::ShardStats;
 use super::Command;
+use crate::proto::DeviceId;
 use crate::proto::ErrorKind;
-use crate::psk::{format_device_id, KeyState};
+use crate::psk::KeyState;
 use crate::rt::conn::{CloseReason, Conn};
 use crate::rt::Error;
 
@@ -44,7 +45,7 @@ pub(super) async fn inbox_loop(shard: Rc<Shard>, inbox: flume::Receiver<Command>
             }
             Command::Kick(device_id) => {
                 if let Some(conn) = live_conn(&shard, &device_id) {
-                    tracing::info!(device = %format_device_id(&device_id), "session kicked");
+                    tracing::info!(device = %DeviceId::new(device_id), "session kicked");
                     conn.end(CloseReason::Kicked);
                 }
             }
@@ -95,7 +96,7 @@ pub(super) async fn inbox_loop(shard: Rc<Shard>, inbox: flume::Receiver<Command>
                     })
                     .collect();
                 for (c, why) in revoked {
-                    tracing::info!(device = %format_device_id(&c.device_id()), peer = %c.peer(), why, "session closed: key revoked");
+                    tracing::info!(device = %DeviceId::new(c.device_id()), peer = %c.peer(), why, "session closed: key revoked");
                     c.end(CloseReason::Revoked);
                 }
             }

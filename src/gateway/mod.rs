@@ -4,8 +4,7 @@
 //! shard, broadcast, kick, lockout events, shutdown) travels through per-shard inboxes.
 //!
 //! ```no_run
-//! use usmp::gateway::Gateway;
-//! use usmp::psk::PskSource;
+//! use usmp::{Gateway, PskSource};
 //!
 //! let gw = Gateway::builder()
 //!     .listen("0.0.0.0:9000".parse().unwrap())
@@ -22,13 +21,18 @@
 //! ```
 
 pub mod app;
+mod bind;
+mod boot;
 mod directory;
 mod inbox;
 mod outcome;
+mod port;
+mod registry;
 mod session;
 mod shard;
 mod stats;
 mod sweeper;
+mod tcp;
 mod udp;
 
 use std::collections::HashMap;
@@ -46,35 +50,72 @@ pub use session::Session;
 pub use stats::{LatencyHist, LatencySnapshot, ShardStats, StatsSnapshot, HANDSHAKE_BUCKETS_US};
 
 use crate::proto::lockout::LockoutPolicy;
-use crate::psk::{parse_device_id, ConfigError, PskSource};
+use crate::proto::{DeviceId, SessionId, Transport};
+use crate::psk::{ConfigError, PskSource};
 use crate::rt::Error;
 use directory::Directory;
 
 /// Renders extra Prometheus text for `/metrics` ([`GatewayHandle::add_metrics`]).
 pub type MetricsSource = Arc<dyn Fn(&mut String) + Send + Sync>;
 
-/// Called when the watchdog ends a session: `(device_id, session_id)` as colon hex / hex.
-pub type TimeoutHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
+/// Called when the watchdog ends a session, with the device and the session it ended.
+pub type TimeoutHook = Arc<dyn Fn(DeviceId, SessionId) + Send + Sync>;
 
-/// Which transports the gateway serves (on the same port number).
+/// Which transports the gateway serves, on the same port number: a set of [`Transport`]s,
+/// not a transport of its own (`"tcp"`, `"udp"` or `"both"` when parsed, as `--transport`
+/// spells it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transports {
-    /// TCP only.
-    Tcp,
-    /// UDP only.
-    Udp,
-    /// TCP and UDP.
-    Both,
+pub struct Transports {
+    tcp: bool,
+    udp: bool,
 }
 
 impl Transports {
-    /// Serves TCP.
-    pub fn tcp(self) -> bool {
-        matches!(self, Transports::Tcp | Transports::Both)
+    /// TCP and UDP (the default).
+    pub const BOTH: Transports = Transports { tcp: true, udp: true };
+
+    /// One transport only.
+    pub const fn only(t: Transport) -> Self {
+        Transports { tcp: matches!(t, Transport::Tcp), udp: matches!(t, Transport::Udp) }
     }
-    /// Serves UDP.
-    pub fn udp(self) -> bool {
-        matches!(self, Transports::Udp | Transports::Both)
+
+    /// Whether `t` is served.
+    pub const fn contains(self, t: Transport) -> bool {
+        match t {
+            Transport::Tcp => self.tcp,
+            Transport::Udp => self.udp,
+        }
+    }
+}
+
+impl Default for Transports {
+    fn default() -> Self {
+        Transports::BOTH
+    }
+}
+
+impl std::fmt::Display for Transports {
+    /// As parsed: `tcp`, `udp` or `both`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match (self.tcp, self.udp) {
+            (true, false) => "tcp",
+            (false, true) => "udp",
+            _ => "both",
+        })
+    }
+}
+
+impl std::str::FromStr for Transports {
+    type Err = ConfigError;
+
+    /// `tcp`, `udp` or `both`.
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "tcp" => Ok(Transports::only(Transport::Tcp)),
+            "udp" => Ok(Transports::only(Transport::Udp)),
+            "both" => Ok(Transports::BOTH),
+            _ => Err(ConfigError::new("transport", format!("`{s}` is not one of tcp, udp, both"))),
+        }
     }
 }
 
@@ -127,7 +168,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "0.0.0.0:9000".parse().expect("valid default address"),
-            transports: Transports::Both,
+            transports: Transports::BOTH,
             shards: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             cpus: None,
             psk: None,
@@ -267,7 +308,7 @@ impl GatewayBuilder {
         self
     }
     /// Hook run when the watchdog ends a session.
-    pub fn on_timeout(mut self, f: impl Fn(&str, &str) + Send + Sync + 'static) -> Self {
+    pub fn on_timeout(mut self, f: impl Fn(DeviceId, SessionId) + Send + Sync + 'static) -> Self {
         self.cfg.on_timeout = Some(Arc::new(f));
         self
     }
@@ -315,8 +356,7 @@ impl GatewayBuilder {
     /// ends that session only.
     ///
     /// ```no_run
-    /// use usmp::gateway::Gateway;
-    /// use usmp::psk::PskSource;
+    /// use usmp::{Gateway, PskSource};
     ///
     /// let gw = Gateway::builder()
     ///     .psk(PskSource::single(b"a-key-of-16-bytes-or-more").unwrap())
@@ -343,7 +383,7 @@ impl GatewayBuilder {
     fn start(self, handler: Handler) -> Result<Gateway, Error> {
         self.validate()?;
         let cfg = self.cfg;
-        let listeners = shard::bind_sockets(cfg.listen, cfg.shards, cfg.transports)?;
+        let listeners = bind::bind_sockets(cfg.listen, cfg.shards, cfg.transports)?;
         let local_addr = listeners[0].local_addr()?;
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..cfg.shards).map(|_| flume::bounded(INBOX_CAP)).unzip();
         let shared = Arc::new(Shared {
@@ -365,7 +405,7 @@ impl GatewayBuilder {
             let handler = handler.clone();
             let t = std::thread::Builder::new()
                 .name(format!("usmp-shard-{i}"))
-                .spawn(move || shard::run(i, shared, listener, rx, handler))?;
+                .spawn(move || boot::run(i, shared, listener, rx, handler))?;
             threads.push(t);
         }
         Ok(Gateway { handle: GatewayHandle { shared }, threads, local_addr })
@@ -503,19 +543,15 @@ pub struct GatewayHandle {
     shared: Arc<Shared>,
 }
 
-fn device_arg(device_id: &str) -> Result<[u8; 6], Error> {
-    parse_device_id(device_id)
-        .ok_or_else(|| Error::misuse(crate::proto::ErrorKind::NotConnected, "not a device id"))
-}
-
 impl GatewayHandle {
-    /// Queue one message for `device_id` (colon hex or 12 hex digits) on whatever shard holds
-    /// it. `NotConnectedError` when the device has no session; `PayloadError` above 1808 bytes.
-    pub fn send_to(&self, device_id: &str, msg: &[u8]) -> Result<(), Error> {
+    /// Queue one message for `device_id` on whatever shard holds it (an id from text:
+    /// `"00:11:22:33:44:55".parse()?`). `NotConnectedError` when the device has no session;
+    /// `PayloadError` above 1808 bytes.
+    pub fn send_to(&self, device_id: DeviceId, msg: &[u8]) -> Result<(), Error> {
         if msg.len() > crate::proto::reassembly::MAX_MESSAGE_LEN {
             return Err(Error::misuse(crate::proto::ErrorKind::Payload, "message over 1808 bytes"));
         }
-        let id = device_arg(device_id)?;
+        let id: [u8; 6] = device_id.into();
         let info =
             self.shared.directory.get(&id).ok_or_else(|| {
                 Error::misuse(crate::proto::ErrorKind::NotConnected, "device not connected")
@@ -531,11 +567,11 @@ impl GatewayHandle {
     /// `TimeoutError` ("busy") when its send queue or its shard's inbox is full. The shard
     /// answers at once (it never waits for a session), so this is for async callers off the
     /// shards' threads: the admin API, a message bridge.
-    pub async fn deliver(&self, device_id: &str, msg: &[u8]) -> Result<(), Error> {
+    pub async fn deliver(&self, device_id: DeviceId, msg: &[u8]) -> Result<(), Error> {
         if msg.len() > crate::proto::reassembly::MAX_MESSAGE_LEN {
             return Err(Error::misuse(crate::proto::ErrorKind::Payload, "message over 1808 bytes"));
         }
-        let id = device_arg(device_id)?;
+        let id: [u8; 6] = device_id.into();
         let not_connected = || Error::misuse(crate::proto::ErrorKind::NotConnected, "device not connected");
         let info = self.shared.directory.get(&id).ok_or_else(not_connected)?;
         let (tx, rx) = flume::bounded(1);
@@ -559,14 +595,14 @@ impl GatewayHandle {
     }
 
     /// Close a device's session with BYE; false when it has none.
-    pub fn kick(&self, device_id: &str) -> Result<bool, Error> {
-        let id = device_arg(device_id)?;
+    pub fn kick(&self, device_id: DeviceId) -> bool {
+        let id: [u8; 6] = device_id.into();
         match self.shared.directory.get(&id) {
             Some(info) => {
                 self.shared.post(info.shard, Command::Kick(id));
-                Ok(true)
+                true
             }
-            None => Ok(false),
+            None => false,
         }
     }
 
@@ -628,8 +664,8 @@ impl GatewayHandle {
     }
 
     /// The shard holding `device_id`'s session, if any (control plane; not per frame).
-    pub fn device_shard(&self, device_id: &[u8; 6]) -> Option<usize> {
-        self.shared.directory.get(device_id).map(|i| i.shard)
+    pub fn device_shard(&self, device_id: DeviceId) -> Option<usize> {
+        self.shared.directory.get(device_id.as_bytes()).map(|i| i.shard)
     }
 
     /// Swap in a new key registry (keys from another source than a file, e.g. a NATS KV

@@ -5,8 +5,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
-use crate::proto::Transport;
-use crate::psk::{format_device_id, to_hex};
+use crate::proto::{DeviceId, SessionId, Transport};
 use crate::rt::conn::{CloseReason, Conn};
 use crate::rt::Error;
 
@@ -19,20 +18,20 @@ pub struct Session {
 }
 
 impl Session {
-    /// Device id, colon hex (`00:11:22:33:44:55`).
-    pub fn device_id(&self) -> String {
-        format_device_id(&self.conn.device_id())
+    /// The device (`Display`: colon hex, `00:11:22:33:44:55`).
+    pub fn device_id(&self) -> DeviceId {
+        DeviceId::new(self.conn.device_id())
     }
-    /// Device id bytes.
-    pub fn device_id_bytes(&self) -> [u8; 6] {
+    /// Device id bytes, for maps inside the crate (the API gives [`Session::device_id`]).
+    pub(crate) fn device_id_bytes(&self) -> [u8; 6] {
         self.conn.device_id()
     }
-    /// Session id, 32 lowercase hex characters.
-    pub fn session_id(&self) -> String {
-        to_hex(&self.conn.session_id())
+    /// The session (`Display`: 32 lowercase hex characters).
+    pub fn session_id(&self) -> SessionId {
+        SessionId::new(self.conn.session_id())
     }
-    /// Session id bytes.
-    pub fn session_id_bytes(&self) -> [u8; 16] {
+    /// Session id bytes, for maps inside the crate (the API gives [`Session::session_id`]).
+    pub(crate) fn session_id_bytes(&self) -> [u8; 16] {
         self.conn.session_id()
     }
     /// The device's address.

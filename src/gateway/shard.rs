@@ -1,129 +1,37 @@
-//! One shard: a thread pinned to a core, its own monoio runtime and SO_REUSEPORT listener,
-//! its slab of live sessions, its lockout cache, its inbox, and one sweeper task that runs
-//! the watchdog for every session (no timer per connection).
+//! One shard's state: its slab of live sessions and device index, its lockout cache, its
+//! handshakes in progress with their crypto budget, and the accounting of failed handshakes.
+//! The tasks that run on it (thread bootstrap, TCP accept, UDP, inbox, sweeper) live in files
+//! of their own that depend on this one, never the other way.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr, TcpListener as StdListener};
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use monoio::net::{TcpListener, TcpStream};
 use ring::rand::SystemRandom;
 use slab::Slab;
-use socket2::{Domain, Protocol, Socket, Type};
 
-use super::app::ShardApp;
+use super::app::{ShardAccess, ShardApp};
 use super::directory::SessionInfo;
-use super::outcome::{HandshakeError, Refusal};
+use super::outcome::HandshakeError;
 use super::session::Session;
 use super::stats::ShardStats;
-use super::{Command, Handler, Shared};
-use crate::proto::crypto::EphemeralKey;
-use crate::proto::deframer::Deframer;
-use crate::proto::frame::Frame;
-use crate::proto::handshake::{decode_hello, ServerExpectHelloAck, MAX_HANDSHAKE_FRAME_LEN};
+use super::{Command, Shared};
 use crate::proto::lockout::{Admission, LockoutTable};
-use crate::proto::session::Session as ProtoSession;
-use crate::proto::Transport;
-use crate::psk::{format_device_id, to_hex};
-use crate::rt::conn::{self, CloseReason, Conn, Links};
-use crate::rt::{now, wire, Error};
+use crate::proto::DeviceId;
+use crate::rt::conn::{Conn, Links};
+use crate::rt::event::LocalEvent;
+use crate::rt::now;
 
-const LISTEN_BACKLOG: i32 = 4096;
-
-/// One shard's sockets.
-pub(super) struct ShardSockets {
-    pub(super) tcp: Option<StdListener>,
-    pub(super) udp: Option<std::net::UdpSocket>,
-}
-
-impl ShardSockets {
-    pub(super) fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        match (&self.tcp, &self.udp) {
-            (Some(t), _) => t.local_addr(),
-            (None, Some(u)) => u.local_addr(),
-            (None, None) => Err(std::io::Error::other("no transport")),
-        }
-    }
-}
-
-fn reuseport_socket(addr: SocketAddr, ty: Type, proto: Protocol) -> std::io::Result<Socket> {
-    let s = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
-    s.set_reuse_address(true)?;
-    // Must be set before bind so every shard can bind the same port.
-    s.set_reuse_port(true)?;
-    s.bind(&addr.into())?;
-    s.set_nonblocking(true)?;
-    Ok(s)
-}
-
-/// Bind one SO_REUSEPORT TCP listener and/or UDP socket per shard on `addr` (port 0: the
-/// first socket picks the port, every other one follows it, UDP on the same number).
-pub(super) fn bind_sockets(
-    addr: SocketAddr,
-    n: usize,
-    t: super::Transports,
-) -> std::io::Result<Vec<ShardSockets>> {
-    // With port 0 the number the first socket gets may be taken for the other transport:
-    // try again, keeping the failed attempts' sockets open so the next number differs.
-    let mut burned = Vec::new();
-    loop {
-        match bind_sockets_once(addr, n, t, &mut burned) {
-            Err(e) if addr.port() == 0 && e.kind() == std::io::ErrorKind::AddrInUse && burned.len() < 64 => {}
-            other => return other,
-        }
-    }
-}
-
-fn bind_sockets_once(
-    addr: SocketAddr,
-    n: usize,
-    t: super::Transports,
-    burned: &mut Vec<Socket>,
-) -> std::io::Result<Vec<ShardSockets>> {
-    let mut out = Vec::with_capacity(n);
-    let mut addr = addr;
-    for _ in 0..n {
-        let tcp = if t.tcp() {
-            let s = reuseport_socket(addr, Type::STREAM, Protocol::TCP)?;
-            s.set_nodelay(true)?;
-            s.listen(LISTEN_BACKLOG)?;
-            let l: StdListener = s.into();
-            addr = l.local_addr()?;
-            Some(l)
-        } else {
-            None
-        };
-        let udp = if t.udp() {
-            let s = match reuseport_socket(addr, Type::DGRAM, Protocol::UDP) {
-                Ok(s) => s,
-                Err(e) => {
-                    burned.extend(tcp.map(Socket::from));
-                    return Err(e);
-                }
-            };
-            // Room for bursts from tens of thousands of devices between two receive rounds.
-            let _ = s.set_recv_buffer_size(8 << 20);
-            let _ = s.set_send_buffer_size(8 << 20);
-            let u: std::net::UdpSocket = s.into();
-            addr = u.local_addr()?;
-            Some(u)
-        } else {
-            None
-        };
-        out.push(ShardSockets { tcp, udp });
-    }
-    Ok(out)
-}
-
+/// A live session in the shard's slab.
 pub(super) struct Live {
     pub(super) conn: Rc<Conn>,
     /// The directory entry's id (the rest of its info is the connection's).
-    conn_id: u64,
-    since: SystemTime,
+    pub(super) conn_id: u64,
+    pub(super) since: SystemTime,
     /// Fingerprint of the key the device authenticated with ([`crate::psk::key_fingerprint`]):
     /// a reload that changes the device's key ends the session.
     pub(super) key: u64,
@@ -136,8 +44,8 @@ impl Live {
 
     pub(super) fn info(&self, shard: usize) -> SessionInfo {
         SessionInfo {
-            device_id: self.conn.device_id(),
-            session_id: self.conn.session_id(),
+            device_id: self.conn.device_id().into(),
+            session_id: self.conn.session_id().into(),
             transport: self.conn.transport(),
             peer: self.conn.peer(),
             shard,
@@ -155,7 +63,7 @@ pub(super) struct Shard {
     pub(super) lockout: RefCell<LockoutTable>,
     pub(super) handshakes: Cell<usize>,
     pub(super) rng: SystemRandom,
-    pub(super) stopping: crate::rt::event::LocalEvent,
+    pub(super) stopping: LocalEvent,
     /// Refusal log lines left in the current second (a flood must not flood the logs).
     refusal_log: Cell<(Duration, u32, u64)>,
     /// Handshakes in progress (both transports), oldest evictable under pressure.
@@ -163,11 +71,32 @@ pub(super) struct Shard {
     /// X25519 budget: the time before which no new handshake computation may start.
     crypto_budget: Cell<Duration>,
     /// What every TCP connection of this shard is wired to (the inline hook, if any).
-    tcp_links: Rc<Links>,
+    pub(super) tcp_links: Rc<Links>,
     /// This shard's half of an application ([`super::GatewayBuilder::serve_app`]).
     pub(super) app: Option<Rc<dyn ShardApp>>,
     /// The UDP endpoint, told of every success (for its cookie path's known devices).
     pub(super) udp: RefCell<std::rc::Weak<super::udp::UdpShard>>,
+}
+
+impl ShardAccess for Shard {
+    fn index(&self) -> usize {
+        self.idx
+    }
+
+    fn session(&self, device_id: &[u8; 6]) -> Option<Session> {
+        let key = *self.by_device.borrow().get(device_id)?;
+        let conn = self.sessions.borrow().get(key).map(|l| l.conn().clone())?;
+        let transport = conn.transport();
+        Some(Session { conn, shard: self.idx, transport })
+    }
+
+    fn is_stopping(&self) -> bool {
+        Shard::is_stopping(self)
+    }
+
+    fn stopping(&self) -> &LocalEvent {
+        &self.stopping
+    }
 }
 
 /// Identifies a registered handshake: slab key plus a unique id.
@@ -184,6 +113,31 @@ pub(super) struct Pending {
 const REFUSAL_LOG_PER_SEC: u32 = 10;
 
 impl Shard {
+    /// The state of shard `idx`, before any socket or task.
+    pub(super) fn new(
+        idx: usize,
+        shared: Arc<Shared>,
+        app: Option<Rc<dyn ShardApp>>,
+        tcp_links: Rc<Links>,
+    ) -> Self {
+        Shard {
+            idx,
+            lockout: RefCell::new(LockoutTable::new(shared.cfg.lockout)),
+            shared,
+            sessions: RefCell::new(Slab::new()),
+            by_device: RefCell::new(HashMap::new()),
+            handshakes: Cell::new(0),
+            rng: SystemRandom::new(),
+            stopping: Default::default(),
+            refusal_log: Cell::new((Duration::ZERO, 0, 0)),
+            pending: RefCell::new(Slab::new()),
+            crypto_budget: Cell::new(Duration::ZERO),
+            tcp_links,
+            app,
+            udp: RefCell::new(std::rc::Weak::new()),
+        }
+    }
+
     pub(super) fn stats(&self) -> &ShardStats {
         &self.shared.stats[self.idx]
     }
@@ -319,237 +273,10 @@ impl Shard {
     }
 }
 
-/// Thread body of shard `idx`.
-pub(super) fn run(
-    idx: usize,
-    shared: Arc<Shared>,
-    sockets: ShardSockets,
-    inbox: flume::Receiver<Command>,
-    handler: Arc<Handler>,
-) {
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
-    let pick = match &shared.cfg.cpus {
-        Some(list) if !list.is_empty() => Some(list[idx % list.len()]),
-        _ if !cores.is_empty() => Some(cores[idx % cores.len()].id),
-        _ => None,
-    };
-    if let Some(id) = pick {
-        if !core_affinity::set_for_current(core_affinity::CoreId { id }) {
-            tracing::warn!(
-                shard = idx,
-                core = id,
-                "cannot pin shard to its core (outside the allowed CPU set?); running unpinned"
-            );
-        }
-    }
-    let app = match &*handler {
-        Handler::App(a) => Some(a.on_shard(idx)),
-        _ => None,
-    };
-    let shard = Rc::new(Shard {
-        idx,
-        lockout: RefCell::new(LockoutTable::new(shared.cfg.lockout)),
-        shared,
-        sessions: RefCell::new(Slab::new()),
-        by_device: RefCell::new(HashMap::new()),
-        handshakes: Cell::new(0),
-        rng: SystemRandom::new(),
-        stopping: Default::default(),
-        refusal_log: Cell::new((Duration::ZERO, 0, 0)),
-        pending: RefCell::new(Slab::new()),
-        crypto_budget: Cell::new(Duration::ZERO),
-        tcp_links: links(idx, &handler, app.as_ref(), None),
-        app,
-        udp: RefCell::new(std::rc::Weak::new()),
-    });
-    let preferred = shard.shared.cfg.io_driver;
-    let (_, driver) = crate::rt::run_with(preferred, shard_main(shard, sockets, inbox, handler));
-    tracing::debug!(shard = idx, ?driver, "shard exited");
-}
-
-async fn shard_main(
-    shard: Rc<Shard>,
-    sockets: ShardSockets,
-    inbox: flume::Receiver<Command>,
-    handler: Arc<Handler>,
-) {
-    tracing::info!(
-        shard = shard.idx,
-        driver = if monoio::utils::is_legacy() { "epoll" } else { "io_uring" },
-        "shard started"
-    );
-    // Background tasks are awaited at shutdown: a runtime dropped with pending tasks leaks them.
-    let mut background = vec![
-        monoio::spawn(super::inbox::inbox_loop(shard.clone(), inbox)),
-        monoio::spawn(super::sweeper::sweeper(shard.clone())),
-        monoio::spawn(super::sweeper::evictor(shard.clone())),
-    ];
-    if let Some(app) = &shard.app {
-        background.push(monoio::spawn(app.clone().run(super::app::ShardContext { shard: shard.clone() })));
-    }
-    let udp = match sockets.udp.map(|u| wire::random::<32>(&shard.rng).map(|secret| (u, secret))) {
-        Some(Ok((u, secret))) => match super::udp::UdpShard::new(u, secret, &shard, &handler) {
-            Ok(udp) => {
-                *shard.udp.borrow_mut() = Rc::downgrade(&udp);
-                background.extend(super::udp::start(&shard, &udp, handler.clone()));
-                Some(udp)
-            }
-            Err(e) => {
-                tracing::error!(shard = shard.idx, error = %e, "cannot register UDP socket");
-                None
-            }
-        },
-        _ => None,
-    };
-    match sockets.tcp.map(TcpListener::from_std) {
-        Some(Ok(l)) => accept_loop(&shard, l, &handler).await,
-        Some(Err(e)) => tracing::error!(shard = shard.idx, error = %e, "cannot register listener"),
-        None => {
-            while !shard.is_stopping() {
-                let stop = shard.stopping.wait();
-                if shard.is_stopping() {
-                    break;
-                }
-                stop.await;
-            }
-        }
-    }
-    // Graceful shutdown: handshakes in progress are abandoned, every session gets BYE, and
-    // we wait for them (bounded), then exit.
-    let pending: Vec<Rc<dyn Fn()>> = shard.pending.borrow().iter().map(|(_, p)| p.evict.clone()).collect();
-    for evict in pending {
-        evict();
-    }
-    let conns: Vec<Rc<Conn>> = shard.sessions.borrow().iter().map(|(_, l)| l.conn.clone()).collect();
-    for c in &conns {
-        c.close(CloseReason::Shutdown, true);
-    }
-    let deadline = now() + shard.shared.cfg.shutdown_grace;
-    while (!shard.sessions.borrow().is_empty() || shard.handshakes.get() > 0) && now() < deadline {
-        monoio::time::sleep(Duration::from_millis(10)).await;
-    }
-    if let Some(udp) = &udp {
-        super::udp::stop(&shard, udp);
-    }
-    // Every background task watches `stopping`; give them a bounded moment to return.
-    let _ = monoio::time::timeout(Duration::from_secs(2), async {
-        for t in background {
-            t.await;
-        }
-    })
-    .await;
-}
-
-async fn accept_loop(shard: &Rc<Shard>, listener: TcpListener, handler: &Arc<Handler>) {
-    loop {
-        let stop = shard.stopping.wait();
-        if shard.is_stopping() {
-            break;
-        }
-        let accepted = monoio::select! {
-            r = listener.accept() => r,
-            _ = stop => break,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                ShardStats::inc(&shard.stats().accepted);
-                monoio::spawn(serve_conn(shard.clone(), stream, peer, handler.clone()));
-            }
-            Err(e) => {
-                tracing::warn!(shard = shard.idx, error = %e, "accept failed");
-                monoio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    }
-}
-
 /// Why a handshake failed, and which lockout key it counts against.
 pub(super) struct Failure {
     pub(super) reason: HandshakeError,
     pub(super) device: Option<[u8; 6]>,
-}
-
-async fn serve_conn(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr, handler: Arc<Handler>) {
-    let ip = peer.ip();
-    // Cheapest checks first, before any crypto: handshake slots, session limits, then (once
-    // the HELLO names the device) lockout, key lookup, the X25519 budget.
-    if shard.handshakes.get() >= shard.shared.cfg.max_handshakes_per_shard || shard.is_stopping() {
-        ShardStats::inc(&shard.stats().refused_over_limit);
-        shard.log_refusal(peer, "handshake_limit");
-        return;
-    }
-    if !shard.shared.reserve(ip) {
-        ShardStats::inc(&shard.stats().refused_over_limit);
-        shard.log_refusal(peer, "session_limit");
-        return;
-    }
-    let _ = stream.set_nodelay(true);
-    // A backstop in the kernel: it gives up on a peer that acknowledges none of our bytes
-    // (zero-window probes included) for twice the watchdog (at least 30 s), whatever the
-    // session's state. The sweeper ends stalled sessions first (after the watchdog, or the
-    // close grace).
-    let user_timeout = shard.shared.cfg.session_timeout.saturating_mul(2).max(Duration::from_secs(30));
-    let _ = socket2::SockRef::from(&crate::rt::fd::borrow(&stream)).set_tcp_user_timeout(Some(user_timeout));
-    let mut deframer = Deframer::new();
-    // The handshake's state lives in its own future, freed before the session starts: this
-    // task's future is held for the whole session, so it must only hold what the session needs.
-    let Some(session) = accept_handshake(&shard, &mut stream, peer, &mut deframer).await else {
-        shard.shared.release(ip);
-        return;
-    };
-    let conn = Conn::with_links(session, peer, Some(shard.tcp_links.clone()));
-    // The session's limit slot is released by `close_session`.
-    open_session(&shard, &conn, &handler);
-    // The session runs as a task of its own, sized for what it holds: this task's handshake
-    // state and its arguments end here instead of living as long as the session.
-    monoio::spawn(conn::drive_then(conn, stream, deframer, move |c| close_session(&shard, c)));
-}
-
-/// Run the handshake under its timeout and the eviction hook; failures are recorded here.
-async fn accept_handshake(
-    shard: &Rc<Shard>,
-    stream: &mut TcpStream,
-    peer: SocketAddr,
-    deframer: &mut Deframer,
-) -> Option<ProtoSession> {
-    shard.handshakes.set(shard.handshakes.get() + 1);
-    let started = now();
-    let device = Cell::new(None);
-    let canceller = Rc::new(RefCell::new(Some(monoio::io::Canceller::new())));
-    let cancel = canceller.borrow().as_ref().map(|c| c.handle());
-    let pending = {
-        let c = canceller.clone();
-        shard.register_pending(Rc::new(move || {
-            if let Some(c) = c.borrow_mut().take() {
-                c.cancel();
-            }
-        }))
-    };
-    // Boxed: the handshake's state (keys, buffers, timer) is freed when it ends instead of
-    // sizing this task's future for the whole session.
-    let hs = Box::pin(monoio::time::timeout(
-        shard.shared.cfg.handshake_timeout,
-        server_handshake(shard, stream, peer, deframer, &device, cancel),
-    ))
-    .await;
-    shard.handshakes.set(shard.handshakes.get() - 1);
-    shard.unregister_pending(pending);
-    let evicted = canceller.borrow().is_none();
-    let outcome = match hs {
-        Ok(Err(_)) if evicted => Err(Failure { reason: HandshakeError::Evicted, device: device.get() }),
-        Ok(r) => r,
-        Err(_) => Err(Failure { reason: HandshakeError::Timeout, device: device.get() }),
-    };
-    match outcome {
-        Ok(s) => {
-            shard.shared.hs_latency[shard.idx].record(now().saturating_sub(started));
-            Some(s)
-        }
-        Err(f) => {
-            record_failure(shard, peer, f);
-            None
-        }
-    }
 }
 
 pub(super) fn record_failure(shard: &Shard, peer: SocketAddr, f: Failure) {
@@ -559,7 +286,7 @@ pub(super) fn record_failure(shard: &Shard, peer: SocketAddr, f: Failure) {
     // A peer that connected and left without a byte is not an attack on a key.
     let silent_close = f.reason.is_clean_close() && f.device.is_none();
     if !silent_close && shard.may_log() {
-        tracing::info!(%peer, device = ?f.device.map(|d| format_device_id(&d)), reason = %f.reason, "handshake failed");
+        tracing::info!(%peer, device = ?f.device.map(DeviceId::new), reason = %f.reason, "handshake failed");
     }
     // Only a handshake that named a device counts: garbage, silence or a socket closed
     // before a HELLO tries no key, and must not lock a whole NAT address out.
@@ -567,178 +294,4 @@ pub(super) fn record_failure(shard: &Shard, peer: SocketAddr, f: Failure) {
         Some(device) if f.reason.counts_toward_lockout() => shard.lockout_event(peer.ip(), device, true),
         _ => {}
     }
-}
-
-/// Steps 1–4 of PROTOCOL.md §3, server side.
-async fn server_handshake(
-    shard: &Shard,
-    stream: &mut TcpStream,
-    peer: SocketAddr,
-    deframer: &mut Deframer,
-    device: &Cell<Option<[u8; 6]>>,
-    cancel: Option<monoio::io::CancelHandle>,
-) -> Result<ProtoSession, Failure> {
-    let fail = |e: Error| Failure { reason: e.into(), device: device.get() };
-    let end = |reason: HandshakeError| Failure { reason, device: device.get() };
-    // Step 1: HELLO.
-    let f = wire::read_frame_cancelable(stream, deframer, cancel.clone()).await.map_err(fail)?;
-    let hello = Frame::decode(&f).and_then(|f| decode_hello(&f)).map_err(|e| fail(e.into()))?;
-    if shard.refuse_locked(peer, &hello.device_id) {
-        return Err(end(HandshakeError::Refused(Refusal::LockedOut)));
-    }
-    device.set(Some(hello.device_id));
-    let psk = match shard.shared.cfg.psk.as_ref() {
-        Some(src) => src.lookup(hello.device_id).await,
-        None => None,
-    };
-    let psk = psk.ok_or_else(|| end(HandshakeError::Unregistered))?;
-    // X25519 only within the shard's budget: a flood cannot take every cycle from live sessions.
-    if !shard.crypto_allowed() {
-        ShardStats::inc(&shard.stats().refused_over_limit);
-        return Err(end(HandshakeError::Refused(Refusal::OverBudget)));
-    }
-    // Step 2: CHALLENGE with a fresh key pair and nonce.
-    let key = EphemeralKey::generate(&shard.rng).map_err(|e| fail(e.into()))?;
-    let nonce = wire::random::<32>(&shard.rng).map_err(fail)?;
-    let expect = ServerExpectHelloAck::new(&hello, &psk, key, nonce).map_err(|e| fail(e.into()))?;
-    let mut buf = vec![0u8; MAX_HANDSHAKE_FRAME_LEN];
-    let n = expect.encode_challenge(&mut buf).map_err(|e| fail(e.into()))?;
-    wire::write_all(stream, buf[..n].to_vec()).await.map_err(fail)?;
-    // Step 3: HELLO_ACK, verified in constant time.
-    let f = wire::read_frame_cancelable(stream, deframer, cancel).await.map_err(fail)?;
-    Frame::decode(&f).and_then(|f| expect.verify_hello_ack(&f)).map_err(|e| fail(e.into()))?;
-    // Step 4: SESSION_OK (limits were reserved at accept, so they hold before this point).
-    let session_id = wire::random::<16>(&shard.rng).map_err(fail)?;
-    let (est, n) = expect.finish(session_id, &mut buf).map_err(|e| fail(e.into()))?;
-    // Counted before SESSION_OK leaves, so a device never sees a session the metrics miss.
-    ShardStats::inc(&shard.stats().handshakes_ok);
-    wire::write_all(stream, buf[..n].to_vec()).await.map_err(fail)?;
-    Ok(ProtoSession::new(&est, Transport::Tcp))
-}
-
-/// Register an established session on this shard (slab, device index, directory, gauges) and
-/// start its handler task if the handler is not inline. The session's slab key goes in the
-/// connection's tag for [`close_session`].
-pub(super) fn open_session(shard: &Rc<Shard>, conn: &Rc<Conn>, handler: &Handler) {
-    let device_id = conn.device_id();
-    let session_id = conn.session_id();
-    let transport = conn.transport();
-    let peer = conn.peer();
-    let conn_id = shard.shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
-    shard.lockout_event(peer.ip(), device_id, false);
-    // The key in force now is the one the handshake that just ended used (a reload in the
-    // last round trip is the only gap, and its revalidation follows in the inbox).
-    let key = match shard.shared.cfg.psk.as_ref().map(|p| p.key_state(&device_id)) {
-        Some(crate::psk::KeyState::Key(fp)) => fp,
-        _ => 0,
-    };
-    let live = Live { conn: conn.clone(), conn_id, since: SystemTime::now(), key };
-    shard.shared.directory.insert(live.info(shard.idx));
-    let key = shard.sessions.borrow_mut().insert(live);
-    conn.tag.set(key as u32);
-    shard.by_device.borrow_mut().insert(device_id, key);
-    ShardStats::inc(open_gauge(shard, transport));
-    tracing::info!(device = %format_device_id(&device_id), session = %to_hex(&session_id), %peer, ?transport, shard = shard.idx, "session up");
-    if let Some(app) = &shard.app {
-        app.on_open(&Session { conn: conn.clone(), shard: shard.idx, transport });
-    }
-    if let Handler::Task(make) = handler {
-        let fut = make(Session { conn: conn.clone(), shard: shard.idx, transport });
-        let c2 = conn.clone();
-        monoio::spawn(async move {
-            if crate::rt::CatchUnwind::new(fut).await.is_err() {
-                tracing::error!(device = %format_device_id(&c2.device_id()), "session handler panicked");
-            }
-            c2.close(CloseReason::HandlerDone, true);
-        });
-    }
-}
-
-fn open_gauge(shard: &Shard, transport: Transport) -> &std::sync::atomic::AtomicU64 {
-    match transport {
-        Transport::Tcp => &shard.stats().sessions_open_tcp,
-        Transport::Udp => &shard.stats().sessions_open_udp,
-    }
-}
-
-/// Unregister a finished session: fold its counters into the shard's, drop it from the slab,
-/// the device index and the directory, and release its limit slot.
-pub(super) fn close_session(shard: &Rc<Shard>, conn: &Rc<Conn>) {
-    let key = conn.tag.get() as usize;
-    let Some((conn_id, since)) =
-        shard.sessions.borrow().get(key).filter(|l| Rc::ptr_eq(&l.conn, conn)).map(|l| (l.conn_id, l.since))
-    else {
-        return;
-    };
-    let (device_id, peer) = (conn.device_id(), conn.peer());
-    let reason = conn.close_reason().unwrap_or(CloseReason::PeerClosed);
-    let st = conn.stats();
-    let s = shard.stats();
-    ShardStats::inc(&s.sessions_closed);
-    if matches!(reason, CloseReason::Protocol(_)) {
-        ShardStats::inc(&s.closed_protocol_error);
-    }
-    s.frames_in.fetch_add(st.frames_in, Ordering::Relaxed);
-    s.frames_out.fetch_add(st.frames_out, Ordering::Relaxed);
-    s.bytes_in.fetch_add(st.bytes_in, Ordering::Relaxed);
-    s.bytes_out.fetch_add(st.bytes_out, Ordering::Relaxed);
-    s.udp_retransmits.fetch_add(st.retransmits, Ordering::Relaxed);
-    ShardStats::dec(open_gauge(shard, conn.transport()));
-    tracing::info!(device = %format_device_id(&device_id), %peer, reason = reason.as_str(), detail = ?reason, "session down");
-    shard.sessions.borrow_mut().remove(key);
-    let mut by = shard.by_device.borrow_mut();
-    if by.get(&device_id) == Some(&key) {
-        by.remove(&device_id);
-    }
-    drop(by);
-    shard.shared.directory.remove(&device_id, conn_id);
-    // A session that lasted half the trust window renews its device's trust at its source.
-    let trust = shard.shared.cfg.lockout.trust_window / 2;
-    if !matches!(reason, CloseReason::Protocol(_)) && since.elapsed().is_ok_and(|d| d > trust) {
-        shard.lockout_event(peer.ip(), device_id, false);
-    }
-    shard.shared.release(peer.ip());
-    if let Some(app) = &shard.app {
-        app.on_close(&Session { conn: conn.clone(), shard: shard.idx, transport: conn.transport() }, reason);
-    }
-    // Move this session's traffic from the live gauges to the totals at once (the next sweep
-    // recounts the live ones: a rescan here made closing every session O(sessions)).
-    ShardStats::take_off(&s.live_frames_in, st.frames_in);
-    ShardStats::take_off(&s.live_frames_out, st.frames_out);
-    ShardStats::take_off(&s.live_bytes_in, st.bytes_in);
-    ShardStats::take_off(&s.live_bytes_out, st.bytes_out);
-}
-
-/// The inline message hook of a shard: builds the application's [`Session`] view for each
-/// message and contains a panic to the session it happened in.
-pub(super) struct InlineHook {
-    pub(super) on_message: super::MessageFn,
-    pub(super) shard: usize,
-}
-
-impl crate::rt::conn::MessageHook for InlineHook {
-    fn on_message(&self, conn: &Rc<Conn>, msg: &[u8]) -> crate::rt::conn::Ack {
-        let s = Session { conn: conn.clone(), shard: self.shard, transport: conn.transport() };
-        let f = &self.on_message;
-        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&s, msg))).is_err() {
-            tracing::error!(device = %format_device_id(&conn.device_id()), "message handler panicked");
-            conn.close(CloseReason::HandlerDone, true);
-        }
-        crate::rt::conn::Ack::Now
-    }
-}
-
-/// The links every connection of a shard and transport shares (inline hook, UDP port).
-pub(super) fn links(
-    shard: usize,
-    handler: &Handler,
-    app: Option<&Rc<dyn ShardApp>>,
-    port: Option<Rc<crate::rt::udp::UdpPort>>,
-) -> Rc<Links> {
-    let hook: Option<Box<dyn crate::rt::conn::MessageHook>> = match (handler, app) {
-        (_, Some(app)) => Some(Box::new(super::app::AppHook { app: app.clone(), shard })),
-        (Handler::Inline(f), _) => Some(Box::new(InlineHook { on_message: f.clone(), shard })),
-        _ => None,
-    };
-    Rc::new(Links { hook, port })
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::shard::{Shard, Ticket};
 use super::stats::ShardStats;
-use crate::psk::{format_device_id, to_hex};
+use crate::proto::{DeviceId, SessionId};
 use crate::rt::conn::{CloseReason, Conn};
 use crate::rt::now;
 
@@ -94,7 +94,7 @@ pub(super) async fn sweeper(shard: Rc<Shard>) {
         }
         ShardStats::set(&shard.stats().sessions_parked, sweep.parked);
         for c in sweep.stalled {
-            let (dev, stalled) = (format_device_id(&c.device_id()), c.out_stalled_since());
+            let (dev, stalled) = (DeviceId::new(c.device_id()), c.out_stalled_since());
             let secs = stalled.map_or(0.0, |s| t.saturating_sub(s).as_secs_f64());
             tracing::info!(device = %dev, peer = %c.peer(), closing = ?c.close_reason(), stalled_secs = secs, "session output stalled: abandoned and reset");
             ShardStats::inc(&shard.stats().closed_stalled);
@@ -108,11 +108,11 @@ pub(super) async fn sweeper(shard: Rc<Shard>) {
             if c.close_reason().is_some() {
                 continue;
             }
-            let (dev, sid) = (format_device_id(&c.device_id()), to_hex(&c.session_id()));
+            let (dev, sid) = (DeviceId::new(c.device_id()), SessionId::new(c.session_id()));
             tracing::info!(device = %dev, session = %sid, "session timed out (watchdog)");
             ShardStats::inc(&shard.stats().closed_watchdog);
             if let Some(hook) = &shard.shared.cfg.on_timeout {
-                hook(&dev, &sid);
+                hook(dev, sid);
             }
             c.end(CloseReason::Watchdog);
         }

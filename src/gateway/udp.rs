@@ -14,7 +14,9 @@ use std::time::Duration;
 use monoio::net::udp::UdpSocket;
 use nix::errno::Errno;
 
-use super::shard::{close_session, links, open_session, record_failure, Failure, Shard, Ticket};
+use super::port::UdpPort;
+use super::registry::{close_session, links, open_session};
+use super::shard::{record_failure, Failure, Shard, Ticket};
 use super::stats::ShardStats;
 use super::Handler;
 use crate::proto::crypto::{EphemeralKey, Psk};
@@ -24,11 +26,10 @@ use crate::proto::endpoint::{
 use crate::proto::session::Session as ProtoSession;
 use crate::proto::{ErrorKind, Transport};
 use crate::psk::PskSource;
-use crate::rt::conn::{CloseReason, Conn, Links};
+use crate::rt::conn::{CloseReason, Conn, Links, Port};
+use crate::rt::datagram::{recv_nonblocking, send_loop_direct, UdpOut, RECV_BUF_LEN};
 use crate::rt::event::LocalEvent;
-use crate::rt::udp::{
-    on_session_datagram, recv_nonblocking, send_loop_direct, Inbound, UdpOut, UdpPort, RECV_BUF_LEN,
-};
+use crate::rt::udp::{on_session_datagram, Inbound};
 use crate::rt::{now, wire};
 
 /// Datagrams read per wake-up before the sessions they woke, the senders and timers run.

@@ -5,19 +5,17 @@
 //! channels only; nothing here runs on a shard.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv, stream};
 use async_nats::HeaderMap;
 use futures_util::StreamExt;
-use parking_lot::Mutex;
-use tokio::sync::oneshot;
 
 use super::config::{device_token, NatsConfig};
-use super::link::{Delivery, Down, NatsStats, SessionFacts, ToShard, Up};
-use crate::gateway::GatewayHandle;
+use super::ctx::{Ctx, LocalSession};
+use super::link::{Down, NatsStats, SessionFacts, Up};
 use crate::psk::to_hex;
 use crate::rt::conn::CloseReason;
 
@@ -27,34 +25,6 @@ pub const UP_STREAM: &str = "USMP_UP";
 pub const DOWN_STREAM: &str = "USMP_DOWN";
 /// KV bucket of who is online where.
 pub const PRESENCE_BUCKET: &str = "USMP_PRESENCE";
-
-/// A session of this gateway as the bridge tracks it.
-pub(super) struct LocalSession {
-    pub(super) session: [u8; 16],
-    pub(super) shard: usize,
-    /// Serves the device's route subject while the session lives.
-    pub(super) route: tokio::task::JoinHandle<()>,
-}
-
-/// Everything the bridge's tasks share.
-pub(super) struct Ctx {
-    pub(super) cfg: NatsConfig,
-    pub(super) client: async_nats::Client,
-    pub(super) js: jetstream::Context,
-    pub(super) stats: Arc<NatsStats>,
-    pub(super) shards: Vec<ToShard>,
-    pub(super) gateway: OnceLock<GatewayHandle>,
-    pub(super) deliveries: Mutex<HashMap<u64, oneshot::Sender<Delivery>>>,
-    pub(super) next_delivery: AtomicU64,
-    pub(super) local: Mutex<HashMap<[u8; 6], LocalSession>>,
-    /// Steps of the start done (streams provisioned, downlink requests served): see
-    /// [`super::NatsBridge::wait_ready`].
-    pub(super) ready: tokio::sync::watch::Sender<u8>,
-    /// Devices whose queue is being drained; true if a nudge asked for another look.
-    pub(super) draining: Mutex<HashMap<[u8; 6], bool>>,
-    pub(super) presence: tokio::sync::OnceCell<kv::Store>,
-    pub(super) down_stream: tokio::sync::OnceCell<stream::Stream>,
-}
 
 /// RFC 3339 UTC with microseconds.
 pub(super) fn rfc3339(t: std::time::SystemTime) -> String {

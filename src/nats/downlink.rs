@@ -18,8 +18,8 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::oneshot;
 
-use super::bridge::Ctx;
 use super::config::{parse_device_token, MAX_DOWNLINK};
+use super::ctx::Ctx;
 use super::link::{Delivery, Down};
 
 /// How long a holder may take to get a downlink out (UDP: five attempts with backoff).
@@ -81,7 +81,7 @@ impl Reply {
 /// Hand a downlink to the shard holding the device here; `None` if no session is here.
 async fn deliver_local(ctx: &Arc<Ctx>, device: [u8; 6], payload: Bytes) -> Option<Delivery> {
     let gw = ctx.gateway.get()?;
-    let shard = gw.device_shard(&device)?;
+    let shard = gw.device_shard(device.into())?;
     let tx = ctx.shards.get(shard)?;
     let id = ctx.next_delivery.fetch_add(1, Ordering::Relaxed);
     let (done, wait) = oneshot::channel();

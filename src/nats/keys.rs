@@ -13,8 +13,8 @@ use async_nats::jetstream::kv;
 use futures_util::StreamExt;
 use zeroize::Zeroizing;
 
-use super::bridge::Ctx;
 use super::config::parse_device_token;
+use super::ctx::Ctx;
 use crate::psk::{parse_hex, Registry};
 
 /// The bucket key of the wildcard entry.

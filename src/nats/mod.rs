@@ -8,9 +8,8 @@
 //! shards hand it work through channels and never block on it (see [`link`]).
 //!
 //! ```no_run
-//! use usmp::gateway::Gateway;
 //! use usmp::nats::{NatsBridge, NatsConfig};
-//! use usmp::psk::PskSource;
+//! use usmp::{Gateway, PskSource};
 //!
 //! let cfg = NatsConfig { urls: vec!["nats://127.0.0.1:4222".into()], ..NatsConfig::default() };
 //! let bridge = NatsBridge::start(cfg, 2).unwrap();
@@ -26,6 +25,7 @@
 
 mod bridge;
 pub mod config;
+mod ctx;
 mod downlink;
 mod keys;
 pub mod link;
@@ -51,7 +51,7 @@ use link::{Down, Up};
 
 /// A running bridge: its thread, the channels to the shards, and its counters.
 pub struct NatsBridge {
-    ctx: Arc<bridge::Ctx>,
+    ctx: Arc<ctx::Ctx>,
     up: flume::Sender<Vec<Up>>,
     downs: Vec<flume::Receiver<Vec<Down>>>,
     runtime: tokio::runtime::Handle,
@@ -128,7 +128,7 @@ impl NatsBridge {
                         }
                     };
                     let js = async_nats::jetstream::new(client.clone());
-                    let ctx = Arc::new(bridge::Ctx {
+                    let ctx = Arc::new(ctx::Ctx {
                         cfg: thread_cfg,
                         client,
                         js,

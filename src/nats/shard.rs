@@ -217,8 +217,8 @@ impl ShardApp for NatsShard {
         let tag = Arc::new(PublishTag {
             session: s.session_id_bytes(),
             subject: format!("{}.up.{}", self.prefix, super::config::device_token(&device)).into(),
-            device: crate::psk::format_device_id(&device),
-            session_hex: crate::psk::to_hex(&s.session_id_bytes()),
+            device: s.device_id().to_string(),
+            session_hex: s.session_id().to_string(),
             transport: super::bridge::transport_label(s.transport()),
         });
         let t = Tracked {

@@ -43,8 +43,9 @@ use super::metrics;
 use crate::gateway::GatewayHandle;
 use crate::proto::crypto::ct_eq;
 use crate::proto::reassembly::MAX_MESSAGE_LEN;
+use crate::proto::DeviceId;
 use crate::proto::ErrorKind;
-use crate::psk::{format_device_id, parse_device_id, to_hex, REDACTED};
+use crate::psk::REDACTED;
 use zeroize::Zeroizing;
 
 /// Options of the operations listener.
@@ -183,8 +184,8 @@ async fn sessions(State(ops): State<Ops>) -> Response {
         .map(|r| {
             let since = r.info.since.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
             json!({
-                "device_id": format_device_id(&r.info.device_id),
-                "session_id": to_hex(&r.info.session_id),
+                "device_id": r.info.device_id.to_string(),
+                "session_id": r.info.session_id.to_string(),
                 "transport": format!("{:?}", r.info.transport).to_lowercase(),
                 "peer": r.info.peer.to_string(),
                 "shard": r.info.shard,
@@ -197,6 +198,11 @@ async fn sessions(State(ops): State<Ops>) -> Response {
     Json(list).into_response()
 }
 
+/// A malformed device id in a route is the client's error (400), never "not connected".
+fn bad_id(e: crate::proto::ParseIdError) -> Response {
+    text(StatusCode::BAD_REQUEST, format!("{e}\n"))
+}
+
 fn too_big(body: &Bytes) -> Option<Response> {
     (body.len() > MAX_MESSAGE_LEN)
         .then(|| text(StatusCode::PAYLOAD_TOO_LARGE, format!("message over {MAX_MESSAGE_LEN} bytes\n")))
@@ -207,8 +213,11 @@ async fn device_route(
     Path((id, action)): Path<(String, String)>,
     body: Bytes,
 ) -> Response {
-    let Some(dev) = parse_device_id(&id) else { return text(StatusCode::BAD_REQUEST, "not a device id\n") };
-    let id = format_device_id(&dev);
+    let id: DeviceId = match id.parse() {
+        Ok(id) => id,
+        Err(e) => return bad_id(e),
+    };
+    let dev: [u8; 6] = id.into();
     match action.as_str() {
         "send" => {
             if let Some(nats) = &ops.opts.nats {
@@ -217,10 +226,9 @@ async fn device_route(
             if let Some(r) = too_big(&body) {
                 return r;
             }
-            match ops.gw.deliver(&id, &body).await {
-                Ok(()) => {
-                    (StatusCode::ACCEPTED, Json(json!({"queued": true, "device_id": id}))).into_response()
-                }
+            match ops.gw.deliver(id, &body).await {
+                Ok(()) => (StatusCode::ACCEPTED, Json(json!({"queued": true, "device_id": id.to_string()})))
+                    .into_response(),
                 Err(e) if e.kind() == ErrorKind::NotConnected => {
                     text(StatusCode::NOT_FOUND, "device not connected\n")
                 }
@@ -230,12 +238,10 @@ async fn device_route(
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
             }
         }
-        "kick" => match ops.gw.kick(&id) {
-            Ok(true) => {
-                (StatusCode::ACCEPTED, Json(json!({"kicked": true, "device_id": id}))).into_response()
-            }
-            Ok(false) => text(StatusCode::NOT_FOUND, "device not connected\n"),
-            Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+        "kick" => match ops.gw.kick(id) {
+            true => (StatusCode::ACCEPTED, Json(json!({"kicked": true, "device_id": id.to_string()})))
+                .into_response(),
+            false => text(StatusCode::NOT_FOUND, "device not connected\n"),
         },
         _ => text(StatusCode::NOT_FOUND, "no such route\n"),
     }
@@ -258,12 +264,15 @@ async fn nats_send(nats: &crate::nats::NatsBridge, dev: [u8; 6], body: &[u8]) ->
 
 /// `GET /devices/{id}`: the device's presence, from the fleet's presence bucket.
 async fn device_info(State(ops): State<Ops>, Path(id): Path<String>) -> Response {
-    let Some(dev) = parse_device_id(&id) else { return text(StatusCode::BAD_REQUEST, "not a device id\n") };
+    let dev: DeviceId = match id.parse() {
+        Ok(id) => id,
+        Err(e) => return bad_id(e),
+    };
     let Some(nats) = &ops.opts.nats else {
         return match ops.gw.sessions().into_iter().find(|s| s.device_id == dev) {
             Some(s) => Json(json!({
-                "device_id": format_device_id(&dev),
-                "session": to_hex(&s.session_id),
+                "device_id": dev.to_string(),
+                "session": s.session_id.to_string(),
                 "transport": format!("{:?}", s.transport).to_lowercase(),
                 "peer": s.peer.to_string(),
             }))
@@ -271,7 +280,7 @@ async fn device_info(State(ops): State<Ops>, Path(id): Path<String>) -> Response
             None => (StatusCode::NOT_FOUND, Json(json!({"online": false}))).into_response(),
         };
     };
-    match nats.presence(dev).await {
+    match nats.presence(dev.into()).await {
         Ok(Some(p)) => Json(p).into_response(),
         Ok(None) => (StatusCode::NOT_FOUND, Json(json!({"online": false}))).into_response(),
         Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("presence unavailable: {e}\n")),

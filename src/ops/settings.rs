@@ -29,17 +29,12 @@ pub enum ReplyMode {
     Nats,
 }
 
-/// Transports, as spelled in flags and files.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
-#[serde(rename_all = "lowercase")]
-pub enum TransportName {
-    /// TCP only.
-    Tcp,
-    /// UDP only.
-    Udp,
-    /// TCP and UDP on the same port number.
-    Both,
+/// `transport = "tcp" | "udp" | "both"` in a config file, as `--transport` spells it.
+impl<'de> Deserialize<'de> for Transports {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(|_| serde::de::Error::unknown_variant(&s, &["tcp", "udp", "both"]))
+    }
 }
 
 /// Log line format.
@@ -61,7 +56,7 @@ pub struct Settings {
     /// `--listen`
     pub listen: Option<SocketAddr>,
     /// `--transport`
-    pub transport: Option<TransportName>,
+    pub transport: Option<Transports>,
     /// `--shards`
     pub shards: Option<usize>,
     /// `--cpus`
@@ -397,11 +392,7 @@ impl Settings {
         if let Some(l) = self.listen {
             config.listen = l;
         }
-        config.transports = match self.transport.unwrap_or(TransportName::Both) {
-            TransportName::Tcp => Transports::Tcp,
-            TransportName::Udp => Transports::Udp,
-            TransportName::Both => Transports::Both,
-        };
+        config.transports = self.transport.unwrap_or_default();
         if let Some(n) = self.shards {
             if n == 0 || n > 1024 {
                 return Err(ConfigError::new(named("shards"), "must be between 1 and 1024"));
@@ -454,6 +445,7 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::Transport;
 
     #[test]
     #[cfg(feature = "cli")]
@@ -489,6 +481,19 @@ mod tests {
         assert_eq!(r.config.session_timeout, Duration::from_secs(30));
         assert_eq!(r.config.shards, 1);
         assert!(r.generated_key.is_none());
+    }
+
+    #[test]
+    #[cfg(feature = "cli")]
+    fn transports_are_spelled_as_the_flag_spells_them() {
+        let s = Settings::from_toml("psk = \"k-0123456789abcdef\"\ntransport = \"udp\"\n", "f").unwrap();
+        let t = s.resolve().unwrap().config.transports;
+        assert!(t.contains(Transport::Udp) && !t.contains(Transport::Tcp));
+        assert_eq!(t.to_string(), "udp");
+        let both = Settings::from_toml("psk = \"k-0123456789abcdef\"\n", "f").unwrap();
+        assert_eq!(both.resolve().unwrap().config.transports, Transports::BOTH);
+        let e = Settings::from_toml("transport = \"sctp\"\n", "f").unwrap_err();
+        assert!(e.message.contains("sctp") && e.message.contains("both"), "{e}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod endpoint;
 pub mod error;
 pub mod frame;
 pub mod handshake;
+pub mod id;
 pub mod link;
 pub mod lockout;
 // The two-peer harness and the fixtures build keys from fixed seeds: test builds only.
@@ -27,3 +28,4 @@ pub mod window;
 
 pub use error::{Error, ErrorKind, Fault, Reaction, Result, Transport};
 pub use frame::{Frame, PacketType};
+pub use id::{DeviceId, ParseIdError, SessionId};

@@ -1,4 +1,4 @@
-//! One established connection on one thread. TCP: one future ([`drive`], in `rt::tcp`) waits for
+//! One established connection on one thread. TCP: one future (`drive`, in `rt::tcp`) waits for
 //! readiness, reads into a buffer lent only while frames are open, opens frames in place,
 //! answers PINGs and refreshes the watchdog clock whether or not the application reads, and
 //! sends the one outgoing buffer without waiting. The application side (`send`, `recv`,
@@ -11,9 +11,8 @@ use std::net::SocketAddr;
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
+use super::datagram::UdpOut;
 use super::event::LocalEvent;
-pub use super::tcp::{drive, drive_then};
-use super::udp::UdpPort;
 use super::{now, Error};
 use crate::proto::crypto::REKEY_SALT_LEN;
 use crate::proto::frame::HEADER_LEN;
@@ -131,7 +130,8 @@ pub trait MessageHook {
     fn on_output_progress(&self, _conn: &Rc<Conn>) {}
 }
 
-/// What a [`MessageHook`] does with the device's acknowledgement of a message.
+/// What the application's message hook (`gateway::app::ShardApp::on_message`) does with the
+/// device's acknowledgement of a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ack {
     /// Acknowledge as usual.
@@ -148,7 +148,21 @@ pub struct Links {
     pub hook: Option<Box<dyn MessageHook>>,
     /// UDP: drive the stop-and-wait sender inline and from the port's timers instead of
     /// from a task per connection.
-    pub port: Option<Rc<UdpPort>>,
+    pub port: Option<Rc<dyn Port>>,
+}
+
+/// The owner of port-driven UDP connections (the gateway's shared socket): it sends their
+/// datagrams, moves their stop-and-wait senders and keeps their timers. A trait, so that the
+/// connection calls its owner without this file depending on the owner, which depends on it.
+pub trait Port {
+    /// The queue the connection's datagrams leave through.
+    fn out(&self) -> &UdpOut;
+    /// Advance `conn`'s sender at `t` (`rt::udp::step`); true once it is finished.
+    fn step(&self, conn: &Conn, t: Duration) -> bool;
+    /// Look at `conn` again no later than `at`.
+    fn arm(&self, conn: &Conn, at: Duration);
+    /// `conn` is closed with nothing left to deliver: its owner unregisters it.
+    fn finished(&self, conn: Rc<Conn>);
 }
 
 /// [`ConnStats`] as a connection stores them: the rare counters in 32 bits (they saturate).
@@ -210,7 +224,9 @@ pub struct Conn {
     stats: Cell<Counters>,
     transport: Transport,
     links: Option<Rc<Links>>,
-    /// The owner's handle for this connection (the gateway's slab key).
+    /// A number the owner keeps with the connection to find its own record of it (the
+    /// gateway: its slab key). rt never reads it; four bytes here save the owner a map from
+    /// connection to record.
     pub(crate) tag: Cell<u32>,
     /// UDP: the transport state (`proto::link`): the frame in flight (the first frame of
     /// `out`), the UTACK each queued frame expects, signs of UTACK loss.
@@ -255,7 +271,7 @@ impl Conn {
         })
     }
 
-    fn port(&self) -> Option<&Rc<UdpPort>> {
+    fn port(&self) -> Option<&Rc<dyn Port>> {
         self.links.as_ref()?.port.as_ref()
     }
 
@@ -414,7 +430,7 @@ impl Conn {
             return;
         };
         let t = now();
-        if super::udp::step(self, port.out(), t) {
+        if port.step(self, t) {
             // `step` may close the connection, which kicks again: hand it over once.
             if self.finish() {
                 if let Some(me) = self.me.upgrade() {

@@ -3,6 +3,7 @@
 //! connection driver, and small single-thread primitives.
 
 pub mod conn;
+pub mod datagram;
 pub mod error;
 pub mod event;
 pub(crate) mod fd;
@@ -43,6 +44,7 @@ pub async fn yield_now() {
 
 /// Which I/O driver a runtime ended up with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Driver {
     /// io_uring.
     IoUring,
@@ -78,11 +80,6 @@ pub fn run_with<F: Future>(preferred: Driver, fut: F) -> (F::Output, Driver) {
         .build()
         .expect("cannot build an epoll runtime");
     (rt.block_on(fut), Driver::Legacy)
-}
-
-/// Sleep on the current monoio runtime.
-pub async fn sleep(d: Duration) {
-    monoio::time::sleep(d).await
 }
 
 /// Runs a future and turns a panic inside it into `Err(())`, so a panicking session handler

@@ -7,8 +7,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use usmp::client::{Client, ClientConfig};
-use usmp::proto::Transport;
+use usmp::{Client, ClientConfig, Transport};
 
 use super::pyref;
 
@@ -66,7 +65,7 @@ pub fn rust_sender(
 ) -> std::thread::JoinHandle<()> {
     let tag = tag.to_string();
     std::thread::spawn(move || {
-        usmp::rt::block_on(async move {
+        usmp::block_on(async move {
             let c = Client::connect(&config(addr, t, device)).await.unwrap();
             for i in 0..count {
                 c.send(format!("{tag}-{i}").as_bytes()).await.unwrap();

@@ -10,7 +10,7 @@ use usmp::proto::deframer::Deframer;
 use usmp::proto::frame::Frame;
 use usmp::proto::handshake::{ClientHandshake, ClientReply};
 use usmp::proto::session::Session;
-use usmp::proto::Transport;
+use usmp::Transport;
 
 /// An established session over a plain blocking socket.
 pub struct RawDevice {

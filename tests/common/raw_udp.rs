@@ -9,7 +9,7 @@ use usmp::proto::frame::{Frame, PacketType};
 use usmp::proto::handshake::{ClientHandshake, ClientReply};
 use usmp::proto::session::{Received, Session};
 use usmp::proto::udp::{encode_utack, is_utack};
-use usmp::proto::Transport;
+use usmp::Transport;
 
 /// A received session frame `(type, seq, message)`, or a UTACK as `Err(bytes)`.
 pub type Incoming = Result<(PacketType, u32, Vec<u8>), Vec<u8>>;

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use monoio::time::Instant;
-use usmp::proto::Transport;
+use usmp::Transport;
 
 use super::{splitmix, Ctx, Flood};
 

@@ -4,15 +4,15 @@
 use std::time::Duration;
 
 use monoio::time::Instant;
-use usmp::client::Client;
+use usmp::Client;
 
 use super::{reconnect, Ctx};
 use crate::raw::RawLink;
 
 /// How an error is counted: `io:Kind`, or the protocol's error class.
-pub(super) fn error_kind(e: &usmp::rt::Error) -> String {
+pub(super) fn error_kind(e: &usmp::Error) -> String {
     match e {
-        usmp::rt::Error::Io(io) => format!("io:{:?}", io.kind()),
+        usmp::Error::Io(io) => format!("io:{:?}", io.kind()),
         other => other.kind().class_name().to_string(),
     }
 }

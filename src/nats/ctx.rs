@@ -1,0 +1,43 @@
+//! The state every task of the NATS bridge shares (its context), in a file of its own: the
+//! bridge's tasks, the downlink router and the key watcher all use it, and it uses none of
+//! them.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
+
+use async_nats::jetstream::{self, kv, stream};
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+use super::config::NatsConfig;
+use super::link::{Delivery, NatsStats, ToShard};
+use crate::gateway::GatewayHandle;
+
+/// A session of this gateway as the bridge tracks it.
+pub(super) struct LocalSession {
+    pub(super) session: [u8; 16],
+    pub(super) shard: usize,
+    /// Serves the device's route subject while the session lives.
+    pub(super) route: tokio::task::JoinHandle<()>,
+}
+
+/// Everything the bridge's tasks share.
+pub(super) struct Ctx {
+    pub(super) cfg: NatsConfig,
+    pub(super) client: async_nats::Client,
+    pub(super) js: jetstream::Context,
+    pub(super) stats: Arc<NatsStats>,
+    pub(super) shards: Vec<ToShard>,
+    pub(super) gateway: OnceLock<GatewayHandle>,
+    pub(super) deliveries: Mutex<HashMap<u64, oneshot::Sender<Delivery>>>,
+    pub(super) next_delivery: AtomicU64,
+    pub(super) local: Mutex<HashMap<[u8; 6], LocalSession>>,
+    /// Steps of the start done (streams provisioned, downlink requests served): see
+    /// [`super::NatsBridge::wait_ready`].
+    pub(super) ready: tokio::sync::watch::Sender<u8>,
+    /// Devices whose queue is being drained; true if a nudge asked for another look.
+    pub(super) draining: Mutex<HashMap<[u8; 6], bool>>,
+    pub(super) presence: tokio::sync::OnceCell<kv::Store>,
+    pub(super) down_stream: tokio::sync::OnceCell<stream::Stream>,
+}
