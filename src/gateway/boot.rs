@@ -73,7 +73,12 @@ async fn shard_main(
     let udp = match sockets.udp.map(|u| wire::random::<32>(&shard.rng).map(|secret| (u, secret))) {
         Some(Ok((u, secret))) => match super::udp::UdpShard::new(u, secret, &shard, &handler) {
             Ok(udp) => {
-                *shard.udp.borrow_mut() = Rc::downgrade(&udp);
+                let endpoint = Rc::downgrade(&udp);
+                *shard.on_success.borrow_mut() = Some(Box::new(move |ip, device, at| {
+                    if let Some(u) = endpoint.upgrade() {
+                        u.remember(ip, device, at);
+                    }
+                }));
                 background.extend(super::udp::start(&shard, &udp, handler.clone()));
                 Some(udp)
             }

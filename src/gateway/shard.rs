@@ -74,8 +74,9 @@ pub(super) struct Shard {
     pub(super) tcp_links: Rc<Links>,
     /// This shard's half of an application ([`super::GatewayBuilder::serve_app`]).
     pub(super) app: Option<Rc<dyn ShardApp>>,
-    /// The UDP endpoint, told of every success (for its cookie path's known devices).
-    pub(super) udp: RefCell<std::rc::Weak<super::udp::UdpShard>>,
+    /// Told of every success: the UDP endpoint's cookie path remembers known devices. A
+    /// callback set at boot, so that the shard does not depend on the UDP glue built on it.
+    pub(super) on_success: RefCell<Option<SuccessHook>>,
 }
 
 impl ShardAccess for Shard {
@@ -98,6 +99,9 @@ impl ShardAccess for Shard {
         &self.stopping
     }
 }
+
+/// Hears of each successful handshake on any shard: (source address, device id, when).
+pub(super) type SuccessHook = Box<dyn Fn(std::net::IpAddr, &[u8; 6], Duration)>;
 
 /// Identifies a registered handshake: slab key plus a unique id.
 pub(super) type Ticket = (usize, u64);
@@ -134,7 +138,7 @@ impl Shard {
             crypto_budget: Cell::new(Duration::ZERO),
             tcp_links,
             app,
-            udp: RefCell::new(std::rc::Weak::new()),
+            on_success: RefCell::new(None),
         }
     }
 
@@ -173,8 +177,8 @@ impl Shard {
             drop(t);
             // A device that authenticated anywhere (TCP, another shard) gets UDP cookies from
             // the budget a spoofed-source flood cannot empty.
-            if let Some(u) = self.udp.borrow().upgrade() {
-                u.remember(ip, device, at);
+            if let Some(hook) = &*self.on_success.borrow() {
+                hook(ip, device, at);
             }
             return;
         }

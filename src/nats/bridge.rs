@@ -287,7 +287,8 @@ fn facts_json(ctx: &Ctx, f: &SessionFacts) -> serde_json::Value {
 /// downlinks here, announce it (other gateways close theirs), record presence, then send
 /// what was queued for it while it was away.
 pub(super) fn opened(ctx: &Arc<Ctx>, f: SessionFacts) {
-    let route = tokio::spawn(super::downlink::serve_route(ctx.clone(), f.device));
+    let (routable, route_ready) = tokio::sync::oneshot::channel();
+    let route = tokio::spawn(super::downlink::serve_route(ctx.clone(), f.device, routable));
     let old = ctx.local.lock().insert(f.device, LocalSession { session: f.session, shard: f.shard, route });
     if let Some(old) = old {
         old.route.abort();
@@ -299,6 +300,10 @@ pub(super) fn opened(ctx: &Arc<Ctx>, f: SessionFacts) {
     }
     let ctx = ctx.clone();
     tokio::spawn(async move {
+        // Announce the session only once downlinks can find it here: whoever reads the event
+        // or the presence entry and sends at once must not find the device unroutable (and
+        // get `queued` for an online device). If the subscription failed, announce anyway.
+        let _ = route_ready.await;
         let event = facts_json(&ctx, &f);
         let presence = serde_json::json!({
             "gateway": ctx.cfg.gateway_id,

@@ -24,6 +24,8 @@ use super::link::{Delivery, Down};
 
 /// How long a holder may take to get a downlink out (UDP: five attempts with backoff).
 const HOLDER_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a cluster may take to spread a new route subscription (see [`route`]).
+const ROUTE_SETTLE: Duration = Duration::from_millis(50);
 /// Header marking a route message as "your device has queued downlinks".
 const NUDGE: &str = "Usmp-Nudge";
 
@@ -119,18 +121,26 @@ pub(super) async fn route(ctx: &Arc<Ctx>, device: [u8; 6], payload: Bytes) -> Re
             return r;
         }
     }
-    let req = async_nats::Request::new().payload(payload.clone()).timeout(Some(HOLDER_TIMEOUT));
-    match ctx.client.send_request(ctx.cfg.route_subject(&device), req).await {
-        Ok(msg) => match Reply::parse(&msg.payload) {
-            Some(r) if r.status != "gone" => return r,
-            Some(_) => {}
-            None => return Reply::rejected("unreadable answer from the holding gateway"),
-        },
-        Err(e) if e.kind() == RequestErrorKind::NoResponders => {}
-        Err(e) if e.kind() == RequestErrorKind::TimedOut => {
-            return Reply::rejected("the holding gateway did not answer in time")
+    // A holder's route subscription reaches the other nodes of a cluster a moment after its
+    // own server has it: a device that has just connected may look unroutable from here for
+    // a few milliseconds. One second look before concluding it is offline.
+    for attempt in 0..2 {
+        if attempt > 0 {
+            tokio::time::sleep(ROUTE_SETTLE).await;
         }
-        Err(e) => return Reply::rejected(format!("nats: {e}")),
+        let req = async_nats::Request::new().payload(payload.clone()).timeout(Some(HOLDER_TIMEOUT));
+        match ctx.client.send_request(ctx.cfg.route_subject(&device), req).await {
+            Ok(msg) => match Reply::parse(&msg.payload) {
+                Some(r) if r.status != "gone" => return r,
+                Some(_) => {}
+                None => return Reply::rejected("unreadable answer from the holding gateway"),
+            },
+            Err(e) if e.kind() == RequestErrorKind::NoResponders => {}
+            Err(e) if e.kind() == RequestErrorKind::TimedOut => {
+                return Reply::rejected("the holding gateway did not answer in time")
+            }
+            Err(e) => return Reply::rejected(format!("nats: {e}")),
+        }
     }
     offline(ctx, device, payload).await
 }
@@ -206,7 +216,8 @@ pub(super) async fn serve_requests(ctx: Arc<Ctx>) {
 
 /// While a device's session is here: answer its route subject (deliver, or `gone`) and
 /// drain its queue when nudged.
-pub(super) async fn serve_route(ctx: Arc<Ctx>, device: [u8; 6]) {
+/// `routable` hears once requests can reach this subscription.
+pub(super) async fn serve_route(ctx: Arc<Ctx>, device: [u8; 6], routable: oneshot::Sender<()>) {
     let group = format!("{}-route", ctx.cfg.prefix);
     let mut sub = match ctx.client.queue_subscribe(ctx.cfg.route_subject(&device), group).await {
         Ok(s) => s,
@@ -217,6 +228,7 @@ pub(super) async fn serve_route(ctx: Arc<Ctx>, device: [u8; 6]) {
     };
     // Before anyone could route here the subscription must be on the server.
     let _ = ctx.client.flush().await;
+    let _ = routable.send(());
     while let Some(msg) = sub.next().await {
         if msg.headers.as_ref().is_some_and(|h| h.get(NUDGE).is_some()) {
             tokio::spawn(drain_queue(ctx.clone(), device));

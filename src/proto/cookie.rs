@@ -23,12 +23,14 @@ use ring::hmac;
 use super::crypto::{ct_eq, DEVICE_ID_LEN, PUB_KEY_LEN};
 use super::handshake::COOKIE_LEN;
 use super::lockout::source_of;
-use super::udp::COOKIE_BUCKET_SECS;
 
 /// Bits per used-cookie bitmap unless configured otherwise (1 MiB each, two of them).
 pub const DEFAULT_FILTER_BITS: usize = 1 << 23;
 /// Bits set (and tested) per cookie: its four 32-bit words, each cut to the bitmap's size.
 const FILTER_HASHES: usize = 4;
+
+/// Length of a cookie time bucket, seconds.
+pub const COOKIE_BUCKET_SECS: u64 = 30;
 
 /// Why a cookie HELLO was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,7 +6,7 @@ use core::time::Duration;
 
 use ring::hmac;
 
-pub use super::cookie::{CookieError, CookieJar};
+pub use super::cookie::{CookieError, CookieJar, COOKIE_BUCKET_SECS};
 use super::crypto::{ct_eq, KEY_LEN};
 
 /// First two bytes of every UTACK.
@@ -19,8 +19,6 @@ pub const UTACK_MAC_LEN: usize = 8;
 pub const UTACK_MAX_LEN: usize = UTACK_HEADER_LEN + UTACK_MAC_LEN;
 /// Transmissions of one frame before the peer is declared gone.
 pub const MAX_ATTEMPTS: u32 = 5;
-/// Length of a cookie time bucket, seconds.
-pub const COOKIE_BUCKET_SECS: u64 = 30;
 
 /// Is this datagram a UTACK (rather than a USMP frame)?
 pub fn is_utack(datagram: &[u8]) -> bool {
