@@ -185,7 +185,7 @@ impl NatsConfig {
 
     /// `P.up.<device>`.
     pub fn up_subject(&self, device: &[u8; 6]) -> String {
-        format!("{}.up.{}", self.prefix, device_token(device))
+        up_subject(&self.prefix, device)
     }
     /// `P.down.<device>`.
     pub fn down_subject(&self, device: &[u8; 6]) -> String {
@@ -207,6 +207,11 @@ impl NatsConfig {
 
 /// Largest downlink a device can take.
 pub const MAX_DOWNLINK: usize = MAX_MESSAGE_LEN;
+
+/// `P.up.<device>` for prefix `prefix` (the shards spell it without the whole configuration).
+pub fn up_subject(prefix: &str, device: &[u8; 6]) -> String {
+    format!("{prefix}.up.{}", device_token(device))
+}
 
 /// A device id as subjects and keys spell it: 12 lowercase hex digits.
 pub fn device_token(d: &[u8; 6]) -> String {

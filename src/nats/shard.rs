@@ -216,7 +216,7 @@ impl ShardApp for NatsShard {
         let device = s.device_id_bytes();
         let tag = Arc::new(PublishTag {
             session: s.session_id_bytes(),
-            subject: format!("{}.up.{}", self.prefix, super::config::device_token(&device)).into(),
+            subject: super::config::up_subject(&self.prefix, &device).into(),
             device: s.device_id().to_string(),
             session_hex: s.session_id().to_string(),
             transport: super::bridge::transport_label(s.transport()),
