@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use monoio::net::udp::UdpSocket;
-use nix::errno::Errno;
 
 use super::port::UdpPort;
 use super::registry::{close_session, links, open_session};
@@ -27,13 +26,10 @@ use crate::proto::session::Session as ProtoSession;
 use crate::proto::{ErrorKind, Transport};
 use crate::psk::PskSource;
 use crate::rt::conn::{CloseReason, Conn, Links, Port};
-use crate::rt::datagram::{recv_nonblocking, send_loop_direct, UdpOut, RECV_BUF_LEN};
+use crate::rt::datagram::{send_loop_direct, RecvBatch, UdpOut};
 use crate::rt::event::LocalEvent;
 use crate::rt::udp::{on_session_datagram, Inbound};
 use crate::rt::{now, wire};
-
-/// Datagrams read per wake-up before the sessions they woke, the senders and timers run.
-const RECV_BATCH: usize = 64;
 
 /// The UDP state of one shard.
 pub(super) struct UdpShard {
@@ -155,20 +151,15 @@ fn unregister_finished(shard: &Rc<Shard>, udp: &UdpShard) {
 
 async fn recv_loop(shard: Rc<Shard>, udp: Rc<UdpShard>, handler: Arc<Handler>) {
     let fd = udp.sock.as_raw_fd();
-    let mut buf = vec![0u8; RECV_BUF_LEN];
+    let mut rx = RecvBatch::new();
     loop {
-        for _ in 0..RECV_BATCH {
-            match recv_nonblocking(fd, &mut buf, None) {
-                Ok(Some(d)) => {
-                    ShardStats::inc(&shard.stats().datagrams_in);
-                    on_datagram(&shard, &udp, &mut buf[..d.len], d.from);
-                }
-                Ok(None) => {
-                    ShardStats::inc(&shard.stats().datagrams_in);
-                    dropped(&shard); // larger than any valid datagram
-                }
-                Err(Errno::EINTR) => {}
-                Err(_) => break, // EAGAIN: drained
+        // EAGAIN: drained; EINTR: the next wake-up reads again.
+        let n = rx.recv(fd).unwrap_or(0);
+        for i in 0..n {
+            ShardStats::inc(&shard.stats().datagrams_in);
+            match rx.get(i) {
+                Some((d, from)) => on_datagram(&shard, &udp, d, from),
+                None => dropped(&shard), // larger than any valid datagram
             }
         }
         drive(&shard, &udp, &handler);
