@@ -134,13 +134,14 @@ fn handshake(c: &mut Criterion) {
                     panic!()
                 };
                 let n = cl.encode_hello_ack(&mut cb).unwrap();
-                (cb[..n].to_vec(), [5u8; 32])
+                cb[..n].to_vec()
             },
-            |(ack, seed)| {
+            |ack| {
                 // Everything the gateway does per handshake: parse HELLO, keygen, X25519, HKDF,
                 // CHALLENGE, verify HELLO_ACK, SESSION_OK, expand both AES keys.
                 let hello = decode_hello(&Frame::decode(&hello_frame).unwrap()).unwrap();
-                let key = EphemeralKey::from_seed(&seed).unwrap();
+                // The production key: drawn from the OS generator (ring), as the gateway does.
+                let key = EphemeralKey::generate(&rng).unwrap();
                 let srv = ServerExpectHelloAck::new(&hello, &psk, key, [3; 32]).unwrap();
                 let mut out = [0u8; 128];
                 srv.encode_challenge(&mut out).unwrap();
@@ -192,9 +193,28 @@ fn handshake(c: &mut Criterion) {
     g.finish();
 }
 
+/// One handshake's X25519 (keygen and agreement) in each implementation the crate carries:
+/// ring's (production keys) and x25519-dalek's (seeded keys for tests and fuzzing).
+fn x25519(c: &mut Criterion) {
+    let mut g = c.benchmark_group("x25519");
+    let rng = rand::SystemRandom::new();
+    let peer = *EphemeralKey::from_seed(&[9; 32]).unwrap().public();
+    g.bench_function("ring_generate_agree", |b| {
+        b.iter(|| black_box(EphemeralKey::generate(&rng).unwrap().agree(&peer).unwrap()))
+    });
+    g.bench_function("dalek_seeded_agree", |b| {
+        let mut seed = [0u8; 32];
+        b.iter(|| {
+            rand::SecureRandom::fill(&rng, &mut seed).unwrap();
+            black_box(EphemeralKey::from_seed(&seed).unwrap().agree(&peer).unwrap())
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500));
-    targets = frame_decode, seal_open, handshake
+    targets = frame_decode, seal_open, handshake, x25519
 }
 criterion_main!(benches);
