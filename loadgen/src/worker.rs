@@ -242,7 +242,7 @@ impl Ctx {
         self.inflight_ev.notify_one();
         match res {
             Ok(c) => {
-                let _ = self.hs.borrow_mut().record(intended.elapsed().as_micros().max(1) as u64);
+                self.hs.borrow_mut().saturating_record(intended.elapsed().as_micros().max(1) as u64);
                 self.counters.borrow_mut().handshakes_ok += 1;
                 Some(c)
             }
@@ -289,7 +289,7 @@ impl Ctx {
             self.error(format!("io:{:?}", e.kind()));
             return None;
         }
-        let _ = self.hs.borrow_mut().record(intended.elapsed().as_micros().max(1) as u64);
+        self.hs.borrow_mut().saturating_record(intended.elapsed().as_micros().max(1) as u64);
         self.counters.borrow_mut().handshakes_ok += 1;
         Some(())
     }
@@ -635,7 +635,7 @@ async fn receive<L: Link>(
         if m != payload(idx, k, ctx.spec.payload) {
             ctx.error("echo_mismatch".into());
         }
-        let _ = ctx.rtt.borrow_mut().record(intended.elapsed().as_micros().max(1) as u64);
+        ctx.rtt.borrow_mut().saturating_record(intended.elapsed().as_micros().max(1) as u64);
         ctx.counters.borrow_mut().messages_received += 1;
         ctx.progress.received.fetch_add(1, Ordering::Relaxed);
         done.notify();
