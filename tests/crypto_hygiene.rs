@@ -101,3 +101,31 @@ fn generated_keys_are_fresh_and_agree() {
     assert_eq!(*sa, *sb);
     assert_ne!(*sa, [0u8; 32]);
 }
+
+#[test]
+fn drawn_and_seeded_keys_agree() {
+    // Production keys (ring) against the known-answer implementation (x25519-dalek), both
+    // ways, several times: the two compute the same function.
+    let rng = SystemRandom::new();
+    for i in 0..8u8 {
+        let drawn = EphemeralKey::generate(&rng).unwrap();
+        let seeded = EphemeralKey::from_seed(&[i.wrapping_mul(37) ^ 0x5c; 32]).unwrap();
+        let (pd, ps) = (*drawn.public(), *seeded.public());
+        assert_eq!(*drawn.agree(&ps).unwrap(), *seeded.agree(&pd).unwrap());
+    }
+    // Low-order points (RFC 7748's list: 0, 1, and a point of order 8) are refused by the
+    // production path too.
+    let mut order8 = [0u8; 32];
+    order8.copy_from_slice(
+        &[
+            0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f, 0xc4, 0x6a,
+            0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16, 0x5f, 0x49, 0xb8, 0x00,
+        ][..],
+    );
+    let mut one = [0u8; 32];
+    one[0] = 1;
+    for bad in [[0u8; 32], one, order8] {
+        let k = EphemeralKey::generate(&rng).unwrap();
+        assert_eq!(k.agree(&bad).unwrap_err().kind(), usmp::ErrorKind::Crypto);
+    }
+}
