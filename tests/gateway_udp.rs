@@ -618,6 +618,10 @@ fn devices_that_authenticated_before_get_cookies_when_their_source_is_spent() {
         let never_seen = Client::connect(&cfg(0x99, Transport::Udp)).await;
         assert!(never_seen.is_err(), "a device never seen from a spent source got a cookie");
     });
+    // The operator sees which budget answered: the four known devices' cookies (and their
+    // retransmitted HELLOs' at most) came from the reserved one.
+    let s = h.stats();
+    assert!(s.cookies_sent_known >= 4 && s.cookies_sent_known <= s.cookies_sent, "{s:?}");
     drop(socks);
     gw.shutdown();
 }

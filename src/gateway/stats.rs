@@ -67,6 +67,9 @@ counters! {
     datagrams_dropped,
     /// UDP cookies (HELLO_RETRY) sent.
     cookies_sent,
+    /// Of those, cookies answered from the budget reserved for devices that authenticated from
+    /// the same address before (the rest came from the source's own and the shared budget).
+    cookies_sent_known,
     /// UDP cookie HELLOs refused (invalid, expired or replayed cookie).
     cookies_refused,
     /// UDP HELLOs dropped by the per-source rate limit of the cookie path.

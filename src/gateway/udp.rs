@@ -250,6 +250,10 @@ fn on_datagram(shard: &Rc<Shard>, udp: &Rc<UdpShard>, d: &mut [u8], from: Socket
         DatagramEvent::Done(h) => match h {
             Handled::Step => {}
             Handled::CookieSent => ShardStats::inc(&s.cookies_sent),
+            Handled::CookieSentKnown => {
+                ShardStats::inc(&s.cookies_sent);
+                ShardStats::inc(&s.cookies_sent_known);
+            }
             Handled::RateLimited => ShardStats::inc(&s.cookie_rate_limited),
             Handled::CookieInvalid | Handled::CookieReplayed => ShardStats::inc(&s.cookies_refused),
             Handled::PeerTableFull => ShardStats::inc(&s.refused_over_limit),

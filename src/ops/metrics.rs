@@ -121,6 +121,13 @@ pub fn render(h: &GatewayHandle) -> String {
     let _ = writeln!(o, "usmp_udp_retransmits_total {}", s.udp_retransmits);
     family(&mut o, "usmp_udp_cookies_sent_total", "counter", "UDP HELLO_RETRY cookies sent.");
     let _ = writeln!(o, "usmp_udp_cookies_sent_total {}", s.cookies_sent);
+    family(
+        &mut o,
+        "usmp_udp_cookies_sent_known_total",
+        "counter",
+        "UDP cookies sent from the budget reserved for devices that authenticated from that address before.",
+    );
+    let _ = writeln!(o, "usmp_udp_cookies_sent_known_total {}", s.cookies_sent_known);
     h.render_extra_metrics(&mut o);
     o
 }

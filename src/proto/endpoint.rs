@@ -27,7 +27,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 
 use super::arq::{Arq, ArqAction};
-use super::cookie::{CookieError, CookieGate, CookieJar, GateConfig};
+use super::cookie::{Admit, CookieError, CookieGate, CookieJar, GateConfig};
 use super::crypto::{EphemeralKey, Psk, DEVICE_ID_LEN, HMAC_LEN, NONCE_LEN, SESSION_ID_LEN};
 use super::frame::{encode_frame, Frame, PacketType, HEADER_LEN};
 use super::handshake::{
@@ -128,6 +128,9 @@ impl core::fmt::Debug for Transmit {
 pub enum Handled {
     /// A HELLO without cookie: UTACK and HELLO_RETRY sent, no state kept.
     CookieSent,
+    /// The same, answered from the budget reserved for a device that authenticated from this
+    /// address before (its source's own budget may be spent: a flood from that address).
+    CookieSentKnown,
     /// A handshake step (or a re-acknowledged retransmission of one).
     Step,
     /// The cookie path's rate limiter said no.
@@ -461,9 +464,9 @@ impl<H: Clone> Endpoint<H> {
     fn cookie_path(&mut self, now: Duration, from: SocketAddr, frame: &Frame<'_>) -> DatagramEvent<H> {
         let Ok(hello) = decode_hello(frame) else { return DatagramEvent::Done(Handled::Malformed) };
         let Some(cookie) = hello.cookie else {
-            if self.gate.allow(from.ip(), &hello.device_id, now).is_none() {
+            let Some(admit) = self.gate.allow(from.ip(), &hello.device_id, now) else {
                 return DatagramEvent::Done(Handled::RateLimited);
-            }
+            };
             let c = self.cookies.issue(from, &hello.device_id, &hello.pub_c, bucket(now));
             self.utack(from, PacketType::Hello, hello.seq);
             let mut b = [0u8; HEADER_LEN + COOKIE_LEN];
@@ -472,7 +475,10 @@ impl<H: Clone> Endpoint<H> {
                     self.transmit(from, &b[..n]);
                 }
             }
-            return DatagramEvent::Done(Handled::CookieSent);
+            return DatagramEvent::Done(match admit {
+                Admit::Known => Handled::CookieSentKnown,
+                Admit::Shared => Handled::CookieSent,
+            });
         };
         match self.cookies.redeem(from, &hello.device_id, &hello.pub_c, &cookie, bucket(now)) {
             Ok(()) => {}
