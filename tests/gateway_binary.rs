@@ -78,6 +78,41 @@ fn generated_key_works_and_sigterm_says_bye() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// `--io-driver epoll` runs the shards on epoll (the startup line says which driver each shard
+/// got) and serves devices; a misspelt driver exits 2 naming the flag.
+#[test]
+fn io_driver_flag_picks_the_shards_driver() {
+    for (driver, shown) in [("epoll", "driver=\"epoll\""), ("uring", "driver=\"io_uring\"")] {
+        let mut child = ChildGuard(
+            Command::new(BIN)
+                .args(["--listen", "127.0.0.1:0", "--shards", "1", "--psk", "binary-test-key-0123"])
+                .args(["--io-driver", driver])
+                .env("RUST_LOG", "info")
+                .env("NO_COLOR", "1")
+                .env_remove("USMP_FORCE_EPOLL")
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let started = lines.by_ref().map(|l| l.unwrap()).find(|l| l.contains("shard started"));
+        std::thread::spawn(move || for _ in lines {});
+        // This machine's kernel has io_uring (README, machine facts), so `uring` must get it.
+        assert!(started.as_ref().is_some_and(|l| l.contains(shown)), "{driver}: {started:?}");
+    }
+    let (child, addr) = start(&["--io-driver", "epoll"]);
+    usmp::block_on(async move {
+        let c = Client::connect(&ClientConfig::new(addr, b"binary-test-key-0123".to_vec())).await.unwrap();
+        c.send(b"over epoll").await.unwrap();
+        assert_eq!(c.recv_timeout(Duration::from_secs(5)).await.unwrap(), b"over epoll");
+    });
+    drop(child);
+    let out =
+        Command::new(BIN).args(["--psk", "0123456789abcdef", "--io-driver", "kqueue"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--io-driver"));
+}
+
 /// Start the binary on a free port (`--listen 127.0.0.1:0`) and read the bound address from
 /// its startup log line.
 fn start(args: &[&str]) -> (ChildGuard, std::net::SocketAddr) {

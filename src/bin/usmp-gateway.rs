@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use usmp::nats::{NatsBridge, NatsConfig};
 use usmp::ops::msglog::MessageLog;
-use usmp::ops::settings::{LogFormat, ReplyMode, Resolved, Settings};
+use usmp::ops::settings::{IoDriver, LogFormat, ReplyMode, Resolved, Settings};
 use usmp::ops::{self, OpsOptions};
 use usmp::{ConfigError, Gateway, PskSource, Session, Transports};
 
@@ -59,6 +59,9 @@ struct Args {
     /// What to do with each message [default: echo].
     #[arg(long, value_enum)]
     mode: Option<ReplyMode>,
+    /// The shards' I/O driver [default: uring; epoll if the kernel has no io_uring].
+    #[arg(long, value_enum)]
+    io_driver: Option<IoDriver>,
     /// Bound on the whole handshake, seconds [default: 10].
     #[arg(long, value_name = "SECS")]
     handshake_timeout: Option<f64>,
@@ -143,6 +146,7 @@ impl Args {
         Settings {
             listen: self.listen,
             transport: self.transport,
+            io_driver: self.io_driver,
             shards: self.shards,
             cpus: self.cpus.clone(),
             psk: self.psk.clone(),
