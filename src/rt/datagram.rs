@@ -272,31 +272,24 @@ impl SendHeaders {
     /// Send `batch` (all from the same source address) without blocking: how many the kernel
     /// took, in order (`Err` when it took none: `EAGAIN` if the socket buffer is full).
     fn send(&mut self, fd: RawFd, batch: &[Outgoing]) -> Result<usize, Errno> {
-        let src = match batch {
-            [] => return Ok(0),
-            // One datagram (a shared endpoint's devices, each with its own source address,
-            // mostly): `sendmsg`, without the batch's set-up.
-            [(buf, to, src)] => {
-                let to = SockaddrStorage::from(*to);
-                let pi = pktinfo_from(*src);
-                let with_src = [ControlMessage::Ipv4PacketInfo(&pi)];
-                let cmsgs: &[ControlMessage] = if src.is_some() { &with_src } else { &[] };
-                return sendmsg(fd, &[IoSlice::new(buf)], cmsgs, MsgFlags::MSG_DONTWAIT, Some(&to))
-                    .map(|_| 1);
-            }
-            [(_, _, src), ..] => *src,
-        };
-        self.addrs.clear();
-        self.addrs.extend(batch.iter().take(BATCH).map(|d| Some(SockaddrStorage::from(d.1))));
-        let iovs: [[IoSlice<'_>; 1]; BATCH] =
-            std::array::from_fn(|i| [IoSlice::new(batch.get(i).map_or(&[][..], |d| &d.0[..]))]);
+        let Some(&(_, _, src)) = batch.first() else { return Ok(0) };
         let pi = pktinfo_from(src);
         let with_src = [ControlMessage::Ipv4PacketInfo(&pi)];
-        let addrs = &self.addrs[..];
-        let sent = match src {
-            Some(_) => sendmmsg(fd, &mut self.with_src, &iovs, addrs, with_src, MsgFlags::MSG_DONTWAIT)?,
-            None => sendmmsg(fd, &mut self.plain, &iovs, addrs, [], MsgFlags::MSG_DONTWAIT)?,
-        };
+        let cmsgs: &[ControlMessage] = if src.is_some() { &with_src } else { &[] };
+        if let [(buf, to, _)] = batch {
+            // One datagram (a shared endpoint's devices, each with its own source address,
+            // mostly): `sendmsg`, without the batch's set-up.
+            let to = SockaddrStorage::from(*to);
+            return sendmsg(fd, &[IoSlice::new(buf)], cmsgs, MsgFlags::MSG_DONTWAIT, Some(&to)).map(|_| 1);
+        }
+        self.addrs.clear();
+        self.addrs.extend(batch.iter().map(|d| Some(SockaddrStorage::from(d.1))));
+        let iovs: [[IoSlice<'_>; 1]; BATCH] =
+            std::array::from_fn(|i| [IoSlice::new(batch.get(i).map_or(&[][..], |d| &d.0[..]))]);
+        // Headers with a control buffer only when there is a control message to put in it (an
+        // empty, zeroed one would be refused by the kernel).
+        let hdrs = if src.is_some() { &mut self.with_src } else { &mut self.plain };
+        let sent = sendmmsg(fd, hdrs, &iovs, &self.addrs[..], cmsgs, MsgFlags::MSG_DONTWAIT)?;
         Ok(sent.count())
     }
 }
