@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
+use monoio::net::tcp::stream_poll::TcpStreamPoll;
 use monoio::net::TcpStream;
 use ring::rand::SystemRandom;
 use zeroize::Zeroizing;
@@ -120,34 +121,35 @@ async fn handshake(
     cfg: &ClientConfig,
     psk: Psk,
     device_id: [u8; DEVICE_ID_LEN],
-) -> Result<(TcpStream, Deframer, Session), Error> {
+) -> Result<(TcpStreamPoll, Deframer, Session), Error> {
     let rng = SystemRandom::new();
-    let mut stream = tcp_connect(cfg).await?;
+    let stream = tcp_connect(cfg).await?;
     let _ = stream.set_nodelay(true);
+    let mut stream = wire::into_poll(stream)?;
     let mut deframer = Deframer::new();
     let key = EphemeralKey::generate(&rng)?;
     let mut hs = ClientHandshake::new(device_id, psk, key);
     let mut buf = vec![0u8; MAX_HANDSHAKE_FRAME_LEN];
     // Step 1: HELLO.
     let n = hs.encode_hello(&mut buf)?;
-    wire::write_all(&mut stream, buf[..n].to_vec()).await?;
+    wire::write_all(&mut stream, &buf[..n]).await?;
     // Step 2: CHALLENGE (or a HELLO_RETRY, then HELLO with the cookie).
     let expect = loop {
-        let f = wire::read_frame(&mut stream, &mut deframer).await?;
+        let f = wire::read_frame(&mut stream, &mut deframer, None).await?;
         match hs.handle_reply(&Frame::decode(&f)?)? {
             ClientReply::Retry(next) => {
                 hs = next;
                 let n = hs.encode_hello(&mut buf)?;
-                wire::write_all(&mut stream, buf[..n].to_vec()).await?;
+                wire::write_all(&mut stream, &buf[..n]).await?;
             }
             ClientReply::Challenge(c) => break c,
         }
     };
     // Step 3: HELLO_ACK.
     let n = expect.encode_hello_ack(&mut buf)?;
-    wire::write_all(&mut stream, buf[..n].to_vec()).await?;
+    wire::write_all(&mut stream, &buf[..n]).await?;
     // Step 4: SESSION_OK (a rogue gateway fails here).
-    let f = wire::read_frame(&mut stream, &mut deframer).await?;
+    let f = wire::read_frame(&mut stream, &mut deframer, None).await?;
     let est = expect.handle_session_ok(&Frame::decode(&f)?)?;
     Ok((stream, deframer, Session::new(&est, Transport::Tcp)))
 }

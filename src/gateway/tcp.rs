@@ -1,12 +1,13 @@
 //! TCP: the accept loop, and each connection's handshake under its timeout, the lockout and
 //! the crypto budget, before it becomes a session.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use monoio::net::tcp::stream_poll::TcpStreamPoll;
 use monoio::net::{TcpListener, TcpStream};
 
 use super::outcome::{HandshakeError, Refusal};
@@ -47,7 +48,7 @@ pub(super) async fn accept_loop(shard: &Rc<Shard>, listener: TcpListener, handle
     }
 }
 
-async fn serve_conn(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr, handler: Arc<Handler>) {
+async fn serve_conn(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, handler: Arc<Handler>) {
     let ip = peer.ip();
     // Cheapest checks first, before any crypto: handshake slots, session limits, then (once
     // the HELLO names the device) lockout, key lookup, the X25519 budget.
@@ -68,6 +69,12 @@ async fn serve_conn(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr, h
     // close grace).
     let user_timeout = shard.shared.cfg.session_timeout.saturating_mul(2).max(Duration::from_secs(30));
     let _ = socket2::SockRef::from(&crate::rt::fd::borrow(&stream)).set_tcp_user_timeout(Some(user_timeout));
+    // Registered once with the shard's epoll for the connection's whole life (handshake and
+    // session): no io_uring poll armed per read.
+    let Ok(mut stream) = wire::into_poll(stream) else {
+        shard.shared.release(ip);
+        return;
+    };
     let mut deframer = Deframer::new();
     // The handshake's state lives in its own future, freed before the session starts: this
     // task's future is held for the whole session, so it must only hold what the session needs.
@@ -86,33 +93,28 @@ async fn serve_conn(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr, h
 /// Run the handshake under its timeout and the eviction hook; failures are recorded here.
 async fn accept_handshake(
     shard: &Rc<Shard>,
-    stream: &mut TcpStream,
+    stream: &mut TcpStreamPoll,
     peer: SocketAddr,
     deframer: &mut Deframer,
 ) -> Option<ProtoSession> {
     shard.handshakes.set(shard.handshakes.get() + 1);
     let started = now();
     let device = Cell::new(None);
-    let canceller = Rc::new(RefCell::new(Some(monoio::io::Canceller::new())));
-    let cancel = canceller.borrow().as_ref().map(|c| c.handle());
+    let abort = Rc::new(wire::Abort::default());
     let pending = {
-        let c = canceller.clone();
-        shard.register_pending(Rc::new(move || {
-            if let Some(c) = c.borrow_mut().take() {
-                c.cancel();
-            }
-        }))
+        let a = abort.clone();
+        shard.register_pending(Rc::new(move || a.fire()))
     };
     // Boxed: the handshake's state (keys, buffers, timer) is freed when it ends instead of
     // sizing this task's future for the whole session.
     let hs = Box::pin(monoio::time::timeout(
         shard.shared.cfg.handshake_timeout,
-        server_handshake(shard, stream, peer, deframer, &device, cancel),
+        server_handshake(shard, stream, peer, deframer, &device, &abort),
     ))
     .await;
     shard.handshakes.set(shard.handshakes.get() - 1);
     shard.unregister_pending(pending);
-    let evicted = canceller.borrow().is_none();
+    let evicted = abort.fired();
     let outcome = match hs {
         Ok(Err(_)) if evicted => Err(Failure { reason: HandshakeError::Evicted, device: device.get() }),
         Ok(r) => r,
@@ -133,16 +135,16 @@ async fn accept_handshake(
 /// Steps 1–4 of PROTOCOL.md §3, server side.
 async fn server_handshake(
     shard: &Shard,
-    stream: &mut TcpStream,
+    stream: &mut TcpStreamPoll,
     peer: SocketAddr,
     deframer: &mut Deframer,
     device: &Cell<Option<[u8; 6]>>,
-    cancel: Option<monoio::io::CancelHandle>,
+    abort: &wire::Abort,
 ) -> Result<ProtoSession, Failure> {
     let fail = |e: Error| Failure { reason: e.into(), device: device.get() };
     let end = |reason: HandshakeError| Failure { reason, device: device.get() };
     // Step 1: HELLO.
-    let f = wire::read_frame_cancelable(stream, deframer, cancel.clone()).await.map_err(fail)?;
+    let f = wire::read_frame(stream, deframer, Some(abort)).await.map_err(fail)?;
     let hello = Frame::decode(&f).and_then(|f| decode_hello(&f)).map_err(|e| fail(e.into()))?;
     if shard.refuse_locked(peer, &hello.device_id) {
         return Err(end(HandshakeError::Refused(Refusal::LockedOut)));
@@ -164,15 +166,15 @@ async fn server_handshake(
     let expect = ServerExpectHelloAck::new(&hello, &psk, key, nonce).map_err(|e| fail(e.into()))?;
     let mut buf = vec![0u8; MAX_HANDSHAKE_FRAME_LEN];
     let n = expect.encode_challenge(&mut buf).map_err(|e| fail(e.into()))?;
-    wire::write_all(stream, buf[..n].to_vec()).await.map_err(fail)?;
+    wire::write_all(stream, &buf[..n]).await.map_err(fail)?;
     // Step 3: HELLO_ACK, verified in constant time.
-    let f = wire::read_frame_cancelable(stream, deframer, cancel).await.map_err(fail)?;
+    let f = wire::read_frame(stream, deframer, Some(abort)).await.map_err(fail)?;
     Frame::decode(&f).and_then(|f| expect.verify_hello_ack(&f)).map_err(|e| fail(e.into()))?;
     // Step 4: SESSION_OK (limits were reserved at accept, so they hold before this point).
     let session_id = wire::random::<16>(&shard.rng).map_err(fail)?;
     let (est, n) = expect.finish(session_id, &mut buf).map_err(|e| fail(e.into()))?;
     // Counted before SESSION_OK leaves, so a device never sees a session the metrics miss.
     ShardStats::inc(&shard.stats().handshakes_ok);
-    wire::write_all(stream, buf[..n].to_vec()).await.map_err(fail)?;
+    wire::write_all(stream, &buf[..n]).await.map_err(fail)?;
     Ok(ProtoSession::new(&est, Transport::Tcp))
 }

@@ -1,57 +1,102 @@
 //! Handshake-phase socket helpers: read one frame through the deframer, write bytes, draw
-//! randomness. (After the handshake, [`crate::rt::conn`] owns the socket.)
+//! randomness. (After the handshake, [`crate::rt::tcp`] drives the socket.) The socket is the
+//! poll-style stream the session keeps: registered once with the runtime's epoll, read and
+//! written with non-blocking calls, as the established path does.
 
-use monoio::buf::SliceMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt, CancelHandle, CancelableAsyncReadRent};
+use std::cell::Cell;
+use std::future::poll_fn;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
+
+use monoio::net::tcp::stream_poll::TcpStreamPoll;
 use monoio::net::TcpStream;
 use ring::rand::{SecureRandom, SystemRandom};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::event::LocalEvent;
 use super::Error;
 use crate::proto::deframer::Deframer;
 use crate::proto::ErrorKind;
 
-/// Read until the deframer yields one complete, CRC-checked frame; returns a copy of it
-/// (handshake frames are small). EOF is `ConnectionClosed`.
-pub async fn read_frame(stream: &mut TcpStream, d: &mut Deframer) -> Result<Vec<u8>, Error> {
-    read_frame_cancelable(stream, d, None).await
+/// Make `stream` the poll-style stream the handshake and the session use.
+pub fn into_poll(stream: TcpStream) -> Result<TcpStreamPoll, Error> {
+    stream.try_into_poll_io().map_err(|(e, _)| e.into())
 }
 
-/// [`read_frame`] whose pending read a [`monoio::io::Canceller`] can cancel (handshake
-/// eviction under a flood); a cancelled read is an error.
-pub async fn read_frame_cancelable(
-    stream: &mut TcpStream,
+/// A handshake's "give up now" switch (the gateway evicts the oldest handshakes under a flood).
+#[derive(Default)]
+pub struct Abort {
+    fired: Cell<bool>,
+    ev: LocalEvent,
+}
+
+impl Abort {
+    /// Make the pending (or next) [`read_frame`] with this switch fail.
+    pub fn fire(&self) {
+        self.fired.set(true);
+        self.ev.notify();
+    }
+
+    /// Whether [`Abort::fire`] was called.
+    pub fn fired(&self) -> bool {
+        self.fired.get()
+    }
+}
+
+/// Read until the deframer yields one complete, CRC-checked frame; returns a copy of it
+/// (handshake frames are small). EOF, and a fired `abort`, are `ConnectionClosed`.
+pub async fn read_frame(
+    stream: &mut TcpStreamPoll,
     d: &mut Deframer,
-    cancel: Option<CancelHandle>,
+    abort: Option<&Abort>,
 ) -> Result<Vec<u8>, Error> {
     loop {
         if let Some(f) = d.next_frame()? {
             return Ok(f.to_vec());
         }
-        let (buf, range) = d.take_buffer();
-        let slice = SliceMut::new(buf, range.start, range.end);
-        let (res, slice) = match &cancel {
-            Some(c) => stream.cancelable_read(slice, c.clone()).await,
-            None => stream.read(slice).await,
-        };
-        let buf = slice.into_inner();
-        match res {
-            Ok(0) => {
-                d.restore_buffer(buf, 0);
-                return Err(Error::closed("connection closed during the handshake"));
+        let mut aborted = abort.map(|a| a.ev.wait());
+        let n = poll_fn(|cx| {
+            if abort.is_some_and(Abort::fired) {
+                return Poll::Ready(Err(std::io::Error::from(std::io::ErrorKind::Interrupted)));
             }
-            Ok(n) => d.restore_buffer(buf, n),
-            Err(e) => {
-                d.restore_buffer(buf, 0);
-                return Err(e.into());
+            let mut rb = ReadBuf::new(d.spare_mut());
+            if let Poll::Ready(r) = Pin::new(&mut *stream).poll_read(cx, &mut rb) {
+                let n = rb.filled().len();
+                return Poll::Ready(r.map(|()| n));
             }
+            match aborted.as_mut().map(|w| Pin::new(w).poll(cx)) {
+                Some(Poll::Ready(())) => {
+                    Poll::Ready(Err(std::io::Error::from(std::io::ErrorKind::Interrupted)))
+                }
+                _ => Poll::Pending,
+            }
+        })
+        .await;
+        match n {
+            Ok(0) => return Err(Error::closed("connection closed during the handshake")),
+            Ok(n) => d.commit(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted && abort.is_some_and(Abort::fired) => {
+                return Err(Error::closed("handshake evicted"));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
         }
     }
 }
 
 /// Write all of `bytes`.
-pub async fn write_all(stream: &mut TcpStream, bytes: Vec<u8>) -> Result<(), Error> {
-    let (res, _) = stream.write_all(bytes).await;
-    res.map(|_| ()).map_err(Error::from)
+pub async fn write_all(stream: &mut TcpStreamPoll, bytes: &[u8]) -> Result<(), Error> {
+    let mut off = 0;
+    while off < bytes.len() {
+        match poll_fn(|cx| Pin::new(&mut *stream).poll_write(cx, &bytes[off..])).await {
+            Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into()),
+            Ok(n) => off += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Fill `N` bytes from the OS RNG.
