@@ -71,9 +71,13 @@ async fn serve_conn(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, handl
     let _ = socket2::SockRef::from(&crate::rt::fd::borrow(&stream)).set_tcp_user_timeout(Some(user_timeout));
     // Registered once with the shard's epoll for the connection's whole life (handshake and
     // session): no io_uring poll armed per read.
-    let Ok(mut stream) = wire::into_poll(stream) else {
-        shard.shared.release(ip);
-        return;
+    let mut stream = match wire::into_poll(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(shard = shard.idx, %peer, error = %e, "cannot register the connection for readiness");
+            shard.shared.release(ip);
+            return;
+        }
     };
     let mut deframer = Deframer::new();
     // The handshake's state lives in its own future, freed before the session starts: this

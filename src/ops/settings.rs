@@ -36,8 +36,8 @@ pub enum ReplyMode {
 pub enum IoDriver {
     /// io_uring (epoll when the kernel refuses it).
     Uring,
-    /// epoll: on the VM README measures, cheaper for many TCP sessions (no readiness poll
-    /// re-armed per message).
+    /// epoll (both drivers wait for TCP readiness through one epoll; README's benchmarks
+    /// compare them).
     Epoll,
 }
 

@@ -17,7 +17,7 @@ use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
 use monoio::net::tcp::stream_poll::TcpStreamPoll;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::AsyncWrite;
 
 use super::conn::{CloseReason, Conn, FrameOutcome};
 use crate::proto::deframer::Deframer;
@@ -174,32 +174,19 @@ pub fn drive_then<F: FnOnce(&Rc<Conn>)>(
     }
 }
 
-/// One non-blocking read into the lent buffer: the bytes read (0 for the peer's FIN) and
-/// whether that was less than there was room for. `Pending` (buffer returned, the waker in
-/// `cx` registered) when the socket has nothing.
+/// [`super::wire::poll_read_into`] a lent buffer, returned when nothing came (or the read
+/// failed) so that an idle connection holds none.
 fn read_some(
     stream: &mut TcpStreamPoll,
     deframer: &mut Deframer,
     cx: &mut Context<'_>,
 ) -> Poll<std::io::Result<(usize, bool)>> {
     lend_read_buf(deframer);
-    let mut rb = ReadBuf::new(deframer.spare_mut());
-    let room = rb.remaining();
-    match Pin::new(stream).poll_read(cx, &mut rb) {
-        Poll::Ready(Ok(())) => {
-            let n = rb.filled().len();
-            deframer.commit(n);
-            Poll::Ready(Ok((n, n < room)))
-        }
-        Poll::Ready(Err(e)) => {
-            return_read_buf(deframer);
-            Poll::Ready(Err(e))
-        }
-        Poll::Pending => {
-            return_read_buf(deframer);
-            Poll::Pending
-        }
+    let r = super::wire::poll_read_into(stream, deframer, cx);
+    if !matches!(r, Poll::Ready(Ok(_))) {
+        return_read_buf(deframer);
     }
+    r
 }
 
 /// The socket had something: handle the first read's result, its frames, and whatever else is

@@ -7,7 +7,7 @@ use std::cell::Cell;
 use std::future::poll_fn;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use monoio::net::tcp::stream_poll::TcpStreamPoll;
 use monoio::net::TcpStream;
@@ -44,6 +44,24 @@ impl Abort {
     }
 }
 
+/// One non-blocking read into the deframer's free space: the bytes read (0 for the peer's FIN)
+/// and whether that was less than there was room for. `Pending` (the waker in `cx`
+/// registered) when the socket has nothing. The deframer must hold storage.
+pub(crate) fn poll_read_into(
+    stream: &mut TcpStreamPoll,
+    d: &mut Deframer,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<(usize, bool)>> {
+    let mut rb = ReadBuf::new(d.spare_mut());
+    let room = rb.remaining();
+    let r = std::task::ready!(Pin::new(stream).poll_read(cx, &mut rb));
+    let n = rb.filled().len();
+    Poll::Ready(r.map(|()| {
+        d.commit(n);
+        (n, n < room)
+    }))
+}
+
 /// Read until the deframer yields one complete, CRC-checked frame; returns a copy of it
 /// (handshake frames are small). EOF, and a fired `abort`, are `ConnectionClosed`.
 pub async fn read_frame(
@@ -56,31 +74,26 @@ pub async fn read_frame(
             return Ok(f.to_vec());
         }
         let mut aborted = abort.map(|a| a.ev.wait());
-        let n = poll_fn(|cx| {
+        // `None`: aborted.
+        let read = poll_fn(|cx| {
             if abort.is_some_and(Abort::fired) {
-                return Poll::Ready(Err(std::io::Error::from(std::io::ErrorKind::Interrupted)));
+                return Poll::Ready(None);
             }
-            let mut rb = ReadBuf::new(d.spare_mut());
-            if let Poll::Ready(r) = Pin::new(&mut *stream).poll_read(cx, &mut rb) {
-                let n = rb.filled().len();
-                return Poll::Ready(r.map(|()| n));
+            if let Poll::Ready(r) = poll_read_into(stream, d, cx) {
+                return Poll::Ready(Some(r));
             }
             match aborted.as_mut().map(|w| Pin::new(w).poll(cx)) {
-                Some(Poll::Ready(())) => {
-                    Poll::Ready(Err(std::io::Error::from(std::io::ErrorKind::Interrupted)))
-                }
+                Some(Poll::Ready(())) => Poll::Ready(None),
                 _ => Poll::Pending,
             }
         })
         .await;
-        match n {
-            Ok(0) => return Err(Error::closed("connection closed during the handshake")),
-            Ok(n) => d.commit(n),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted && abort.is_some_and(Abort::fired) => {
-                return Err(Error::closed("handshake evicted"));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e.into()),
+        match read {
+            None => return Err(Error::closed("handshake evicted")),
+            Some(Ok((0, _))) => return Err(Error::closed("connection closed during the handshake")),
+            Some(Ok(_)) => {}
+            Some(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Some(Err(e)) => return Err(e.into()),
         }
     }
 }
