@@ -202,6 +202,7 @@ fn misconfigured_nats_starts_exit_2_naming_the_flag() {
         (vec!["--mode", "nats", "--gateway-id", "a.b"], "--gateway-id"),
         (vec!["--mode", "nats", "--nats-prefix", "a b"], "--nats-prefix"),
         (vec!["--mode", "nats", "--psk-kv", "bad bucket"], "--psk-kv"),
+        (vec!["--mode", "nats", "--nats-linger", "200000"], "--nats-linger"),
         (vec!["--psk-kv", "KEYS"], "--psk-kv"),
         (vec!["--nats", "nats://127.0.0.1:1"], "--nats"),
         (vec!["--mode", "nats", "--psk-kv", "KEYS", "--psk", "0123456789abcdef"], "--psk"),

@@ -139,6 +139,10 @@ struct Args {
     /// Threads of the NATS bridge [default: 1].
     #[arg(long, value_name = "N")]
     nats_threads: Option<usize>,
+    /// Microseconds the shards and the bridge gather messages before waking each other
+    /// (0: every event-loop turn) [default: 1000].
+    #[arg(long, value_name = "MICROS")]
+    nats_linger: Option<u64>,
 }
 
 impl Args {
@@ -178,6 +182,7 @@ impl Args {
             nats_max_unacked: self.nats_max_unacked,
             nats_replicas: self.nats_replicas,
             nats_threads: self.nats_threads,
+            nats_linger: self.nats_linger,
         }
     }
 

@@ -4,18 +4,16 @@
 //! connected elsewhere, and hosts the downlink and key-bucket tasks. Shards talk to it through
 //! channels only; nothing here runs on a shard.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
-use async_nats::HeaderMap;
 use futures_util::StreamExt;
 
 use super::config::{device_token, NatsConfig};
 use super::ctx::{Ctx, LocalSession};
-use super::link::{Down, NatsStats, SessionFacts, Up};
+use super::link::{Down, NatsStats, SessionFacts};
 use crate::psk::to_hex;
 use crate::rt::conn::CloseReason;
 
@@ -215,63 +213,6 @@ pub(super) async fn ensure_bucket(
     js.get_key_value(bucket).await.map_err(|e| format!("bucket {bucket}: {e}"))
 }
 
-/// Store `up` (a [`Up::Publish`]); yields its session once stored.
-async fn publish_owned(ctx: Arc<Ctx>, up: Up) -> [u8; 16] {
-    let session = match &up {
-        Up::Publish { tag, .. } => tag.session,
-        _ => [0; 16],
-    };
-    publish(&ctx, up).await;
-    session
-}
-
-/// Store one uplink, retrying until JetStream acknowledges it, then tell its shard.
-async fn publish(ctx: &Ctx, up: Up) {
-    let Up::Publish { shard, tag, number, payload } = up else { return };
-    let headers = || {
-        use std::fmt::Write;
-        let mut h = HeaderMap::new();
-        h.insert("Usmp-Device", tag.device.as_str());
-        h.insert("Usmp-Session", tag.session_hex.as_str());
-        h.insert("Usmp-Transport", tag.transport);
-        h.insert("Usmp-Gateway", ctx.cfg.gateway_id.as_str());
-        let mut msg_id = String::with_capacity(tag.session_hex.len() + 21);
-        let _ = write!(msg_id, "{}-{number}", tag.session_hex);
-        h.insert("Nats-Msg-Id", msg_id.as_str());
-        h
-    };
-    let subject = &tag.subject;
-    let mut delay = Duration::from_millis(50);
-    loop {
-        let t0 = Instant::now();
-        let res = match ctx.js.publish_with_headers(subject.clone(), headers(), payload.clone()).await {
-            Ok(ack) => ack.await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match res {
-            Ok(ack) => {
-                ctx.stats.ack_latency.record(t0.elapsed());
-                ctx.stats.published.fetch_add(1, Ordering::Relaxed);
-                if ack.duplicate {
-                    ctx.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                }
-                break;
-            }
-            Err(e) => {
-                ctx.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(error = %e, %subject, "nats: publish failed; retrying");
-                tokio::time::sleep(delay).await;
-                // Short: devices are waiting for their UTACKs (a UDP device gives up after
-                // about 12 s of silence).
-                delay = (delay * 2).min(Duration::from_millis(250));
-            }
-        }
-    }
-    if let Some(tx) = ctx.shards.get(shard) {
-        let _ = tx.send(Down::Stored { session: tag.session });
-    }
-}
-
 fn facts_json(ctx: &Ctx, f: &SessionFacts) -> serde_json::Value {
     serde_json::json!({
         "device": device_token(&f.device),
@@ -390,57 +331,6 @@ pub(super) async fn sample_queue_depth(ctx: Arc<Ctx>) {
             if let Ok(info) = s.get_info().await {
                 ctx.stats.queue_depth.store(info.state.messages, Ordering::Relaxed);
             }
-        }
-    }
-}
-
-/// Route everything the shards send. Uplinks are stored one publish in flight per session,
-/// so a session's messages reach the stream in the order the device sent them, retries
-/// included; the publishes in flight are futures polled here rather than a task each.
-pub(super) async fn dispatch(ctx: Arc<Ctx>, up: flume::Receiver<Vec<Up>>) {
-    let mut storing = futures_util::stream::FuturesUnordered::new();
-    // Sessions with a publish in flight, and their uplinks waiting behind it.
-    let mut waiting: HashMap<[u8; 16], VecDeque<Up>> = HashMap::new();
-    loop {
-        tokio::select! {
-            batch = up.recv_async() => {
-                let Ok(batch) = batch else { break };
-                for msg in batch {
-                    match msg {
-                        Up::Publish { ref tag, .. } => {
-                            let session = tag.session;
-                            match waiting.get_mut(&session) {
-                                Some(q) => q.push_back(msg),
-                                None => {
-                                    waiting.insert(session, VecDeque::new());
-                                    storing.push(publish_owned(ctx.clone(), msg));
-                                }
-                            }
-                        }
-                        Up::Opened(f) => opened(&ctx, f),
-                        Up::Closed(f, reason) => closed(&ctx, f, reason),
-                        Up::Delivery { id, outcome } => {
-                            if let Some(tx) = ctx.deliveries.lock().remove(&id) {
-                                let _ = tx.send(outcome);
-                            }
-                        }
-                    }
-                }
-            }
-            Some(session) = storing.next(), if !storing.is_empty() => {
-                match waiting.get_mut(&session).and_then(VecDeque::pop_front) {
-                    Some(next) => storing.push(publish_owned(ctx.clone(), next)),
-                    None => {
-                        waiting.remove(&session);
-                    }
-                }
-            }
-        }
-    }
-    // The shards are gone: finish what they handed over.
-    while let Some(session) = storing.next().await {
-        if let Some(next) = waiting.get_mut(&session).and_then(VecDeque::pop_front) {
-            storing.push(publish_owned(ctx.clone(), next));
         }
     }
 }

@@ -44,6 +44,9 @@ pub struct NatsConfig {
     pub replicas: usize,
     /// Bridge threads (tokio workers).
     pub threads: usize,
+    /// How long either side of the shard↔bridge link gathers messages after the first before
+    /// waking the other thread (like a producer's `linger.ms`). Zero hands over every turn.
+    pub linger: Duration,
 }
 
 impl fmt::Debug for NatsConfig {
@@ -93,9 +96,16 @@ impl Default for NatsConfig {
             up_max_bytes: 1 << 30,
             replicas: 1,
             threads: 1,
+            linger: Duration::from_micros(DEFAULT_LINGER_US),
         }
     }
 }
+
+/// `--nats-linger`'s default, in microseconds.
+pub const DEFAULT_LINGER_US: u64 = 1000;
+/// `--nats-linger`'s ceiling: past it the wait would eat into the devices' retransmission
+/// timers rather than save wake-ups.
+pub const MAX_LINGER_US: u64 = 100_000;
 
 fn err(flag: &str, msg: impl Into<String>) -> ConfigError {
     ConfigError::new(format!("--{flag}"), msg)
@@ -179,6 +189,9 @@ impl NatsConfig {
         }
         if self.threads == 0 || self.threads > 64 {
             return Err(err("nats-threads", "must be between 1 and 64"));
+        }
+        if self.linger > Duration::from_micros(MAX_LINGER_US) {
+            return Err(err("nats-linger", format!("must be at most {MAX_LINGER_US} µs")));
         }
         Ok(())
     }
@@ -270,6 +283,7 @@ mod tests {
             (NatsConfig { downlink_queue: 0, ..ok() }, "--downlink-queue"),
             (NatsConfig { psk_kv: Some("bad bucket".into()), ..ok() }, "--psk-kv"),
             (NatsConfig { max_unacked: 0, ..ok() }, "--nats-max-unacked"),
+            (NatsConfig { linger: Duration::from_millis(101), ..ok() }, "--nats-linger"),
         ];
         for (c, flag) in cases {
             let e = c.validate().unwrap_err();

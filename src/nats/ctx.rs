@@ -22,6 +22,23 @@ pub(super) struct LocalSession {
     pub(super) route: tokio::task::JoinHandle<()>,
 }
 
+/// Who waits for the outcome of a downlink handed to a shard.
+pub(super) enum Waiter {
+    /// A task (the admin API, a route request, a queue drain).
+    Task(oneshot::Sender<Delivery>),
+    /// A downlink request for a device held here, answered by the uplink dispatcher when the
+    /// shard reports (no task, channel or timer per downlink: see
+    /// [`super::downlink::serve_requests`]).
+    Request {
+        /// Where the answer goes.
+        reply: Option<async_nats::Subject>,
+        device: [u8; 6],
+        /// Kept to route the message elsewhere should the session end first.
+        payload: bytes::Bytes,
+        since: std::time::Instant,
+    },
+}
+
 /// Everything the bridge's tasks share.
 pub(super) struct Ctx {
     pub(super) cfg: NatsConfig,
@@ -30,7 +47,7 @@ pub(super) struct Ctx {
     pub(super) stats: Arc<NatsStats>,
     pub(super) shards: Vec<ToShard>,
     pub(super) gateway: OnceLock<GatewayHandle>,
-    pub(super) deliveries: Mutex<HashMap<u64, oneshot::Sender<Delivery>>>,
+    pub(super) deliveries: Mutex<HashMap<u64, Waiter>>,
     pub(super) next_delivery: AtomicU64,
     pub(super) local: Mutex<HashMap<[u8; 6], LocalSession>>,
     /// Steps of the start done (streams provisioned, downlink requests served): see

@@ -19,7 +19,7 @@ use futures_util::StreamExt;
 use tokio::sync::oneshot;
 
 use super::config::{parse_device_token, MAX_DOWNLINK};
-use super::ctx::Ctx;
+use super::ctx::{Ctx, Waiter};
 use super::link::{Delivery, Down};
 
 /// How long a holder may take to get a downlink out (UDP: five attempts with backoff).
@@ -87,7 +87,7 @@ async fn deliver_local(ctx: &Arc<Ctx>, device: [u8; 6], payload: Bytes) -> Optio
     let tx = ctx.shards.get(shard)?;
     let id = ctx.next_delivery.fetch_add(1, Ordering::Relaxed);
     let (done, wait) = oneshot::channel();
-    ctx.deliveries.lock().insert(id, done);
+    ctx.deliveries.lock().insert(id, Waiter::Task(done));
     if tx.send(Down::Deliver { id, device, payload }).is_err() {
         ctx.deliveries.lock().remove(&id);
         return None;
@@ -102,7 +102,7 @@ async fn deliver_local(ctx: &Arc<Ctx>, device: [u8; 6], payload: Bytes) -> Optio
     }
 }
 
-fn local_reply(d: Delivery) -> Reply {
+pub(super) fn local_reply(d: Delivery) -> Reply {
     match d {
         Delivery::Delivered => Reply::of("delivered"),
         Delivery::Busy => Reply::rejected("device busy: its send queue is full or it is not acknowledging"),
@@ -121,6 +121,11 @@ pub(super) async fn route(ctx: &Arc<Ctx>, device: [u8; 6], payload: Bytes) -> Re
             return r;
         }
     }
+    route_elsewhere(ctx, device, payload).await
+}
+
+/// Steps 2 and 3 of the module doc: the device has no session here.
+async fn route_elsewhere(ctx: &Arc<Ctx>, device: [u8; 6], payload: Bytes) -> Reply {
     // A holder's route subscription reaches the other nodes of a cluster a moment after its
     // own server has it: a device that has just connected may look unroutable from here for
     // a few milliseconds. One second look before concluding it is offline.
@@ -194,6 +199,11 @@ pub(super) async fn serve_requests(ctx: Arc<Ctx>) {
         ctx.ready.send_modify(|n| *n += 1);
     }
     while let Some(msg) = sub.next().await {
+        if let Some(device) = msg.subject.rsplit('.').next().and_then(parse_device_token) {
+            if msg.payload.len() <= MAX_DOWNLINK && hand_to_holder(&ctx, device, &msg) {
+                continue;
+            }
+        }
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let reply = match msg.subject.rsplit('.').next().and_then(parse_device_token) {
@@ -211,6 +221,90 @@ pub(super) async fn serve_requests(ctx: Arc<Ctx>) {
                 None => tracing::debug!("nats: downlink request without a reply subject"),
             }
         });
+    }
+}
+
+/// The common case of a downlink: its device is held here. Hand it to the shard and leave the
+/// answer to the uplink dispatcher, which hears the outcome ([`answered_by_holder`]); false if
+/// the device has no session here.
+fn hand_to_holder(ctx: &Arc<Ctx>, device: [u8; 6], msg: &async_nats::Message) -> bool {
+    let Some(gw) = ctx.gateway.get() else { return false };
+    let Some(tx) = gw.device_shard(device.into()).and_then(|s| ctx.shards.get(s)) else {
+        return false;
+    };
+    let id = ctx.next_delivery.fetch_add(1, Ordering::Relaxed);
+    let waiter = Waiter::Request {
+        reply: msg.reply.clone(),
+        device,
+        payload: msg.payload.clone(),
+        since: std::time::Instant::now(),
+    };
+    ctx.deliveries.lock().insert(id, waiter);
+    if tx.send(Down::Deliver { id, device, payload: msg.payload.clone() }).is_err() {
+        ctx.deliveries.lock().remove(&id);
+        return false;
+    }
+    true
+}
+
+/// The outcome of a downlink request handed to a shard by [`hand_to_holder`]: the answer to
+/// send, or `None` when the session ended first and the request goes on elsewhere (in a task
+/// that answers it itself).
+pub(super) fn answered_by_holder(
+    ctx: &Arc<Ctx>,
+    device: [u8; 6],
+    payload: Bytes,
+    reply: Option<async_nats::Subject>,
+    outcome: Delivery,
+) -> Option<Reply> {
+    if outcome != Delivery::Gone {
+        let r = local_reply(outcome);
+        ctx.stats.downlink(r.status);
+        return Some(r);
+    }
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let r = route_elsewhere(&ctx, device, payload).await;
+        ctx.stats.downlink(r.status);
+        if let Some(to) = reply {
+            let _ = ctx.client.publish(to, r.to_json()).await;
+        }
+    });
+    None
+}
+
+/// Answer requests handed to a shard that has not reported within [`HOLDER_TIMEOUT`] (as
+/// [`deliver_local`] does for a task): the message may still get out, so not `gone`.
+pub(super) async fn expire_requests(ctx: Arc<Ctx>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let now = std::time::Instant::now();
+        let expired: Vec<Option<async_nats::Subject>> = {
+            let mut d = ctx.deliveries.lock();
+            let ids: Vec<u64> = d
+                .iter()
+                .filter_map(|(id, w)| match w {
+                    Waiter::Request { since, .. } if now.duration_since(*since) >= HOLDER_TIMEOUT => {
+                        Some(*id)
+                    }
+                    _ => None,
+                })
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| match d.remove(&id) {
+                    Some(Waiter::Request { reply, .. }) => Some(reply),
+                    _ => None,
+                })
+                .collect()
+        };
+        for reply in expired {
+            let r = local_reply(Delivery::Busy);
+            ctx.stats.downlink(r.status);
+            if let Some(to) = reply {
+                let _ = ctx.client.publish(to, r.to_json()).await;
+            }
+        }
     }
 }
 

@@ -24,6 +24,11 @@ use crate::rt::conn::CloseReason;
 /// bounded however long NATS is away.
 pub const SHARD_IN_FLIGHT: usize = 8192;
 
+/// A batch this long crosses to the other thread at once, without waiting out the linger
+/// (`--nats-linger`): under load the linger adds no latency, it only spares wake-ups when each
+/// turn of a loop has little to hand over.
+pub const LINGER_BATCH: usize = 256;
+
 /// A session as events and presence describe it.
 #[derive(Debug, Clone)]
 pub struct SessionFacts {
@@ -55,6 +60,8 @@ pub struct PublishTag {
     pub session_hex: String,
     /// `Usmp-Transport`.
     pub transport: &'static str,
+    /// The four headers above and `Usmp-Gateway`, made by the bridge at the first publish.
+    pub headers: std::sync::OnceLock<async_nats::HeaderMap>,
 }
 
 /// Shard → bridge.
@@ -126,12 +133,14 @@ pub struct ToShard {
     pending: parking_lot::Mutex<Vec<Down>>,
     ready: tokio::sync::Notify,
     tx: flume::Sender<Vec<Down>>,
+    linger: std::time::Duration,
 }
 
 impl ToShard {
-    /// An outbox sending its batches on `tx`.
-    pub fn new(tx: flume::Sender<Vec<Down>>) -> Self {
-        ToShard { pending: parking_lot::Mutex::default(), ready: tokio::sync::Notify::new(), tx }
+    /// An outbox sending its batches on `tx`, each gathered for `linger` after its first
+    /// command.
+    pub fn new(tx: flume::Sender<Vec<Down>>, linger: std::time::Duration) -> Self {
+        ToShard { pending: parking_lot::Mutex::default(), ready: tokio::sync::Notify::new(), tx, linger }
     }
 
     /// Queue `cmd` for the shard; `Err` if the shard is gone.
@@ -144,6 +153,13 @@ impl ToShard {
         if p.len() == 1 {
             // The flusher runs after the tasks already woken in this turn, which add to it.
             self.ready.notify_one();
+        } else if p.len() >= LINGER_BATCH {
+            // The shard is gone: hand back the caller's command (the last one).
+            if let Err(e) = self.tx.send(std::mem::take(&mut *p)) {
+                if let Some(cmd) = e.into_inner().pop() {
+                    return Err(cmd);
+                }
+            }
         }
         Ok(())
     }
@@ -152,8 +168,13 @@ impl ToShard {
     pub async fn flush_forever(&self) {
         loop {
             self.ready.notified().await;
-            let batch = std::mem::take(&mut *self.pending.lock());
-            if !batch.is_empty() && self.tx.send(batch).is_err() {
+            if !self.linger.is_zero() {
+                tokio::time::sleep(self.linger).await;
+            }
+            // Sent under the lock, as `send` does a full batch: batches cannot overtake each
+            // other on a multi-threaded bridge (a device's downlinks keep their order).
+            let mut p = self.pending.lock();
+            if !p.is_empty() && self.tx.send(std::mem::take(&mut *p)).is_err() {
                 return;
             }
         }
@@ -317,5 +338,54 @@ impl NatsStats {
         let _ = writeln!(o, "usmp_nats_publish_ack_seconds_bucket{{le=\"+Inf\"}} {}", lat.count);
         let _ = writeln!(o, "usmp_nats_publish_ack_seconds_sum {}", lat.sum_us as f64 / 1e6);
         let _ = writeln!(o, "usmp_nats_publish_ack_seconds_count {}", lat.count);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn stored() -> Down {
+        Down::Stored { session: [7; 16] }
+    }
+
+    /// A shard's outbox with its flusher running (inside a runtime).
+    fn outbox(linger: Duration) -> (std::sync::Arc<ToShard>, flume::Receiver<Vec<Down>>) {
+        let (tx, rx) = flume::unbounded();
+        let out = std::sync::Arc::new(ToShard::new(tx, linger));
+        let flusher = out.clone();
+        tokio::spawn(async move { flusher.flush_forever().await });
+        (out, rx)
+    }
+
+    fn run(f: impl std::future::Future<Output = ()>) {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+    }
+
+    #[test]
+    fn commands_within_the_linger_cross_as_one_batch() {
+        run(async {
+            let (out, rx) = outbox(Duration::from_millis(500));
+            out.send(stored()).map_err(|_| ()).unwrap();
+            // Later turns of the bridge, well within the linger.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            out.send(stored()).map_err(|_| ()).unwrap();
+            out.send(stored()).map_err(|_| ()).unwrap();
+            let batch = tokio::time::timeout(Duration::from_secs(5), rx.recv_async()).await.unwrap().unwrap();
+            assert_eq!(batch.len(), 3, "one wake-up of the shard for the three");
+        });
+    }
+
+    #[test]
+    fn a_full_batch_does_not_wait_for_the_linger() {
+        run(async {
+            let (out, rx) = outbox(Duration::from_secs(60));
+            for _ in 0..LINGER_BATCH {
+                out.send(stored()).map_err(|_| ()).unwrap();
+            }
+            let batch = tokio::time::timeout(Duration::from_secs(5), rx.recv_async()).await.unwrap().unwrap();
+            assert_eq!(batch.len(), LINGER_BATCH);
+        });
     }
 }

@@ -30,6 +30,7 @@ mod downlink;
 mod keys;
 pub mod link;
 mod shard;
+mod uplink;
 
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -68,6 +69,7 @@ pub struct NatsApp {
     stats: Arc<NatsStats>,
     max_unacked: u32,
     prefix: String,
+    linger: Duration,
 }
 
 impl App for NatsApp {
@@ -80,6 +82,7 @@ impl App for NatsApp {
             self.stats.clone(),
             self.max_unacked,
             self.prefix.clone(),
+            self.linger,
         ))
     }
 }
@@ -97,6 +100,7 @@ impl NatsBridge {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let threads = cfg.threads;
         let thread_cfg = cfg.clone();
+        let linger = cfg.linger;
         let thread = std::thread::Builder::new()
             .name("usmp-nats".into())
             .spawn(move || {
@@ -133,7 +137,7 @@ impl NatsBridge {
                         client,
                         js,
                         stats,
-                        shards: down_txs.into_iter().map(link::ToShard::new).collect(),
+                        shards: down_txs.into_iter().map(|tx| link::ToShard::new(tx, linger)).collect(),
                         gateway: OnceLock::new(),
                         deliveries: Mutex::default(),
                         next_delivery: AtomicU64::new(1),
@@ -149,9 +153,10 @@ impl NatsBridge {
                     }
                     tokio::spawn(bridge::provision(ctx.clone()));
                     tokio::spawn(downlink::serve_requests(ctx.clone()));
+                    tokio::spawn(downlink::expire_requests(ctx.clone()));
                     tokio::spawn(bridge::watch_takeovers(ctx.clone()));
                     tokio::spawn(bridge::sample_queue_depth(ctx.clone()));
-                    let dispatch = tokio::spawn(bridge::dispatch(ctx.clone(), up_rx));
+                    let dispatch = tokio::spawn(uplink::dispatch(ctx.clone(), up_rx));
                     let _ = ready_tx.send(Ok((ctx, tokio::runtime::Handle::current())));
                     let _ = stop_rx.await;
                     dispatch.abort();
@@ -198,6 +203,7 @@ impl NatsBridge {
             stats: self.ctx.stats.clone(),
             max_unacked: self.ctx.cfg.max_unacked,
             prefix: self.ctx.cfg.prefix.clone(),
+            linger: self.ctx.cfg.linger,
         }
     }
 

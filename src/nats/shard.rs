@@ -11,11 +11,11 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
-use super::link::{Delivery, Down, NatsStats, PublishTag, SessionFacts, Up, SHARD_IN_FLIGHT};
+use super::link::{Delivery, Down, NatsStats, PublishTag, SessionFacts, Up, LINGER_BATCH, SHARD_IN_FLIGHT};
 use crate::gateway::app::{Ack, ShardApp, ShardContext};
 use crate::gateway::Session;
 use crate::proto::Transport;
@@ -56,6 +56,8 @@ pub(super) struct NatsShard {
     by_device: RefCell<HashMap<[u8; 6], [u8; 16]>>,
     /// Publishes of this shard not yet stored (all sessions, closed ones included).
     in_flight: Cell<usize>,
+    /// How long the flusher waits for more of the outbox after its first message.
+    linger: Duration,
 }
 
 impl NatsShard {
@@ -66,6 +68,7 @@ impl NatsShard {
         stats: Arc<NatsStats>,
         max_unacked: u32,
         prefix: String,
+        linger: Duration,
     ) -> Self {
         NatsShard {
             idx,
@@ -79,6 +82,7 @@ impl NatsShard {
             stopped: Cell::new(false),
             sessions: RefCell::default(),
             by_device: RefCell::default(),
+            linger,
             in_flight: Cell::new(0),
         }
     }
@@ -97,6 +101,10 @@ impl NatsShard {
             if let Some(w) = self.flusher.take() {
                 w.wake();
             }
+        } else if out.len() >= LINGER_BATCH {
+            // Enough for one wake-up of the bridge: do not make these wait for the linger.
+            drop(out);
+            self.flush();
         }
     }
 
@@ -220,6 +228,7 @@ impl ShardApp for NatsShard {
             device: s.device_id().to_string(),
             session_hex: s.session_id().to_string(),
             transport: super::bridge::transport_label(s.transport()),
+            headers: std::sync::OnceLock::new(),
         });
         let t = Tracked {
             session: s.clone(),
@@ -323,12 +332,25 @@ impl ShardApp for NatsShard {
                     }
                 }
             };
-            // Runs after the tasks woken in the same turn (they add to the outbox first).
-            let flusher = std::future::poll_fn(|cx| {
-                self.flush();
-                self.flusher.set(Some(cx.waker().clone()));
-                Poll::<()>::Pending
-            });
+            let flusher = async {
+                loop {
+                    // Woken by the outbox's first message, it runs after the tasks woken in
+                    // the same turn (they add to the outbox first).
+                    std::future::poll_fn(|cx| {
+                        if self.outbox.borrow().is_empty() {
+                            self.flusher.set(Some(cx.waker().clone()));
+                            Poll::Pending
+                        } else {
+                            Poll::Ready(())
+                        }
+                    })
+                    .await;
+                    if !self.linger.is_zero() {
+                        monoio::time::sleep(self.linger).await;
+                    }
+                    self.flush();
+                }
+            };
             monoio::select! {
                 _ = stop => {}
                 _ = work => {}

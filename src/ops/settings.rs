@@ -133,6 +133,8 @@ pub struct Settings {
     pub nats_replicas: Option<usize>,
     /// `--nats-threads`
     pub nats_threads: Option<usize>,
+    /// `--nats-linger` (microseconds)
+    pub nats_linger: Option<u64>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -173,6 +175,7 @@ impl std::fmt::Debug for Settings {
             .field("nats_max_unacked", &self.nats_max_unacked)
             .field("nats_replicas", &self.nats_replicas)
             .field("nats_threads", &self.nats_threads)
+            .field("nats_linger", &self.nats_linger)
             .finish()
     }
 }
@@ -299,6 +302,7 @@ impl Settings {
             nats_max_unacked: top.nats_max_unacked.or(self.nats_max_unacked),
             nats_replicas: top.nats_replicas.or(self.nats_replicas),
             nats_threads: top.nats_threads.or(self.nats_threads),
+            nats_linger: top.nats_linger.or(self.nats_linger),
         }
     }
 
@@ -335,6 +339,7 @@ impl Settings {
             max_unacked: self.nats_max_unacked.unwrap_or(d.max_unacked),
             replicas: self.nats_replicas.unwrap_or(d.replicas),
             threads: self.nats_threads.unwrap_or(d.threads),
+            linger: self.nats_linger.map_or(d.linger, Duration::from_micros),
             ..d
         };
         c.validate()?;
