@@ -215,8 +215,9 @@ fn a_stalled_device_never_holds_up_its_shard() {
 }
 
 /// The gateway's accepted socket whose peer is `client` (found among this process's
-/// descriptors, since the gateway runs in it): its `TCP_USER_TIMEOUT`, once set.
-fn accepted_user_timeout(client: std::net::SocketAddr) -> Option<Duration> {
+/// descriptors, since the gateway runs in it): its `TCP_USER_TIMEOUT` once set, and whether
+/// it has `TCP_NODELAY`.
+fn accepted_user_timeout(client: std::net::SocketAddr) -> Option<(Duration, bool)> {
     use std::os::fd::BorrowedFd;
     for e in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
         let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
@@ -227,7 +228,8 @@ fn accepted_user_timeout(client: std::net::SocketAddr) -> Option<Duration> {
         let s = socket2::SockRef::from(&fd);
         let peer = s.peer_addr().ok().and_then(|a| a.as_socket());
         if peer == Some(client) {
-            return s.tcp_user_timeout().ok().flatten();
+            let nodelay = s.nodelay().unwrap_or(false);
+            return s.tcp_user_timeout().ok().flatten().map(|t| (t, nodelay));
         }
     }
     None
@@ -235,7 +237,8 @@ fn accepted_user_timeout(client: std::net::SocketAddr) -> Option<Duration> {
 
 /// Item 1's kernel backstop: every accepted TCP socket carries `TCP_USER_TIMEOUT`, twice the
 /// watchdog and at least 30 s, so a peer that acknowledges nothing we send (zero-window
-/// probes included) is given up by the kernel even if the gateway's own checks failed.
+/// probes included) is given up by the kernel even if the gateway's own checks failed. And
+/// `TCP_NODELAY`: replies are small frames that must not wait for Nagle.
 #[test]
 fn accepted_sockets_carry_tcp_user_timeout_from_the_watchdog() {
     for (watchdog, want) in [(20, 40), (5, 30)] {
@@ -247,7 +250,8 @@ fn accepted_sockets_carry_tcp_user_timeout_from_the_watchdog() {
             got = accepted_user_timeout(me);
             got.is_some()
         });
-        assert_eq!(got, Some(Duration::from_secs(want)), "watchdog {watchdog} s");
+        // Both come from the listener (inherited on accept, no system call per connection).
+        assert_eq!(got, Some((Duration::from_secs(want), true)), "watchdog {watchdog} s");
         drop(client);
         gw.shutdown();
     }

@@ -2,6 +2,7 @@
 //! port number, so the kernel spreads connections and peers over the shards.
 
 use std::net::{SocketAddr, TcpListener as StdListener};
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -37,16 +38,20 @@ fn reuseport_socket(addr: SocketAddr, ty: Type, proto: Protocol) -> std::io::Res
 
 /// Bind one SO_REUSEPORT TCP listener and/or UDP socket per shard on `addr` (port 0: the
 /// first socket picks the port, every other one follows it, UDP on the same number).
+///
+/// Accepted TCP connections inherit the listener's `TCP_NODELAY` and `TCP_USER_TIMEOUT`
+/// (`user_timeout`): set here once rather than with two system calls per connection.
 pub(super) fn bind_sockets(
     addr: SocketAddr,
     n: usize,
     t: super::Transports,
+    user_timeout: Duration,
 ) -> std::io::Result<Vec<ShardSockets>> {
     // With port 0 the number the first socket gets may be taken for the other transport:
     // try again, keeping the failed attempts' sockets open so the next number differs.
     let mut burned = Vec::new();
     loop {
-        match bind_sockets_once(addr, n, t, &mut burned) {
+        match bind_sockets_once(addr, n, t, user_timeout, &mut burned) {
             Err(e) if addr.port() == 0 && e.kind() == std::io::ErrorKind::AddrInUse && burned.len() < 64 => {}
             other => return other,
         }
@@ -57,6 +62,7 @@ fn bind_sockets_once(
     addr: SocketAddr,
     n: usize,
     t: super::Transports,
+    user_timeout: Duration,
     burned: &mut Vec<Socket>,
 ) -> std::io::Result<Vec<ShardSockets>> {
     let mut out = Vec::with_capacity(n);
@@ -65,6 +71,7 @@ fn bind_sockets_once(
         let tcp = if t.contains(Transport::Tcp) {
             let s = reuseport_socket(addr, Type::STREAM, Protocol::TCP)?;
             s.set_nodelay(true)?;
+            s.set_tcp_user_timeout(Some(user_timeout))?;
             s.listen(LISTEN_BACKLOG)?;
             let l: StdListener = s.into();
             addr = l.local_addr()?;

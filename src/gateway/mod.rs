@@ -383,7 +383,12 @@ impl GatewayBuilder {
     fn start(self, handler: Handler) -> Result<Gateway, Error> {
         self.validate()?;
         let cfg = self.cfg;
-        let listeners = bind::bind_sockets(cfg.listen, cfg.shards, cfg.transports)?;
+        // A backstop in the kernel: it gives up on a peer that acknowledges none of our bytes
+        // (zero-window probes included) for twice the watchdog (at least 30 s), whatever the
+        // session's state. The sweeper ends stalled sessions first (after the watchdog, or the
+        // close grace).
+        let user_timeout = cfg.session_timeout.saturating_mul(2).max(Duration::from_secs(30));
+        let listeners = bind::bind_sockets(cfg.listen, cfg.shards, cfg.transports, user_timeout)?;
         let local_addr = listeners[0].local_addr()?;
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..cfg.shards).map(|_| flume::bounded(INBOX_CAP)).unzip();
         let shared = Arc::new(Shared {

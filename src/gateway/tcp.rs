@@ -62,13 +62,7 @@ async fn serve_conn(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, handl
         shard.log_refusal(peer, "session_limit");
         return;
     }
-    let _ = stream.set_nodelay(true);
-    // A backstop in the kernel: it gives up on a peer that acknowledges none of our bytes
-    // (zero-window probes included) for twice the watchdog (at least 30 s), whatever the
-    // session's state. The sweeper ends stalled sessions first (after the watchdog, or the
-    // close grace).
-    let user_timeout = shard.shared.cfg.session_timeout.saturating_mul(2).max(Duration::from_secs(30));
-    let _ = socket2::SockRef::from(&crate::rt::fd::borrow(&stream)).set_tcp_user_timeout(Some(user_timeout));
+    // TCP_NODELAY and TCP_USER_TIMEOUT come from the listener (`bind::bind_sockets`).
     // Registered once with the shard's epoll for the connection's whole life (handshake and
     // session): no io_uring poll armed per read.
     let mut stream = match wire::into_poll(stream) {
