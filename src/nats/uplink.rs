@@ -10,7 +10,7 @@
 //! `Nats-Msg-Id`, so JetStream drops a copy it already holds) until it is acknowledged; only
 //! then does the shard hear [`Down::Stored`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
@@ -47,11 +47,17 @@ struct Publish {
     retry_in: Duration,
 }
 
-/// A publish sent and not yet acknowledged.
+/// A publish made and not yet acknowledged.
 struct InFlight {
     publish: Publish,
-    sent: Instant,
+    /// When the client took it (`None` while it waits in [`Uplinks::outbox`]): its answer is
+    /// awaited from then on, so a publish that cannot leave during an outage is never sent
+    /// again in the meantime (copies would pile up).
+    sent: Option<Instant>,
 }
+
+/// Tokens are never 0: an outbox entry with token 0 is an answer, not an uplink.
+const NOT_AN_UPLINK: u64 = 0;
 
 /// JetStream's answer to a publish; only what decides success is read.
 #[derive(serde::Deserialize)]
@@ -95,13 +101,15 @@ struct Uplinks {
     inbox: String,
     next_token: u64,
     in_flight: HashMap<u64, InFlight>,
-    /// Send order of the tokens above, for timeouts (acknowledged ones are skipped lazily).
+    /// Hand-over order of the tokens above, for timeouts (acknowledged ones are skipped
+    /// lazily).
     order: VecDeque<(Instant, u64)>,
     /// Sessions with a publish in flight (or due for retry), and their uplinks behind it.
     waiting: HashMap<[u8; 16], VecDeque<Publish>>,
-    retries: VecDeque<(Instant, Publish)>,
-    /// Made, not yet taken by the client (its command channel was full).
-    outbox: VecDeque<OutboundMessage>,
+    /// Refused publishes by due time (and token, to keep equal times apart).
+    retries: BTreeMap<(Instant, u64), Publish>,
+    /// Made, not yet taken by the client (its command channel was full), with their tokens.
+    outbox: VecDeque<(u64, OutboundMessage)>,
 }
 
 impl Uplinks {
@@ -117,7 +125,7 @@ impl Uplinks {
                     Some(q) => q.push_back(p),
                     None => {
                         self.waiting.insert(p.tag.session, VecDeque::new());
-                        self.send(p, Instant::now());
+                        self.send(p);
                     }
                 }
             }
@@ -132,12 +140,13 @@ impl Uplinks {
                     Some(Waiter::Request { reply, device, payload, .. }) => {
                         let answer = answered_by_holder(&self.ctx, device, payload, reply.clone(), outcome);
                         if let (Some(r), Some(to)) = (answer, reply) {
-                            self.outbox.push_back(OutboundMessage {
+                            let answer = OutboundMessage {
                                 subject: to,
                                 reply: None,
                                 payload: r.to_json(),
                                 headers: None,
-                            });
+                            };
+                            self.outbox.push_back((NOT_AN_UPLINK, answer));
                         }
                     }
                     None => {}
@@ -146,7 +155,7 @@ impl Uplinks {
         }
     }
 
-    fn send(&mut self, p: Publish, now: Instant) {
+    fn send(&mut self, p: Publish) {
         use std::fmt::Write;
         let token = self.next_token;
         self.next_token += 1;
@@ -157,14 +166,14 @@ impl Uplinks {
         headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
         let mut reply = String::with_capacity(self.inbox.len() + 20);
         let _ = write!(reply, "{}{token}", self.inbox);
-        self.outbox.push_back(OutboundMessage {
+        let msg = OutboundMessage {
             subject: p.tag.subject.clone(),
             reply: Some(Subject::from(reply)),
             payload: p.payload.clone(),
             headers: Some(headers),
-        });
-        self.in_flight.insert(token, InFlight { publish: p, sent: now });
-        self.order.push_back((now, token));
+        };
+        self.outbox.push_back((token, msg));
+        self.in_flight.insert(token, InFlight { publish: p, sent: None });
     }
 
     fn on_ack(&mut self, msg: async_nats::Message) {
@@ -175,7 +184,9 @@ impl Uplinks {
         match stored_as(msg.status, &msg.payload) {
             Some(duplicate) => {
                 let stats = &self.ctx.stats;
-                stats.ack_latency.record(f.sent.elapsed());
+                if let Some(sent) = f.sent {
+                    stats.ack_latency.record(sent.elapsed());
+                }
                 stats.published.fetch_add(1, Ordering::Relaxed);
                 if duplicate {
                     stats.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -196,7 +207,7 @@ impl Uplinks {
         }
         let session = p.tag.session;
         match self.waiting.get_mut(&session).and_then(VecDeque::pop_front) {
-            Some(next) => self.send(next, Instant::now()),
+            Some(next) => self.send(next),
             None => {
                 self.waiting.remove(&session);
             }
@@ -208,7 +219,8 @@ impl Uplinks {
         tracing::debug!(subject = %p.tag.subject, ?status, %why, "nats: publish not stored; retrying");
         let due = Instant::now() + p.retry_in;
         p.retry_in = (p.retry_in * 2).min(RETRY_MAX);
-        self.retries.push_back((due, p));
+        self.next_token += 1;
+        self.retries.insert((due, self.next_token), p);
     }
 
     fn on_tick(&mut self, now: Instant) {
@@ -224,16 +236,9 @@ impl Uplinks {
                 break;
             }
         }
-        // Retries are due in the order they were refused, give or take a doubling: take
-        // every one due (not only a due prefix) so a long wait never holds a short one.
-        let mut i = 0;
-        while i < self.retries.len() {
-            if self.retries[i].0 <= now {
-                if let Some((_, p)) = self.retries.remove(i) {
-                    self.send(p, now);
-                }
-            } else {
-                i += 1;
+        while self.retries.first_key_value().is_some_and(|((due, _), _)| *due <= now) {
+            if let Some((_, p)) = self.retries.pop_first() {
+                self.send(p);
             }
         }
     }
@@ -252,9 +257,14 @@ impl Uplinks {
                 Poll::Ready(Err(_)) => return Poll::Ready(Err(())),
                 Poll::Pending => return Poll::Pending,
             }
-            if let Some(m) = self.outbox.pop_front() {
+            if let Some((token, m)) = self.outbox.pop_front() {
                 if sink.as_mut().start_send(m).is_err() {
                     return Poll::Ready(Err(()));
+                }
+                if let Some(f) = self.in_flight.get_mut(&token) {
+                    let now = Instant::now();
+                    f.sent = Some(now);
+                    self.order.push_back((now, token));
                 }
             }
         }
@@ -281,7 +291,7 @@ pub(super) async fn dispatch(ctx: Arc<Ctx>, up: flume::Receiver<Vec<Up>>) {
         in_flight: HashMap::new(),
         order: VecDeque::new(),
         waiting: HashMap::new(),
-        retries: VecDeque::new(),
+        retries: BTreeMap::new(),
         outbox: VecDeque::new(),
     };
     let mut sink = ctx.client.clone();
