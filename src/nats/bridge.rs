@@ -51,7 +51,11 @@ pub(super) fn transport_label(t: crate::proto::Transport) -> &'static str {
 }
 
 /// Connect (in the background: the gateway starts whether or not NATS answers yet).
-pub(super) async fn connect(cfg: &NatsConfig, stats: Arc<NatsStats>) -> Result<async_nats::Client, String> {
+pub(super) async fn connect(
+    cfg: &NatsConfig,
+    stats: Arc<NatsStats>,
+    shards: usize,
+) -> Result<async_nats::Client, String> {
     let mut opts = match &cfg.creds {
         Some(p) => async_nats::ConnectOptions::with_credentials_file(p)
             .await
@@ -68,6 +72,9 @@ pub(super) async fn connect(cfg: &NatsConfig, stats: Arc<NatsStats>) -> Result<a
     opts = opts
         .name(format!("usmp-gateway {}", cfg.gateway_id))
         .retry_on_initial_connect()
+        // Every publish acknowledgement arrives on one subscription (`uplink`): room for all
+        // the shards can have in flight, so a burst (after a reconnect) drops none of them.
+        .subscription_capacity((shards * super::link::SHARD_IN_FLIGHT + 4096).max(65_536))
         .max_reconnects(None)
         // Back within a second of the server: devices are waiting for their UTACKs.
         .reconnect_delay_callback(|attempts| Duration::from_millis((attempts as u64 * 50).min(250)))

@@ -154,8 +154,9 @@ impl ToShard {
             // The flusher runs after the tasks already woken in this turn, which add to it.
             self.ready.notify_one();
         } else if p.len() >= LINGER_BATCH {
-            // The shard is gone: hand back the caller's command (the last one).
             if let Err(e) = self.tx.send(std::mem::take(&mut *p)) {
+                // The shard is gone (the gateway is stopping): hand back the caller's command,
+                // the last one; the others' waiters time out as they would have.
                 if let Some(cmd) = e.into_inner().pop() {
                     return Err(cmd);
                 }

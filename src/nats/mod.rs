@@ -124,7 +124,7 @@ impl NatsBridge {
                     }
                 };
                 rt.block_on(async move {
-                    let client = match bridge::connect(&thread_cfg, stats.clone()).await {
+                    let client = match bridge::connect(&thread_cfg, stats.clone(), shards).await {
                         Ok(c) => c,
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));

@@ -62,8 +62,9 @@ const NOT_AN_UPLINK: u64 = 0;
 /// JetStream's answer to a publish; only what decides success is read.
 #[derive(serde::Deserialize)]
 struct PubAck<'a> {
+    // Cow: a stream name with a JSON escape cannot be borrowed.
     #[serde(default, borrow)]
-    stream: Option<&'a str>,
+    stream: Option<std::borrow::Cow<'a, str>>,
     #[serde(default)]
     duplicate: bool,
     #[serde(default)]
@@ -244,7 +245,9 @@ impl Uplinks {
     }
 
     /// Hand the client as many made messages as its command channel takes; `Err` once the
-    /// client is closed.
+    /// client is closed. A message the client refuses (bigger than the server's
+    /// `max_payload`, which it learns anew at each connection) is an uplink refused like any
+    /// other, retried and counted; the dispatcher goes on.
     fn poll_hand_over(
         &mut self,
         sink: &mut async_nats::Client,
@@ -258,8 +261,12 @@ impl Uplinks {
                 Poll::Pending => return Poll::Pending,
             }
             if let Some((token, m)) = self.outbox.pop_front() {
-                if sink.as_mut().start_send(m).is_err() {
-                    return Poll::Ready(Err(()));
+                if let Err(e) = sink.as_mut().start_send(m) {
+                    match self.in_flight.remove(&token) {
+                        Some(f) => self.refused(f.publish, None, &e.to_string()),
+                        None => tracing::warn!(error = %e, "nats: a downlink answer could not be sent"),
+                    }
+                    continue;
                 }
                 if let Some(f) = self.in_flight.get_mut(&token) {
                     let now = Instant::now();
@@ -330,6 +337,7 @@ mod tests {
         // Refusals and non-answers: retried, never reported as stored.
         let refused = br#"{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}"#;
         assert_eq!(stored_as(None, refused), None);
+        assert_eq!(stored_as(None, br#"{"stream":"US\u004dP_UP","seq":2}"#), Some(false));
         let both = br#"{"stream":"USMP_UP","error":{"code":500,"description":"x"}}"#;
         assert_eq!(stored_as(None, both), None);
         assert_eq!(stored_as(Some(StatusCode::NO_RESPONDERS), b""), None);
