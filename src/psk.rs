@@ -236,6 +236,7 @@ pub fn permission_warning(_meta: &std::fs::Metadata) -> Option<String> {
 
 /// Which key a device would authenticate with now, as [`PskSource::key_state`] tells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum KeyState {
     /// The source cannot tell without I/O (a resolver, asked at the next handshake).
     Unknown,
@@ -257,6 +258,7 @@ pub trait PskResolver: Send + Sync + 'static {
 
 /// Where the gateway gets device keys.
 #[derive(Clone)]
+#[non_exhaustive]
 pub enum PskSource {
     /// One key for every device.
     Single(Psk),

@@ -263,6 +263,8 @@ impl Ctx {
                 let src = cfg.bind.map(|b| b.ip()).ok_or(std::io::ErrorKind::InvalidInput)?;
                 RawLink::udp(&ep, src)
             }),
+            // `Transport` may grow; a raw mode exists only for these two.
+            _ => Err(std::io::ErrorKind::Unsupported.into()),
         };
         self.record_attempt(intended, res.as_ref().err())?;
         res.ok()
@@ -278,6 +280,7 @@ impl Ctx {
                 (Err(e), _) => Err(e),
                 (_, None) => Err(std::io::ErrorKind::InvalidInput.into()),
             },
+            _ => Err(std::io::ErrorKind::Unsupported.into()),
         };
         self.record_attempt(intended, res.err().as_ref()).is_some()
     }

@@ -26,6 +26,7 @@ enum Stage {
 
 /// What one datagram did (see [`Device::handle_datagram`]).
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum DeviceEvent {
     /// Handled (or dropped) by the handshake: nothing for the caller.
     Handled,

@@ -152,6 +152,7 @@ pub enum Handled {
 
 /// What to do with one datagram after [`Endpoint::handle_datagram`].
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum DatagramEvent<H> {
     /// Fully handled here.
     Done(Handled),
@@ -175,6 +176,7 @@ pub struct Incoming {
 /// device) its X25519 budget check.
 // Moved once per handshake: the size difference costs nothing worth an allocation.
 #[allow(clippy::large_enum_variant)]
+#[non_exhaustive]
 pub enum KeyDecision {
     /// The device's key and fresh randomness (ephemeral key, nonce, session id).
     Key {
@@ -217,6 +219,7 @@ pub enum HandshakeFailure {
 
 /// What the endpoint tells its caller.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Event<H> {
     /// An accepted handshake needs the device's key: look it up, check the X25519 budget, and
     /// answer with [`Endpoint::handle_key`].

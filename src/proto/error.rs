@@ -84,6 +84,7 @@ pub enum Fault {
 
 /// Which transport a session runs over; decides the reaction to bad input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Transport {
     /// Reliable stream: every violation closes the connection.
     Tcp,

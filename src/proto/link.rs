@@ -32,6 +32,7 @@ pub const LAST_ATTEMPTS_DOUBLED: u32 = 2;
 
 /// What one received frame did to the session (the host's [`LinkHost::open`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FrameOutcome {
     /// Authenticated and processed (acknowledge it on UDP).
     Accepted,
@@ -47,6 +48,7 @@ pub enum FrameOutcome {
 
 /// What a session's datagram turned out to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Inbound {
     /// Handled here (UTACK, accepted or re-ACKed frame).
     Handled,
@@ -65,6 +67,7 @@ pub enum Inbound {
 
 /// What the sender must do after [`Link::poll`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SendAction {
     /// Nothing to send now.
     Idle,

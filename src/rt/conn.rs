@@ -133,6 +133,7 @@ pub trait MessageHook {
 /// What the application's message hook (`gateway::app::ShardApp::on_message`) does with the
 /// device's acknowledgement of a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Ack {
     /// Acknowledge as usual.
     Now,
