@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::gateway_bin::{start_binary, wait_log, BIN};
+use common::gateway_bin::{start_binary, start_binary_with_env, wait_log, BIN};
 use usmp::ops::{self, OpsOptions};
 use usmp::{Client, ClientConfig, Gateway, PskSource, Session};
 
@@ -401,4 +401,43 @@ fn json_logs_one_event_per_decision_with_fields() {
     assert!(failed["reason"].as_str().unwrap().contains("AuthError"), "{failed}");
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     let _ = child.wait();
+}
+
+/// The admin token from a file or the environment (a flag shows in `ps`): the binary lets
+/// in the right token and nothing else, wherever the token came from.
+#[test]
+fn the_admin_token_comes_from_a_file_or_the_environment() {
+    use std::os::unix::fs::PermissionsExt;
+    let token = "token-from-elsewhere-0123456789";
+    let file = std::env::temp_dir().join(format!("usmp-admin-token-{}", std::process::id()));
+    std::fs::write(&file, format!("{token}\n")).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let path = file.to_str().unwrap().to_string();
+    for (flag_args, env) in
+        [(vec!["--admin-token-file", path.as_str()], vec![]), (vec![], vec![("USMP_ADMIN_TOKEN", token)])]
+    {
+        let metrics = format!("127.0.0.1:{}", common::natsd::free_port());
+        let mut args =
+            vec!["--listen", "127.0.0.1:0", "--psk", "ops-test-key-0123456789", "--metrics", &metrics];
+        args.extend(flag_args.iter().copied());
+        let (_child, _addr, _log) = start_binary_with_env(&args, &env);
+        let m: SocketAddr = metrics.parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let ok = loop {
+            match ureq::get(&format!("http://{m}/sessions"))
+                .set("Authorization", &format!("Bearer {token}"))
+                .timeout(Duration::from_secs(5))
+                .call()
+            {
+                Ok(r) => break r.status(),
+                Err(ureq::Error::Status(s, _)) => break s,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => panic!("{env:?} {flag_args:?}: {e}"),
+            }
+        };
+        assert_eq!(ok, 200, "the token from {env:?}{flag_args:?} is let in");
+        assert_eq!(http(m, "GET", "/sessions", Some("not-the-token-0123456789"), b"").0, 401);
+        assert_eq!(http(m, "GET", "/sessions", None, b"").0, 401);
+    }
+    let _ = std::fs::remove_file(&file);
 }

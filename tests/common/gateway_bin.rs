@@ -11,9 +11,20 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_usmp-gateway");
 pub fn start_binary(
     args: &[&str],
 ) -> (super::child::ChildGuard, SocketAddr, std::sync::mpsc::Receiver<String>) {
-    let mut child = super::child::ChildGuard(
-        Command::new(BIN).args(args).env("RUST_LOG", "info").stderr(Stdio::piped()).spawn().unwrap(),
-    );
+    start_binary_with_env(args, &[])
+}
+
+/// [`start_binary`] with these environment variables set for the child.
+pub fn start_binary_with_env(
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (super::child::ChildGuard, SocketAddr, std::sync::mpsc::Receiver<String>) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env("RUST_LOG", "info").stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = super::child::ChildGuard(cmd.spawn().unwrap());
     let (tx, rx) = std::sync::mpsc::channel();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut addr = None;
