@@ -82,16 +82,8 @@ impl Reply {
 
 /// Hand a downlink to the shard holding the device here; `None` if no session is here.
 async fn deliver_local(ctx: &Arc<Ctx>, device: [u8; 6], payload: Bytes) -> Option<Delivery> {
-    let gw = ctx.gateway.get()?;
-    let shard = gw.device_shard(device.into())?;
-    let tx = ctx.shards.get(shard)?;
-    let id = ctx.next_delivery.fetch_add(1, Ordering::Relaxed);
     let (done, wait) = oneshot::channel();
-    ctx.deliveries.lock().insert(id, Waiter::Task(done));
-    if tx.send(Down::Deliver { id, device, payload }).is_err() {
-        ctx.deliveries.lock().remove(&id);
-        return None;
-    }
+    let id = hand_to_shard(ctx, device, payload, Waiter::Task(done))?;
     match tokio::time::timeout(HOLDER_TIMEOUT, wait).await {
         Ok(Ok(d)) => Some(d),
         // Still on its way to the device: not `Gone`, which would queue it a second time.
@@ -100,6 +92,20 @@ async fn deliver_local(ctx: &Arc<Ctx>, device: [u8; 6], payload: Bytes) -> Optio
             Some(Delivery::Busy)
         }
     }
+}
+
+/// Register `waiter` for the outcome and hand the downlink to the shard holding `device`; its
+/// delivery id, or `None` (the waiter dropped) if the device has no session here.
+fn hand_to_shard(ctx: &Arc<Ctx>, device: [u8; 6], payload: Bytes, waiter: Waiter) -> Option<u64> {
+    let shard = ctx.gateway.get()?.device_shard(device.into())?;
+    let tx = ctx.shards.get(shard)?;
+    let id = ctx.next_delivery.fetch_add(1, Ordering::Relaxed);
+    ctx.deliveries.lock().insert(id, waiter);
+    if tx.send(Down::Deliver { id, device, payload }).is_err() {
+        ctx.deliveries.lock().remove(&id);
+        return None;
+    }
+    Some(id)
 }
 
 pub(super) fn local_reply(d: Delivery) -> Reply {
@@ -228,39 +234,29 @@ pub(super) async fn serve_requests(ctx: Arc<Ctx>) {
 /// answer to the uplink dispatcher, which hears the outcome ([`answered_by_holder`]); false if
 /// the device has no session here.
 fn hand_to_holder(ctx: &Arc<Ctx>, device: [u8; 6], msg: &async_nats::Message) -> bool {
-    let Some(gw) = ctx.gateway.get() else { return false };
-    let Some(tx) = gw.device_shard(device.into()).and_then(|s| ctx.shards.get(s)) else {
-        return false;
-    };
-    let id = ctx.next_delivery.fetch_add(1, Ordering::Relaxed);
     let waiter = Waiter::Request {
         reply: msg.reply.clone(),
         device,
         payload: msg.payload.clone(),
         since: std::time::Instant::now(),
     };
-    ctx.deliveries.lock().insert(id, waiter);
-    if tx.send(Down::Deliver { id, device, payload: msg.payload.clone() }).is_err() {
-        ctx.deliveries.lock().remove(&id);
-        return false;
-    }
-    true
+    hand_to_shard(ctx, device, msg.payload.clone(), waiter).is_some()
 }
 
-/// The outcome of a downlink request handed to a shard by [`hand_to_holder`]: the answer to
-/// send, or `None` when the session ended first and the request goes on elsewhere (in a task
-/// that answers it itself).
+/// The outcome of a downlink request handed to a shard by [`hand_to_holder`]: where to send
+/// which answer, or `None` when there is nothing to send now (no reply subject, or the
+/// session ended first and the request goes on elsewhere, in a task that answers it itself).
 pub(super) fn answered_by_holder(
     ctx: &Arc<Ctx>,
     device: [u8; 6],
     payload: Bytes,
     reply: Option<async_nats::Subject>,
     outcome: Delivery,
-) -> Option<Reply> {
+) -> Option<(async_nats::Subject, Reply)> {
     if outcome != Delivery::Gone {
         let r = local_reply(outcome);
         ctx.stats.downlink(r.status);
-        return Some(r);
+        return reply.map(|to| (to, r));
     }
     let ctx = ctx.clone();
     tokio::spawn(async move {

@@ -3,10 +3,10 @@
 //! [`SHARD_IN_FLIGHT`] publishes before its sessions stop taking input, and the bridge sends a
 //! shard at most one answer per publish plus its own bounded downlink work.
 //!
-//! Both directions travel in batches: whatever one side produced during one turn of its event
-//! loop goes over as one message, so a busy gateway pays one cross-thread wake-up per turn
-//! rather than one per device message (at 20,000 messages/s the wake-ups, not the work, were
-//! most of the bridge's cost).
+//! Both directions travel in batches: whatever one side produced from its first message until
+//! the linger (`--nats-linger`) ran out, or until [`LINGER_BATCH`], goes over as one message,
+//! so the gateway pays a cross-thread wake-up per batch rather than one per device message
+//! (at 20,000 messages/s the wake-ups, not the work, were most of the bridge's cost).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,7 +60,8 @@ pub struct PublishTag {
     pub session_hex: String,
     /// `Usmp-Transport`.
     pub transport: &'static str,
-    /// The four headers above and `Usmp-Gateway`, made by the bridge at the first publish.
+    /// `Usmp-Device`, `Usmp-Session` and `Usmp-Transport` as spelled above, and
+    /// `Usmp-Gateway`: made by the bridge at the session's first publish, cloned for each.
     pub headers: std::sync::OnceLock<async_nats::HeaderMap>,
 }
 
@@ -127,8 +128,8 @@ pub enum Down {
     },
 }
 
-/// The bridge's way to one shard: commands made by any bridge task during one turn of the
-/// bridge's runtime are gathered and sent as one batch by the shard's flusher task.
+/// The bridge's way to one shard: commands made by any bridge task within the linger are
+/// gathered and sent as one batch by the shard's flusher task.
 pub struct ToShard {
     pending: parking_lot::Mutex<Vec<Down>>,
     ready: tokio::sync::Notify,

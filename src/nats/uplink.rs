@@ -139,8 +139,8 @@ impl Uplinks {
                         let _ = tx.send(outcome);
                     }
                     Some(Waiter::Request { reply, device, payload, .. }) => {
-                        let answer = answered_by_holder(&self.ctx, device, payload, reply.clone(), outcome);
-                        if let (Some(r), Some(to)) = (answer, reply) {
+                        if let Some((to, r)) = answered_by_holder(&self.ctx, device, payload, reply, outcome)
+                        {
                             let answer = OutboundMessage {
                                 subject: to,
                                 reply: None,
