@@ -65,8 +65,9 @@ struct Model {
     tx: [u8; 32],
     rx: [u8; 32],
     stale_rx: [u8; 32],
-    /// UDP: the receive key, highest seq and seen seqs from before the last REKEY, kept until
-    /// a frame under the new key opens.
+    /// The receive key from before the last REKEY with its sequence state (UDP: highest seq
+    /// and seen seqs; TCP: the next seq, seen unused), kept until a frame under the new key
+    /// opens.
     prev: Option<([u8; 32], u32, Vec<u32>)>,
     tx_seq: u32,
     rx_next: u32,
@@ -99,12 +100,9 @@ impl Model {
 
     fn install(&mut self, tx: [u8; 32], rx: [u8; 32]) {
         self.stale_rx = self.rx;
-        if self.udp {
-            // A message being reassembled may end under the previous key.
-            self.prev = Some((self.rx, self.hi, core::mem::take(&mut self.seen)));
-        } else {
-            self.partial = None;
-        }
+        // A message being reassembled may end under the previous key.
+        let next = if self.udp { self.hi } else { self.rx_next };
+        self.prev = Some((self.rx, next, core::mem::take(&mut self.seen)));
         // UDP senders go on with their sequence numbers (PROTOCOL.md §4 windows accept it).
         let tx_seq = if self.udp { self.tx_seq } else { 0 };
         (self.tx, self.rx, self.tx_seq, self.rx_next, self.hi) = (tx, rx, tx_seq, 0, 0);
@@ -112,14 +110,17 @@ impl Model {
     }
 
     fn prev_window_ok(&self, seq: u32) -> bool {
-        self.prev
-            .as_ref()
-            .is_some_and(|(_, hi, seen)| u64::from(seq) + 64 > u64::from(*hi) && !seen.contains(&seq))
+        self.prev.as_ref().is_some_and(|(_, hi, seen)| match self.udp {
+            true => u64::from(seq) + 64 > u64::from(*hi) && !seen.contains(&seq),
+            false => seq == *hi,
+        })
     }
 
-    /// UDP after a REKEY: the current key first, then the previous one (its own window).
+    /// After a REKEY: the current key first, then the previous one (its own window or, on
+    /// TCP, its own next seq).
     fn open_either(&mut self, f: &[u8], seq: u32) -> Result<(Vec<u8>, bool), Exp> {
-        let cur = if self.window_ok(seq) {
+        let in_order = if self.udp { self.window_ok(seq) } else { seq == self.rx_next };
+        let cur = if in_order {
             open_oracle(&self.rx, &self.sid, f).ok_or(Exp::Err(ErrorKind::Crypto))
         } else {
             Err(Exp::Err(ErrorKind::Sequence))
@@ -133,8 +134,13 @@ impl Model {
                 if !self.prev_window_ok(seq) {
                     return Err(Exp::Err(ErrorKind::Sequence));
                 }
+                let udp = self.udp;
                 let Some((key, hi, seen)) = self.prev.as_mut() else { return Err(e) };
                 let pt = open_oracle(key, &self.sid, f).ok_or(e)?;
+                if !udp {
+                    *hi = seq.wrapping_add(1);
+                    return Ok((pt, true));
+                }
                 *hi = (*hi).max(seq);
                 seen.push(seq);
                 let h = u64::from(*hi);
@@ -194,7 +200,7 @@ impl Model {
             _ => {}
         }
         let seq = u32::from_le_bytes([f[4], f[5], f[6], f[7]]);
-        let (pt, under_prev) = if self.udp && self.prev.is_some() {
+        let (pt, under_prev) = if self.prev.is_some() {
             self.open_either(f, seq)?
         } else {
             if (!self.udp && seq != self.rx_next) || (self.udp && !self.window_ok(seq)) {
@@ -206,9 +212,11 @@ impl Model {
             self.closed = true;
             return err(Sequence);
         }
-        if !self.udp {
+        if under_prev {
+            // the previous key's state moved instead
+        } else if !self.udp {
             self.rx_next = seq + 1;
-        } else if !under_prev {
+        } else {
             self.mark(seq);
         }
         Ok(match f[3] {

@@ -38,8 +38,9 @@ use crate::proto::device::{Device, DeviceEvent};
 use crate::proto::endpoint::{DatagramEvent, Endpoint, EndpointConfig, Event, HandshakeFailure, KeyDecision};
 use crate::proto::frame::{Frame, PacketType};
 use crate::proto::handshake::{decode_hello, Hello};
+use crate::proto::host::OUT_HIGH_WATER;
 use crate::proto::lockout::{LockoutKey, LockoutPolicy, LockoutTable};
-use crate::proto::peer::{UdpPeer, OUT_HIGH_WATER};
+use crate::proto::peer::UdpPeer;
 use crate::proto::udp::{is_utack, CookieJar};
 
 const MAX_OPS: usize = 64;

@@ -124,6 +124,13 @@ impl Link {
         frames
     }
 
+    /// The queued frames after the first `keep` were sealed again (`sealed`, with `key`: the
+    /// peer's REKEY): expect their new UTACKs instead of the old ones.
+    pub fn requeue_after(&mut self, keep: usize, sealed: &[u8], key: &[u8; KEY_LEN]) {
+        self.acks.truncate(keep);
+        self.on_queued(sealed, key);
+    }
+
     /// The UTACK the frame in flight waits for.
     pub fn in_flight(&self) -> Option<ExpectedAck> {
         self.arq.is_busy().then(|| self.acks.front().copied()).flatten()

@@ -12,6 +12,7 @@ pub mod endpoint;
 pub mod error;
 pub mod frame;
 pub mod handshake;
+pub mod host;
 pub mod id;
 pub mod link;
 pub mod lockout;

@@ -8,18 +8,13 @@ use core::time::Duration;
 use std::collections::VecDeque;
 
 use super::crypto::{KEY_LEN, REKEY_SALT_LEN};
-use super::error::{ErrorKind, Reaction, Result};
+use super::error::{ErrorKind, Result};
 use super::frame::HEADER_LEN;
 use super::handshake::Established;
+use super::host::{head_len, respond, unsent_from, Response, CONTROL_FRAME_LEN, INBOX_CAP, OUT_HIGH_WATER};
 use super::link::{self, FrameOutcome, Inbound, Link, LinkHost, SendAction};
-use super::session::{sealed_len, Received, Session};
+use super::session::{sealed_len, Session};
 use super::Transport;
-
-/// Output queued above which messages wait and PONGs are not queued (the runtime's bound).
-pub const OUT_HIGH_WATER: usize = 64 * 1024;
-/// Messages waiting in the inbox before new ones are left unacknowledged.
-pub const INBOX_CAP: usize = 256;
-const CONTROL_FRAME_LEN: usize = HEADER_LEN + 28;
 
 /// One end of a UDP session, sans IO.
 #[derive(Debug)]
@@ -70,6 +65,18 @@ impl UdpPeer {
         drop(out);
         self.drive(now);
         res.map(|_| ())
+    }
+
+    /// The peer rekeyed: frames queued under the old key and not yet sent are sealed again
+    /// under the new one (the rule is `host::unsent_from`'s, the same the runtime follows).
+    fn reseal_unsent(&self) {
+        let mut out = self.out.borrow_mut();
+        let mut link = self.link.borrow_mut();
+        let from = unsent_from(Transport::Udp, &out, 0, link.is_busy());
+        let mut s = self.session.borrow_mut();
+        if s.reseal_unsent(&mut out[from..]).is_ok() {
+            link.requeue_after(usize::from(from > 0), &out[from..], s.tx_key_bytes());
+        }
     }
 
     /// Queue one message (fragmented as needed).
@@ -195,34 +202,35 @@ impl LinkHost for UdpPeer {
         *self.session.borrow().ack_key_bytes()
     }
     fn open(&self, now: Duration, frame: &mut [u8]) -> FrameOutcome {
+        let queued = self.out.borrow().len();
         let mut s = self.session.borrow_mut();
-        match s.open(frame, now) {
-            Ok(Received::Message(m)) => {
+        match respond(s.open(frame, now), Transport::Udp, queued) {
+            Response::Deliver(m) => {
                 self.inbox.borrow_mut().push_back(m.to_vec());
                 FrameOutcome::Accepted
             }
-            Ok(Received::Ping) => {
+            Response::Pong => {
                 drop(s);
-                // PONGs are bounded like all output.
-                if self.out.borrow().len() < OUT_HIGH_WATER {
-                    let _ = self.queue(now, CONTROL_FRAME_LEN, |s, out| {
-                        s.seal_pong(now, out).ok_or(super::Error::misuse(ErrorKind::Timeout, "flood guard"))
-                    });
-                }
+                let _ = self.queue(now, CONTROL_FRAME_LEN, |s, out| {
+                    s.seal_pong(now, out).ok_or(super::Error::misuse(ErrorKind::Timeout, "flood guard"))
+                });
                 FrameOutcome::Accepted
             }
-            Ok(Received::Bye) => {
+            Response::Reseal => {
+                drop(s);
+                self.reseal_unsent();
+                FrameOutcome::Accepted
+            }
+            Response::PeerBye => {
                 self.closed.set(true);
                 FrameOutcome::AcceptedAndClosed
             }
-            Ok(Received::Pong | Received::Fragment | Received::Rekeyed) => FrameOutcome::Accepted,
-            Err(e) => match e.reaction(Transport::Udp) {
-                Reaction::Close => {
-                    self.closed.set(true);
-                    FrameOutcome::Closed
-                }
-                Reaction::Drop | Reaction::Report => FrameOutcome::Rejected(e.kind()),
-            },
+            Response::Close(_) => {
+                self.closed.set(true);
+                FrameOutcome::Closed
+            }
+            Response::Drop(kind) => FrameOutcome::Rejected(kind),
+            _ => FrameOutcome::Accepted,
         }
     }
     fn verify_duplicate(&self, frame: &mut [u8]) -> bool {
@@ -231,7 +239,7 @@ impl LinkHost for UdpPeer {
     fn acked(&self) {
         let mut out = self.out.borrow_mut();
         if out.len() >= HEADER_LEN {
-            let n = (HEADER_LEN + usize::from(u16::from_le_bytes([out[8], out[9]]))).min(out.len());
+            let n = head_len(&out);
             out.drain(..n);
         }
     }
@@ -249,7 +257,7 @@ impl LinkHost for UdpPeer {
         if out.len() < HEADER_LEN {
             return;
         }
-        let n = (HEADER_LEN + usize::from(u16::from_le_bytes([out[8], out[9]]))).min(out.len());
+        let n = head_len(&out);
         for _ in 0..copies {
             self.transmits.borrow_mut().push_back(out[..n].to_vec());
         }

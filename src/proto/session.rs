@@ -82,18 +82,25 @@ pub enum Received<'a> {
     Rekeyed,
 }
 
-/// UDP: the receive key and window from before the last REKEY. Frames the peer sealed before
-/// it switched (in flight, queued, or retransmitted when our UTACK was lost) still open with
-/// it, until a frame under the new key verifies (PROTOCOL.md §6 says such frames "will fail";
-/// on UDP that loses acknowledged-to-be data, so we keep them).
-// Not `Copy` and no derived `Debug`: it holds a key, zeroized on drop.
+/// The receive key from before the last REKEY, with its sequence state (UDP: its replay
+/// window; TCP: the next seq it expects). Frames the peer sealed before it switched (in
+/// flight, queued, or retransmitted when our UTACK was lost) still open with it, in the
+/// transport's order, until a frame under the new key verifies. PROTOCOL.md §6 says such
+/// frames "will fail"; that loses messages the peer was told (TCP) or acknowledged-to-be
+/// (UDP) arrived, so we keep them.
+// Not `Copy` and no derived `Debug`: it holds keys, zeroized on drop.
 #[derive(Clone)]
 struct PrevRx {
     key: [u8; KEY_LEN],
     window: ReplayWindow,
+    /// TCP: the seq the next frame under this key must carry.
+    next: u32,
     /// The last frame opened (or verified as a duplicate) was sealed under this key (kept
     /// here, not in the session: every byte of a session is per-device memory).
     opened: bool,
+    /// We answered the peer's REKEY: our transmit key from before it, until the frames we
+    /// sealed with it but never sent are re-sealed ([`Session::reseal_unsent`]).
+    old_tx: Option<[u8; KEY_LEN]>,
 }
 
 /// One established session, either side, either transport.
@@ -121,6 +128,9 @@ pub struct Session {
 impl Drop for PrevRx {
     fn drop(&mut self) {
         self.key.zeroize();
+        if let Some(k) = self.old_tx.as_mut() {
+            k.zeroize();
+        }
     }
 }
 
@@ -336,12 +346,13 @@ impl Session {
     }
 
     fn install_keys(&mut self, tx: [u8; KEY_LEN], rx: [u8; KEY_LEN]) {
-        if self.transport == Transport::Udp {
-            self.prev_rx =
-                Some(Box::new(PrevRx { key: self.rx_key_bytes, window: self.window, opened: false }));
-        } else {
-            self.reasm.clear();
-        }
+        self.prev_rx = Some(Box::new(PrevRx {
+            key: self.rx_key_bytes,
+            window: self.window,
+            next: self.rx_next,
+            opened: false,
+            old_tx: None,
+        }));
         self.expanded = None; // expanded from the new bytes on first use
         self.tx_key_bytes = tx;
         self.rx_key_bytes = rx;
@@ -355,8 +366,8 @@ impl Session {
         }
         self.rx_next = 0;
         self.window.reset();
-        // UDP keeps a message being reassembled: its last frames may still come under the
-        // previous key, and a new message's first frame (seq 0) is not consecutive with it.
+        // A message being reassembled stays: its last frames may still come under the
+        // previous key (a new message's first frame, seq 0, is not consecutive with it).
     }
 
     fn opened_prev(&self) -> bool {
@@ -372,6 +383,46 @@ impl Session {
     /// No REKEY is in progress: no previous receive key is kept (see [`Session::ack_key_bytes`]).
     pub fn rekey_settled(&self) -> bool {
         self.prev_rx.is_none()
+    }
+
+    /// After the peer's REKEY ([`Received::Rekeyed`]): re-seal `frames`, whole frames back to
+    /// back that we sealed under the old key and have not sent, under the new key at our next
+    /// sequence numbers, in place and in order. A peer that forgot the old key when it
+    /// switched, as PROTOCOL.md §6 allows, can then open them. Returns how many frames were
+    /// re-sealed. The old key is forgotten by the first call, so later calls re-seal nothing:
+    /// call it at once, before anything new is sealed.
+    pub fn reseal_unsent(&mut self, frames: &mut [u8]) -> Result<u64> {
+        let Some(mut old) = self.prev_rx.as_mut().and_then(|p| p.old_tx.take()) else { return Ok(0) };
+        let old_key = RecordKey::new(&old);
+        old.zeroize();
+        let mut count = 0u64;
+        let mut at = 0;
+        while at < frames.len() {
+            at += HEADER_LEN + check_header(&frames[at..])?;
+            count += 1;
+        }
+        if at != frames.len() {
+            return Err(Error::misuse(ErrorKind::Frame, "re-seal: not whole frames"));
+        }
+        if u64::from(self.tx_seq) + count > u64::from(SPENT_SEQ) {
+            return Err(self.spent());
+        }
+        let mut at = 0;
+        while at < frames.len() {
+            let end = at + HEADER_LEN + usize::from(u16::from_le_bytes([frames[at + 8], frames[at + 9]]));
+            let frame = &mut frames[at..end];
+            let ptype = PacketType::from_u8(frame[3])
+                .filter(|t| t.is_encrypted())
+                .ok_or(Error::misuse(ErrorKind::Frame, "re-seal: not a session frame"))?;
+            let seq = u32::from_le_bytes([frame[4], frame[5], frame[6], frame[7]]);
+            let (header, payload) = frame.split_at_mut(HEADER_LEN);
+            let plain = old_key.open_record(gcm_nonce(seq, &self.session_id), &header[..AAD_LEN], payload)?;
+            // Opened in place: the plaintext sits where `seal_in_place` expects it.
+            debug_assert_eq!(plain.start, GCM_NONCE_LEN);
+            self.seal_in_place(ptype, frame, plain.len());
+            at = end;
+        }
+        Ok(count)
     }
 
     /// UDP: the key the last opened (or duplicate-verified) frame was sealed with, which its
@@ -394,11 +445,20 @@ impl Session {
         current: Error,
     ) -> Result<core::ops::Range<usize>> {
         let Some(prev) = self.prev_rx.as_mut() else { return Err(current) };
-        prev.window.check(seq)?;
+        match self.transport {
+            Transport::Tcp if seq != prev.next => {
+                return Err(Error::misbehaved(ErrorKind::Sequence, "sequence gap or replay"))
+            }
+            Transport::Tcp => {}
+            Transport::Udp => prev.window.check(seq)?,
+        }
         let nonce = gcm_nonce(seq, &self.session_id);
         let range =
             RecordKey::new(&prev.key).open_record(nonce, &header[..AAD_LEN], payload).map_err(|_| current)?;
-        prev.window.mark(seq);
+        match self.transport {
+            Transport::Tcp => prev.next = seq.wrapping_add(1),
+            Transport::Udp => prev.window.mark(seq),
+        }
         Ok(range)
     }
 
@@ -499,8 +559,8 @@ impl Session {
             return Err(Error::left(ErrorKind::Sequence, "peer sequence space spent"));
         }
         match self.transport {
+            _ if self.opened_prev() => {} // the previous key's state moved instead
             Transport::Tcp => self.rx_next = seq + 1,
-            Transport::Udp if self.opened_prev() => {}
             Transport::Udp => self.window.mark(seq),
         }
         let plaintext = &payload[range];
@@ -533,9 +593,14 @@ impl Session {
                 // We are the responder: the initiator's (tx, rx) are our (rx, tx).
                 let (init_tx, init_rx) =
                     derive_rekey_keys(&self.rx_key_bytes, &self.tx_key_bytes, &self.session_id, salt);
+                let mut old_tx = self.tx_key_bytes;
                 self.install_keys(init_rx, init_tx);
                 // This frame was sealed under what is now the previous key: so is its UTACK.
                 self.set_opened_prev(true);
+                if let Some(p) = self.prev_rx.as_mut() {
+                    p.old_tx = Some(old_tx);
+                }
+                old_tx.zeroize();
                 Ok(Received::Rekeyed)
             }
             PacketType::DataFrag => {

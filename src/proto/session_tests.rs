@@ -350,3 +350,83 @@ fn duplicates_are_recognised_only_when_authentic() {
     assert!(!s.verify_duplicate(&mut forged), "a forgery with a seen seq");
     assert_eq!(s.open(&mut f.clone(), T0).unwrap_err().kind(), ErrorKind::Sequence);
 }
+
+/// PROTOCOL.md §6 lets frames the peer sealed before it saw our REKEY fail. We keep them: on
+/// TCP they come in order under the old key (its own next seq) until the first frame under
+/// the new key, which retires the old key for good.
+#[test]
+fn tcp_frames_the_peer_sealed_before_our_rekey_still_open_in_order() {
+    let (mut c, mut s) = pair(Transport::Tcp);
+    deliver(&mut s, &mut send(&mut c, b"before")).unwrap();
+    let mut rekey = [0u8; 128];
+    let n = s.seal_rekey(&[5; 32], &mut rekey).unwrap();
+    // Sealed by the device before our REKEY reached it: seqs 1, 2, 3 under the old key.
+    let mut old = [send(&mut c, b"one"), send(&mut c, b"two"), send(&mut c, b"three")];
+    assert_eq!(deliver(&mut s, &mut old[0]).unwrap(), vec![b"one".to_vec()]);
+    assert_eq!(deliver(&mut s, &mut old[1]).unwrap(), vec![b"two".to_vec()]);
+    assert_eq!(deliver(&mut s, &mut old[2]).unwrap(), vec![b"three".to_vec()]);
+    assert!(!s.rekey_settled());
+    assert_eq!(c.open(&mut rekey[..n], T0).unwrap(), Received::Rekeyed);
+    assert_eq!(deliver(&mut s, &mut send(&mut c, b"new key")).unwrap(), vec![b"new key".to_vec()]);
+    assert!(s.rekey_settled(), "the first frame under the new key retires the old one");
+    // The old key is gone: a replay of an old frame fails.
+    assert!(deliver(&mut s, &mut old[2].clone()).is_err());
+}
+
+#[test]
+fn tcp_frames_under_the_old_key_keep_their_order() {
+    let (mut c, mut s) = pair(Transport::Tcp);
+    let mut rekey = [0u8; 128];
+    s.seal_rekey(&[5; 32], &mut rekey).unwrap();
+    let _first = send(&mut c, b"one");
+    let e = deliver(&mut s, &mut send(&mut c, b"two")).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Sequence);
+    assert_eq!(e.reaction(Transport::Tcp), crate::proto::Reaction::Close);
+}
+
+/// On the peer's REKEY, frames we sealed under the old key but never sent are sealed again
+/// under the new key, so a peer that forgot the old key at once (as §6 allows) opens them.
+#[test]
+fn queued_frames_are_resealed_under_the_peers_new_key() {
+    for t in [Transport::Tcp, Transport::Udp] {
+        let (mut c, mut s) = pair(t);
+        let mut queued = Vec::new();
+        for m in [&b"a"[..], &[7u8; 1000][..], b"c"] {
+            let mut out = [0u8; MAX_SEALED_MESSAGE_LEN];
+            let n = s.seal_message(m, &mut out).unwrap();
+            queued.extend_from_slice(&out[..n]);
+        }
+        let mut rekey = [0u8; 128];
+        let n = c.seal_rekey(&[6; 32], &mut rekey).unwrap();
+        assert_eq!(s.open(&mut rekey[..n], T0).unwrap(), Received::Rekeyed);
+        assert_eq!(s.reseal_unsent(&mut queued).unwrap(), 5);
+        // The old key is forgotten: nothing is re-sealed twice.
+        assert_eq!(s.reseal_unsent(&mut queued).unwrap(), 0);
+        let mut frames = split(&queued);
+        let mut got = Vec::new();
+        for f in &mut frames {
+            if let Received::Message(m) = c.open(f, T0).unwrap() {
+                got.push(m.to_vec());
+            }
+            assert!(c.rekey_settled(), "{t:?}: a frame opened with the old key");
+        }
+        assert_eq!(got, vec![b"a".to_vec(), vec![7u8; 1000], b"c".to_vec()]);
+        // Traffic goes on at the following seqs.
+        assert_eq!(deliver(&mut c, &mut send(&mut s, b"d")).unwrap(), vec![b"d".to_vec()]);
+    }
+}
+
+#[test]
+fn nothing_is_resealed_without_a_rekey_from_the_peer() {
+    let (mut c, mut s) = pair(Transport::Tcp);
+    let mut out = [0u8; MAX_SEALED_MESSAGE_LEN];
+    let n = s.seal_message(b"x", &mut out).unwrap();
+    let before = out[..n].to_vec();
+    assert_eq!(s.reseal_unsent(&mut out[..n]).unwrap(), 0);
+    // Our own REKEY does not re-seal either: the peer opens its queued frames with prev.
+    let mut rekey = [0u8; 128];
+    s.seal_rekey(&[1; 32], &mut rekey).unwrap();
+    assert_eq!(s.reseal_unsent(&mut out[..n]).unwrap(), 0);
+    assert_eq!(&out[..n], &before[..]);
+    assert_eq!(deliver(&mut c, &mut [before]).unwrap(), vec![b"x".to_vec()]);
+}

@@ -13,101 +13,29 @@ use std::time::Duration;
 
 use super::datagram::UdpOut;
 use super::event::LocalEvent;
+use super::outcome::Counters;
+pub use super::outcome::{CloseReason, ConnStats};
 use super::{now, Error};
 use crate::proto::crypto::REKEY_SALT_LEN;
 use crate::proto::frame::HEADER_LEN;
+pub(crate) use crate::proto::host::{head_len, INBOX_CAP, OUT_HIGH_WATER};
+use crate::proto::host::{respond, unsent_from, Response, CONTROL_FRAME_LEN};
 use crate::proto::link::{frame_count, Link};
-use crate::proto::session::{sealed_len, Received, Session};
-use crate::proto::{ErrorKind, Reaction, Transport};
+use crate::proto::session::{sealed_len, Session};
+use crate::proto::{ErrorKind, Transport};
 
-/// Outgoing bytes above which `send` waits for the socket to drain (and an inline-delivering
-/// connection stops taking input until it has).
-pub(crate) const OUT_HIGH_WATER: usize = 64 * 1024;
 /// Outgoing bytes above which `try_send` refuses: a message hook sending far more than it
 /// receives cannot grow the queue without bound.
 const OUT_HARD_LIMIT: usize = 4 * OUT_HIGH_WATER;
-/// Messages queued for an application that is not reading before the reader pauses (TCP) or
-/// new frames are left unacknowledged for the device to retransmit later (UDP).
-pub(crate) const INBOX_CAP: usize = 256;
-/// Room for one control frame (header + nonce + tag).
-const CONTROL_FRAME_LEN: usize = 12 + 28;
+/// [`Conn`] flag: the socket is gone and every loop has ended.
+const DONE: u8 = 1;
+/// [`Conn`] flag: closed without BYE, so nothing queued is sent or retransmitted.
+const ABANDONED: u8 = 2;
+/// [`Conn`] flag: the session runs over UDP (else TCP).
+const UDP: u8 = 4;
 
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
-/// Why a connection ended (for logs, metrics and the application).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum CloseReason {
-    /// The peer sent BYE.
-    PeerBye,
-    /// The peer closed the socket without BYE.
-    PeerClosed,
-    /// The peer broke a protocol rule (kind of the error).
-    Protocol(ErrorKind),
-    /// A socket error.
-    Io,
-    /// The application called `bye`/`disconnect`.
-    LocalBye,
-    /// The session handler returned.
-    HandlerDone,
-    /// No authenticated frame within the session timeout.
-    Watchdog,
-    /// Closed by an operator (`kick`).
-    Kicked,
-    /// The gateway is shutting down.
-    Shutdown,
-    /// The device's key was removed from the registry.
-    Revoked,
-    /// UDP: five transmissions of a frame went unacknowledged.
-    PeerGone,
-    /// UDP: a new handshake from the same address replaced this session.
-    Replaced,
-    /// The device connected elsewhere (another gateway of the fleet).
-    Takeover,
-    /// Its output did not move for longer than the watchdog, or its closing frames (BYE)
-    /// did not leave within the close grace: the output was abandoned and the socket reset.
-    Stalled,
-}
-
-impl CloseReason {
-    /// A short label for logs and metrics.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            CloseReason::PeerBye => "peer_bye",
-            CloseReason::PeerClosed => "peer_closed",
-            CloseReason::Protocol(_) => "protocol_error",
-            CloseReason::Io => "io_error",
-            CloseReason::LocalBye => "local_bye",
-            CloseReason::HandlerDone => "handler_done",
-            CloseReason::Watchdog => "watchdog",
-            CloseReason::Kicked => "kicked",
-            CloseReason::Shutdown => "shutdown",
-            CloseReason::Revoked => "revoked",
-            CloseReason::PeerGone => "peer_gone",
-            CloseReason::Replaced => "replaced",
-            CloseReason::Takeover => "takeover",
-            CloseReason::Stalled => "stalled",
-        }
-    }
-}
-
-/// Per-connection traffic counters.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct ConnStats {
-    /// Authenticated frames received.
-    pub frames_in: u64,
-    /// Frames sent.
-    pub frames_out: u64,
-    /// Bytes received (whole frames).
-    pub bytes_in: u64,
-    /// Bytes queued for sending.
-    pub bytes_out: u64,
-    /// Frames dropped (UDP) without ending the session.
-    pub dropped: u64,
-    /// UDP retransmissions.
-    pub retransmits: u64,
 }
 
 /// Receives each message of a connection inline, on the thread that read it, instead of the
@@ -166,43 +94,6 @@ pub trait Port {
     fn finished(&self, conn: Rc<Conn>);
 }
 
-/// [`ConnStats`] as a connection stores them: the rare counters in 32 bits (they saturate).
-#[derive(Debug, Default, Clone, Copy)]
-struct Counters {
-    frames_in: u64,
-    frames_out: u64,
-    bytes_in: u64,
-    bytes_out: u64,
-    dropped: u32,
-    retransmits: u32,
-}
-
-impl From<Counters> for ConnStats {
-    fn from(c: Counters) -> Self {
-        ConnStats {
-            frames_in: c.frames_in,
-            frames_out: c.frames_out,
-            bytes_in: c.bytes_in,
-            bytes_out: c.bytes_out,
-            dropped: c.dropped.into(),
-            retransmits: c.retransmits.into(),
-        }
-    }
-}
-
-impl From<ConnStats> for Counters {
-    fn from(s: ConnStats) -> Self {
-        Counters {
-            frames_in: s.frames_in,
-            frames_out: s.frames_out,
-            bytes_in: s.bytes_in,
-            bytes_out: s.bytes_out,
-            dropped: u32::try_from(s.dropped).unwrap_or(u32::MAX),
-            retransmits: u32::try_from(s.retransmits).unwrap_or(u32::MAX),
-        }
-    }
-}
-
 /// Shared state of one connection; lives in an `Rc` on its shard's thread.
 pub struct Conn {
     me: Weak<Conn>,
@@ -219,11 +110,11 @@ pub struct Conn {
     #[allow(clippy::box_collection)]
     inbox: Cell<Option<Box<VecDeque<Vec<u8>>>>>,
     pub(super) closing: Cell<Option<CloseReason>>,
-    done: Cell<bool>,
+    /// [`DONE`], [`ABANDONED`] and [`UDP`] (one byte: every byte here is per session).
+    flags: Cell<u8>,
     /// Nanoseconds of [`now`] (times are stored as `u64`: every byte here is per session).
     last_rx: Cell<u64>,
     stats: Cell<Counters>,
-    transport: Transport,
     links: Option<Rc<Links>>,
     /// A number the owner keeps with the connection to find its own record of it (the
     /// gateway: its slab key). rt never reads it; four bytes here save the owner a map from
@@ -237,8 +128,9 @@ pub struct Conn {
     /// timers. TCP: since when queued output has not moved (the socket's buffer is full and
     /// the peer takes nothing).
     stamp: Cell<u64>,
-    /// Closed without BYE: stop retransmitting at once.
-    pub(crate) abandon: Cell<bool>,
+    /// TCP: bytes at the head of `out` that finish a frame partly written to the socket
+    /// (the first whole frame starts after them).
+    pub(super) head_rest: Cell<u16>,
 }
 
 pub use crate::proto::link::FrameOutcome;
@@ -254,11 +146,11 @@ impl Conn {
         let transport = session.transport();
         Rc::new_cyclic(|me| Conn {
             me: me.clone(),
-            transport,
+            flags: Cell::new(if transport == Transport::Udp { UDP } else { 0 }),
             links,
             tag: Cell::new(0),
             link: RefCell::new(Link::default()),
-            abandon: Cell::new(false),
+            head_rest: Cell::new(0),
             stamp: Cell::new(0),
             session: RefCell::new(session),
             peer,
@@ -266,7 +158,6 @@ impl Conn {
             ev: LocalEvent::default(),
             inbox: Cell::new(None),
             closing: Cell::new(None),
-            done: Cell::new(false),
             last_rx: Cell::new(nanos(now())),
             stats: Cell::new(Counters::default()),
         })
@@ -305,7 +196,7 @@ impl Conn {
     /// UDP (port-driven): the earliest deadline this connection has in the port's timers.
     pub(crate) fn timer_at(&self) -> Option<Duration> {
         Some(self.stamp.get())
-            .filter(|&n| n != 0 && self.transport == Transport::Udp)
+            .filter(|&n| n != 0 && self.transport() == Transport::Udp)
             .map(Duration::from_nanos)
     }
 
@@ -321,7 +212,7 @@ impl Conn {
     /// The gateway's sweeper abandons a session stalled for longer than its watchdog, or a
     /// closing one stalled for longer than the close grace.
     pub fn out_stalled_since(&self) -> Option<Duration> {
-        (self.transport == Transport::Tcp).then(|| self.stamp_at()).flatten()
+        (self.transport() == Transport::Tcp).then(|| self.stamp_at()).flatten()
     }
 
     /// TCP driver: a send attempt left `left` bytes queued, having moved some bytes or not.
@@ -374,7 +265,7 @@ impl Conn {
 
     /// The socket is gone and both loops have ended.
     pub fn is_done(&self) -> bool {
-        self.done.get()
+        self.flag(DONE)
     }
 
     pub(crate) fn bump(&self, f: impl FnOnce(&mut ConnStats)) {
@@ -407,7 +298,7 @@ impl Conn {
         let n = *res.as_ref().unwrap_or(&0);
         out.truncate(at + n);
         // Count the frames just sealed; on UDP the link notes the UTACK each expects.
-        let frames = if self.transport == Transport::Udp {
+        let frames = if self.transport() == Transport::Udp {
             self.link.borrow_mut().on_queued(&out[at..], &key)
         } else {
             frame_count(&out[at..])
@@ -542,29 +433,56 @@ impl Conn {
         if bye {
             let _ = self.queue(CONTROL_FRAME_LEN, |s, out| s.seal_bye(out));
         } else {
-            self.out.borrow_mut().clear();
-            self.link.borrow_mut().abandon();
-            self.abandon.set(true);
+            self.discard_output();
         }
         self.closing.set(Some(reason));
         self.ev.notify();
         self.kick();
     }
 
+    /// Forget every queued byte and stop retransmitting: the session closes without BYE.
+    fn discard_output(&self) {
+        self.out.borrow_mut().clear();
+        self.head_rest.set(0);
+        self.link.borrow_mut().abandon();
+        self.set_flag(ABANDONED);
+    }
+
+    /// The peer's REKEY switched the keys: frames queued under the old key that have not
+    /// left are re-sealed under the new one, so that a device that forgot the old key (as
+    /// PROTOCOL.md §6 lets it) can still open them. Left as they are: TCP, the rest of a
+    /// frame partly written to the socket; UDP, the frame in flight (the device may hold
+    /// it already, and its retransmissions must stay the same frame).
+    fn reseal_unsent(&self) {
+        let mut out = self.out.borrow_mut();
+        let mut link = self.link.borrow_mut();
+        let transport = self.transport();
+        let from = unsent_from(transport, &out, usize::from(self.head_rest.get()), link.is_busy());
+        let mut session = self.session.borrow_mut();
+        if session.reseal_unsent(&mut out[from..]).is_err() {
+            // Only our own frames are here: a failure is a bug, not the peer's doing. The
+            // frames stay as they were (a peer keeping the old key still opens them).
+            debug_assert!(false, "re-sealing queued frames failed");
+            return;
+        }
+        if transport == Transport::Udp {
+            let key = *session.tx_key_bytes();
+            link.requeue_after(usize::from(from > 0), &out[from..], &key);
+        }
+    }
+
     /// End the session now whatever is queued: the output is discarded (no BYE can reach a
     /// peer that takes nothing) and a TCP socket is reset rather than closed gracefully.
     /// The way out for a session whose peer stopped reading; any state, closing included.
     pub fn abort(&self, reason: CloseReason) {
-        if self.done.get() {
+        if self.flag(DONE) {
             return;
         }
-        self.out.borrow_mut().clear();
-        self.link.borrow_mut().abandon();
-        self.abandon.set(true);
+        self.discard_output();
         if self.closing.get().is_none() {
             self.closing.set(Some(reason));
         }
-        if self.transport == Transport::Tcp {
+        if self.transport() == Transport::Tcp {
             self.stamp.set(0);
         }
         self.ev.notify();
@@ -586,94 +504,109 @@ impl Conn {
     pub async fn closed(&self) {
         loop {
             let wait = self.ev.wait();
-            if self.done.get() {
+            if self.flag(DONE) {
                 return;
             }
             wait.await;
         }
     }
 
-    /// Handle one authenticated-or-not frame (TCP reader or UDP datagram).
+    /// Handle one authenticated-or-not frame (TCP reader or UDP datagram): what it asks of
+    /// the connection is [`respond`]'s to say.
     pub(crate) fn on_frame(&self, frame: &mut [u8]) -> FrameOutcome {
         let t = now();
         let len = frame.len() as u64;
         let frame_at = frame.as_ptr() as usize;
+        let queued = self.out.borrow().len();
         let mut session = self.session.borrow_mut();
-        let outcome = match session.open(frame, t) {
-            Ok(r) => {
-                self.last_rx.set(nanos(t));
-                self.bump(|s| {
-                    s.frames_in += 1;
-                    s.bytes_in += len;
+        let opened = session.open(frame, t);
+        if opened.is_ok() {
+            self.last_rx.set(nanos(t));
+            self.bump(|s| {
+                s.frames_in += 1;
+                s.bytes_in += len;
+            });
+        }
+        match respond(opened, self.transport(), queued) {
+            Response::Deliver(m) if self.delivers_inline() => {
+                // The hook may send, which needs the session: find the message again after
+                // releasing it. A single-frame message was opened in place in `frame`; a
+                // reassembled one lives in the session and is copied out.
+                let (at, n) = (m.as_ptr() as usize, m.len());
+                let inside = at >= frame_at && at + n <= frame_at + len as usize;
+                // Only a reassembled message pays for the 1808-byte stack copy.
+                let copy = (!inside).then(|| {
+                    let mut c = [0u8; crate::proto::reassembly::MAX_MESSAGE_LEN];
+                    c[..n].copy_from_slice(m);
+                    c
                 });
-                match r {
-                    Received::Message(m) if self.delivers_inline() => {
-                        // The hook may send, which needs the session: find the message again
-                        // after releasing it. A single-frame message was opened in place in
-                        // `frame`; a reassembled one lives in the session and is copied out.
-                        let (at, n) = (m.as_ptr() as usize, m.len());
-                        let inside = at >= frame_at && at + n <= frame_at + len as usize;
-                        // Only a reassembled message pays for the 1808-byte stack copy.
-                        let copy = (!inside).then(|| {
-                            let mut c = [0u8; crate::proto::reassembly::MAX_MESSAGE_LEN];
-                            c[..n].copy_from_slice(m);
-                            c
-                        });
-                        drop(session);
-                        let msg = match &copy {
-                            Some(c) => &c[..n],
-                            None => &frame[at - frame_at..at - frame_at + n],
-                        };
-                        if let (Some(hook), Some(me)) = (self.links_hook(), self.me.upgrade()) {
-                            if hook.on_message(&me, msg) == Ack::Held {
-                                return FrameOutcome::AcceptedHeld;
-                            }
-                        }
-                        return FrameOutcome::Accepted;
+                drop(session);
+                let msg = match &copy {
+                    Some(c) => &c[..n],
+                    None => &frame[at - frame_at..at - frame_at + n],
+                };
+                if let (Some(hook), Some(me)) = (self.links_hook(), self.me.upgrade()) {
+                    if hook.on_message(&me, msg) == Ack::Held {
+                        return FrameOutcome::AcceptedHeld;
                     }
-                    Received::Message(m) => {
-                        let mut q = self.inbox.take().unwrap_or_default();
-                        q.push_back(m.to_vec());
-                        self.inbox.set(Some(q));
-                        self.ev.notify();
-                        FrameOutcome::Accepted
-                    }
-                    Received::Ping => {
-                        drop(session);
-                        // PONGs are bounded like every other output: a peer that pings at the
-                        // flood guard's rate and never takes our frames (UDP: acknowledges
-                        // slowly) cannot grow the queue. The PING itself was accepted.
-                        if self.out.borrow().len() < OUT_HIGH_WATER {
-                            let _ = self.queue(CONTROL_FRAME_LEN, |s, out| s.seal_pong(t, out).ok_or(()));
-                        }
-                        return FrameOutcome::Accepted;
-                    }
-                    Received::Bye => {
-                        drop(session);
-                        self.close(CloseReason::PeerBye, false);
-                        return FrameOutcome::AcceptedAndClosed;
-                    }
-                    Received::Pong | Received::Fragment | Received::Rekeyed => FrameOutcome::Accepted,
                 }
+                FrameOutcome::Accepted
             }
-            Err(e) => match e.reaction(self.transport) {
-                Reaction::Close => {
-                    drop(session);
-                    self.close(CloseReason::Protocol(e.kind()), false);
-                    return FrameOutcome::Closed;
-                }
-                Reaction::Drop | Reaction::Report => {
-                    self.bump(|s| s.dropped += 1);
-                    FrameOutcome::Rejected(e.kind())
-                }
-            },
-        };
-        outcome
+            Response::Deliver(m) => {
+                let mut q = self.inbox.take().unwrap_or_default();
+                q.push_back(m.to_vec());
+                self.inbox.set(Some(q));
+                self.ev.notify();
+                FrameOutcome::Accepted
+            }
+            Response::Pong => {
+                drop(session);
+                let _ = self.queue(CONTROL_FRAME_LEN, |s, out| s.seal_pong(t, out).ok_or(()));
+                FrameOutcome::Accepted
+            }
+            Response::Reseal => {
+                drop(session);
+                self.reseal_unsent();
+                FrameOutcome::Accepted
+            }
+            Response::PeerBye => {
+                drop(session);
+                self.close(CloseReason::PeerBye, false);
+                FrameOutcome::AcceptedAndClosed
+            }
+            Response::Close(kind) => {
+                drop(session);
+                self.close(CloseReason::Protocol(kind), false);
+                FrameOutcome::Closed
+            }
+            Response::Drop(kind) => {
+                self.bump(|s| s.dropped += 1);
+                FrameOutcome::Rejected(kind)
+            }
+            _ => FrameOutcome::Accepted,
+        }
     }
 
     /// The transport this connection runs over.
     pub fn transport(&self) -> Transport {
-        self.transport
+        if self.flag(UDP) {
+            Transport::Udp
+        } else {
+            Transport::Tcp
+        }
+    }
+
+    fn flag(&self, bit: u8) -> bool {
+        self.flags.get() & bit != 0
+    }
+
+    fn set_flag(&self, bit: u8) {
+        self.flags.set(self.flags.get() | bit);
+    }
+
+    /// Closed without BYE: the output is discarded and nothing is retransmitted.
+    pub(crate) fn abandoned(&self) -> bool {
+        self.flag(ABANDONED)
     }
 
     pub(crate) fn session(&self) -> std::cell::RefMut<'_, Session> {
@@ -746,13 +679,13 @@ impl Conn {
 
     /// Mark the connection finished (all I/O loops ended).
     pub(crate) fn set_done(&self) {
-        self.done.set(true);
+        self.set_flag(DONE);
         self.ev.notify();
     }
 
     /// [`Conn::set_done`] once; whether this call did it.
     fn finish(&self) -> bool {
-        if self.done.get() {
+        if self.flag(DONE) {
             return false;
         }
         self.set_done();
@@ -760,11 +693,9 @@ impl Conn {
     }
 }
 
-/// The length of the first frame in `out` (its header's length field; at least a header's
-/// worth must be queued).
-fn head_len(out: &[u8]) -> usize {
-    (HEADER_LEN + u16::from_le_bytes([out[8], out[9]]) as usize).min(out.len())
-}
+#[cfg(test)]
+#[path = "conn_tests.rs"]
+mod tests;
 
 #[cfg(test)]
 mod size_tests {

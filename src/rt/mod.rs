@@ -7,6 +7,7 @@ pub mod datagram;
 pub mod error;
 pub mod event;
 pub(crate) mod fd;
+mod outcome;
 pub mod tcp;
 pub mod udp;
 pub mod wire;

@@ -21,6 +21,7 @@ use tokio::io::AsyncWrite;
 
 use super::conn::{CloseReason, Conn, FrameOutcome};
 use crate::proto::deframer::Deframer;
+use crate::proto::host::partly_written_after;
 use crate::proto::session::MAX_SEALED_MESSAGE_LEN;
 
 /// Read storage lent to this thread's TCP connections: a connection holds a buffer only
@@ -107,7 +108,7 @@ pub fn drive_then<F: FnOnce(&Rc<Conn>)>(
                 if !write_blocked {
                     break; // the last frames (BYE) are out
                 }
-                if conn.abandon.get() {
+                if conn.abandoned() {
                     // Aborted: the peer takes nothing. Reset instead of waiting for room.
                     let _ = socket2::SockRef::from(&super::fd::borrow(&stream))
                         .set_linger(Some(std::time::Duration::ZERO));
@@ -260,6 +261,9 @@ fn flush(conn: &Conn, stream: &mut TcpStreamPoll, cx: &mut Context<'_>) -> std::
     }
     conn.note_out_progress(super::now(), off > 0, off < out.len());
     if off > 0 {
+        // Where the first frame not yet begun starts (a REKEY from the peer re-seals from there).
+        let rest = partly_written_after(&out, usize::from(conn.head_rest.get()), off);
+        conn.head_rest.set(u16::try_from(rest).unwrap_or(0));
         out.drain(..off);
         if out.capacity() > 4 * MAX_SEALED_MESSAGE_LEN && out.len() <= MAX_SEALED_MESSAGE_LEN {
             out.shrink_to(MAX_SEALED_MESSAGE_LEN);

@@ -19,7 +19,7 @@ pub use crate::proto::link::Inbound;
 /// the connection's output until its UTACK arrives, so nothing is copied to keep it.
 /// Returns whether the session is finished: closing with nothing left to deliver.
 pub(crate) fn step(conn: &Conn, out: &UdpOut, t: Duration) -> bool {
-    if conn.abandon.get() {
+    if conn.abandoned() {
         conn.link.borrow_mut().abandon();
         return true;
     }
