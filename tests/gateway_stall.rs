@@ -256,3 +256,46 @@ fn accepted_sockets_carry_tcp_user_timeout_from_the_watchdog() {
         gw.shutdown();
     }
 }
+
+/// A session handler that blocks its shard's thread on `FREEZE` (as a misbehaving
+/// application could): the shard takes nothing from its inbox meanwhile.
+async fn freezes_on_request(s: Session) {
+    while let Ok(m) = s.recv().await {
+        if m == b"FREEZE" {
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
+}
+
+/// Item 2: the shard inbox is bounded. While a shard takes nothing, downlinks fill it up to a
+/// headroom and are then refused as busy (counted); an operator's kick still gets in, and
+/// takes effect once the shard runs again.
+#[test]
+fn a_full_shard_inbox_refuses_downlinks_but_keeps_room_for_a_kick() {
+    let gw = builder().serve(freezes_on_request).unwrap();
+    let (addr, h) = (gw.local_addr(), gw.handle());
+    let mut dev = RawDevice::connect(addr, PSK, [7; 6]);
+    let id = DeviceId::new([7; 6]);
+    wait_for("the session is up", Duration::from_secs(5), || h.session_count() == 1);
+    let freeze = dev.seal(b"FREEZE");
+    dev.write(&freeze);
+    std::thread::sleep(Duration::from_millis(200));
+    let t0 = Instant::now();
+    let mut accepted = 0;
+    let refused = loop {
+        match h.send_to(id, b"x") {
+            Ok(()) => accepted += 1,
+            Err(e) => break e,
+        }
+        assert!(accepted <= usmp::gateway::INBOX_CAP, "the inbox is bounded");
+    };
+    assert!(t0.elapsed() < Duration::from_secs(1), "the frozen shard was not waited for");
+    assert_eq!(refused.kind(), ErrorKind::Timeout, "{refused}");
+    assert!(accepted >= usmp::gateway::INBOX_CAP / 2, "only {accepted} downlinks were taken");
+    assert!(h.broadcast(b"all").is_err(), "a broadcast is refused as busy too");
+    assert!(h.stats().inbox_full >= 2, "refusals are counted");
+    assert!(h.kick(id), "the kick gets in although downlinks are refused");
+    // Once the shard runs again, the queued downlinks go out and the kick ends the session.
+    wait_for("the kicked session ends", Duration::from_secs(10), || h.session_count() == 0);
+    gw.shutdown();
+}

@@ -434,6 +434,12 @@ pub(crate) enum Handler {
 
 /// Commands a shard's inbox holds at most; more are refused and counted (`inbox_full`).
 pub const INBOX_CAP: usize = 8192;
+/// Inbox entries downlinks and broadcasts leave free, so that a flood of them never keeps out
+/// a lockout event, a kick, a key revocation or shutdown.
+const DATA_HEADROOM: usize = 1024;
+/// Inbox entries lockout events (driven by failed handshakes, so by an attacker's pace) leave
+/// free for an operator's kick, a key revocation, a listing and shutdown.
+const LOCKOUT_HEADROOM: usize = 64;
 
 /// Commands a shard receives in its inbox.
 pub(crate) enum Command {
@@ -457,6 +463,18 @@ pub(crate) enum Command {
     /// whose key changed since the registry given (a rotated key ends the session).
     Revalidate(Option<Arc<crate::psk::Registry>>),
     Shutdown,
+}
+
+impl Command {
+    /// Inbox entries that must stay free when this command is posted: data yields to
+    /// lockout events, and both to the operator's commands and shutdown.
+    fn headroom(&self) -> usize {
+        match self {
+            Command::SendTo { .. } | Command::Broadcast(_) => DATA_HEADROOM,
+            Command::Lockout { .. } => LOCKOUT_HEADROOM,
+            Command::Kick(_) | Command::ListSessions(_) | Command::Revalidate(_) | Command::Shutdown => 0,
+        }
+    }
 }
 
 /// A live session with its traffic counters (admin listing).
@@ -529,9 +547,15 @@ impl Shared {
         }
     }
 
-    /// Hand `cmd` to a shard without waiting; false (and counted) when its inbox is full.
+    /// Hand `cmd` to a shard without waiting; false (and counted) when its inbox is full,
+    /// or too full for this kind of command (see [`Command::headroom`]).
     fn post(&self, shard: usize, cmd: Command) -> bool {
-        match self.inboxes[shard].try_send(cmd) {
+        let inbox = &self.inboxes[shard];
+        if inbox.len() + cmd.headroom() >= INBOX_CAP {
+            ShardStats::inc(&self.stats[shard].inbox_full);
+            return false;
+        }
+        match inbox.try_send(cmd) {
             Ok(()) => true,
             Err(flume::TrySendError::Full(_)) => {
                 ShardStats::inc(&self.stats[shard].inbox_full);
@@ -588,25 +612,35 @@ impl GatewayHandle {
     }
 
     /// Queue one message for every session on every shard; returns the sessions addressed.
+    /// `TimeoutError` ("busy") when a shard's inbox is full: that shard's sessions do not get
+    /// it (the others do), and it is counted (`inbox_full`).
     pub fn broadcast(&self, msg: &[u8]) -> Result<usize, Error> {
         if msg.len() > crate::proto::reassembly::MAX_MESSAGE_LEN {
             return Err(Error::misuse(crate::proto::ErrorKind::Payload, "message over 1808 bytes"));
         }
         let msg: Arc<[u8]> = msg.into();
+        let mut refused = 0;
         for i in 0..self.shared.inboxes.len() {
-            self.shared.post(i, Command::Broadcast(msg.clone()));
+            if !self.shared.post(i, Command::Broadcast(msg.clone())) {
+                refused += 1;
+            }
+        }
+        if refused > 0 {
+            return Err(Error::misuse(
+                crate::proto::ErrorKind::Timeout,
+                "shard busy: its inbox is full (the broadcast reached the other shards)",
+            ));
         }
         Ok(self.shared.directory.len())
     }
 
-    /// Close a device's session with BYE; false when it has none.
+    /// Close a device's session with BYE (or, if its output has stopped moving, at once).
+    /// False when it has no session, or when its shard's inbox is full even for operator
+    /// commands (counted, `inbox_full`; [`GatewayHandle::device_shard`] tells them apart).
     pub fn kick(&self, device_id: DeviceId) -> bool {
         let id: [u8; 6] = device_id.into();
         match self.shared.directory.get(&id) {
-            Some(info) => {
-                self.shared.post(info.shard, Command::Kick(id));
-                true
-            }
+            Some(info) => self.shared.post(info.shard, Command::Kick(id)),
             None => false,
         }
     }

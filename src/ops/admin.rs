@@ -238,10 +238,11 @@ async fn device_route(
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
             }
         }
-        "kick" => match ops.gw.kick(id) {
-            true => (StatusCode::ACCEPTED, Json(json!({"kicked": true, "device_id": id.to_string()})))
+        "kick" => match (ops.gw.kick(id), ops.gw.device_shard(id).is_some()) {
+            (true, _) => (StatusCode::ACCEPTED, Json(json!({"kicked": true, "device_id": id.to_string()})))
                 .into_response(),
-            false => text(StatusCode::NOT_FOUND, "device not connected\n"),
+            (false, false) => text(StatusCode::NOT_FOUND, "device not connected\n"),
+            (false, true) => text(StatusCode::SERVICE_UNAVAILABLE, "busy: the shard's inbox is full\n"),
         },
         _ => text(StatusCode::NOT_FOUND, "no such route\n"),
     }
@@ -293,6 +294,9 @@ async fn broadcast(State(ops): State<Ops>, body: Bytes) -> Response {
     }
     match ops.gw.broadcast(&body) {
         Ok(n) => (StatusCode::ACCEPTED, Json(json!({"queued_for": n}))).into_response(),
+        Err(e) if e.kind() == ErrorKind::Timeout => {
+            text(StatusCode::SERVICE_UNAVAILABLE, format!("busy: {e}\n"))
+        }
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
     }
 }
