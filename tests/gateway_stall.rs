@@ -299,3 +299,36 @@ fn a_full_shard_inbox_refuses_downlinks_but_keeps_room_for_a_kick() {
     wait_for("the kicked session ends", Duration::from_secs(10), || h.session_count() == 0);
     gw.shutdown();
 }
+
+/// Item 1: revocation, like a kick, removes a session whose peer takes nothing: its BYE
+/// could never leave, so the output is abandoned and the socket reset at once.
+#[test]
+fn revoking_a_stalled_devices_key_ends_its_session_at_once() {
+    let mut reg = usmp::psk::Registry::new();
+    reg.insert([5; 6], PSK).unwrap();
+    reg.insert([6; 6], PSK).unwrap();
+    let gw = Gateway::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        // Long timers: only the revocation can end the stalled session within the test.
+        .session_timeout(Duration::from_secs(60))
+        .close_grace(Duration::from_secs(60))
+        .psk(PskSource::registry(reg))
+        .serve(drain)
+        .unwrap();
+    let (addr, h) = (gw.local_addr(), gw.handle());
+    let hog = RawDevice::connect_small(addr, PSK, [5; 6], 2048);
+    let _other = RawDevice::connect(addr, PSK, [6; 6]);
+    wait_for("both sessions are up", Duration::from_secs(5), || h.session_count() == 2);
+    fill_until_stalled(&h, DeviceId::new([5; 6]));
+    let mut kept = usmp::psk::Registry::new();
+    kept.insert([6; 6], PSK).unwrap();
+    h.replace_keys(kept);
+    let took =
+        wait_for("the revoked, stalled session ends", Duration::from_secs(3), || h.session_count() == 1);
+    eprintln!("revoked stalled session ended after {took:?}");
+    assert_eq!(h.sessions()[0].device_id, DeviceId::new([6; 6]), "the other device keeps its session");
+    assert_eq!(h.stats().sessions_closed, 1, "{:?}", h.stats());
+    drop(hog);
+    gw.shutdown();
+}
