@@ -132,3 +132,29 @@ fn other_hosts_and_origins_cannot_use_the_admin_api() {
     drop(srv);
     gw.shutdown();
 }
+
+/// Header parsing is linear and bounded: thousands of tiny header lines, or one huge one, are
+/// refused at once (431, or the connection closed) and the listener goes on serving.
+#[test]
+fn header_floods_are_refused_at_once() {
+    let gw = gateway();
+    let srv = ops::serve("127.0.0.1:0".parse().unwrap(), gw.handle(), OpsOptions::default()).unwrap();
+    let addr = srv.local_addr();
+    let many: String = (0..3000).map(|i| format!("x{i}:y\r\n")).collect();
+    let huge = format!("X-Big: {}\r\n", "a".repeat(256 * 1024));
+    for headers in [many, huge] {
+        let t0 = Instant::now();
+        let req = format!("GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}\r\n");
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(req.as_bytes()); // the server may stop reading and close early
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        assert!(out.is_empty() || out.starts_with("HTTP/1.1 431"), "{}", out.lines().next().unwrap_or(""));
+        assert!(t0.elapsed() < Duration::from_secs(2), "refused after {:?}", t0.elapsed());
+    }
+    let r = ureq::get(&format!("http://{addr}/healthz")).timeout(Duration::from_secs(3)).call().unwrap();
+    assert_eq!(r.into_string().unwrap(), "ok\n");
+    drop(srv);
+    gw.shutdown();
+}
