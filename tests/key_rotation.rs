@@ -8,7 +8,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::gateway_bin::{start_binary, wait_log};
+use common::gateway_bin::{start_binary, start_binary_with_env, wait_log_keeping};
 use usmp::{Client, ClientConfig, CloseReason, Gateway, GatewayHandle, PskSource, Session};
 
 async fn echo(s: Session) {
@@ -116,13 +116,28 @@ fn an_empty_or_cut_off_registry_is_refused_and_the_old_keys_stay() {
 fn a_key_file_others_can_read_is_warned_about_and_no_key_reaches_the_logs() {
     use std::os::unix::fs::PermissionsExt;
     let secret = "a-very-secret-device-key-7781";
+    let hex: String = secret.bytes().map(|b| format!("{b:02x}")).collect();
     let path = registry("perm", &format!("000000000001 {secret}\n"));
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let (mut child, addr, logs) =
-        start_binary(&["--listen", "127.0.0.1:0", "--shards", "1", "--psk-file", path.to_str().unwrap()]);
-    wait_log(&logs, "readable by group or others");
-    // A failed handshake, a swapped line in a reload: the logs say why, never with the key.
+    // Every log level of every crate: a key must not reach even a trace line.
+    let (mut child, addr, logs) = start_binary_with_env(
+        &["--listen", "127.0.0.1:0", "--shards", "1", "--psk-file", path.to_str().unwrap()],
+        &[("RUST_LOG", "trace")],
+    );
+    let mut seen = Vec::new();
+    wait_log_keeping(&logs, "readable by group or others", &mut seen);
+    // A session, a failed handshake, a swapped line in a reload: the logs say what happened,
+    // never with the key.
     usmp::block_on(async {
+        let c = Client::connect(&ClientConfig {
+            device_id: Some([0, 0, 0, 0, 0, 1]),
+            ..ClientConfig::new(addr, secret.as_bytes())
+        })
+        .await
+        .unwrap();
+        c.send(b"hello").await.unwrap();
+        assert_eq!(c.recv_timeout(Duration::from_secs(5)).await.unwrap(), b"hello");
+        c.disconnect().await;
         let c = ClientConfig {
             device_id: Some([0, 0, 0, 0, 0, 1]),
             ..ClientConfig::new(addr, &b"wrong-key-0123456789"[..])
@@ -135,12 +150,17 @@ fn a_key_file_others_can_read_is_warned_about_and_no_key_reaches_the_logs() {
         .status()
         .unwrap()
         .success());
-    wait_log(&logs, "reload failed");
+    wait_log_keeping(&logs, "reload failed", &mut seen);
     let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     let _ = child.wait();
-    let rest: Vec<String> = logs.try_iter().collect();
-    let all = rest.join("\n");
-    assert!(!all.contains(secret) && !all.contains("secret-device"), "a key in the logs:\n{all}");
+    seen.extend(logs.try_iter());
+    assert!(seen.iter().any(|l| l.contains("TRACE")), "trace logging is on: {seen:?}");
+    assert!(seen.iter().any(|l| l.contains("session up")), "the session is logged: {seen:?}");
+    let all = seen.join("\n");
+    assert!(
+        !all.contains(secret) && !all.contains("secret-device") && !all.contains(&hex[..16]),
+        "a key in the logs:\n{all}"
+    );
     // Private permissions: no warning.
     std::fs::write(&path, format!("000000000001 {secret}\n")).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();

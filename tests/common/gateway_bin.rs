@@ -50,10 +50,17 @@ pub fn start_binary_with_env(
 }
 
 pub fn wait_log(rx: &std::sync::mpsc::Receiver<String>, needle: &str) {
+    wait_log_keeping(rx, needle, &mut Vec::new());
+}
+
+/// [`wait_log`], keeping every line read on the way (the needle's included) in `seen`.
+pub fn wait_log_keeping(rx: &std::sync::mpsc::Receiver<String>, needle: &str, seen: &mut Vec<String>) {
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(10) {
         if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
-            if l.contains(needle) {
+            let found = l.contains(needle);
+            seen.push(l);
+            if found {
                 return;
             }
         }
