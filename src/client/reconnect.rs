@@ -116,4 +116,27 @@ mod tests {
         assert!(draws.len() > 32, "random spread, not one value: {draws:?}");
         assert!(draws.iter().all(|d| (Duration::from_secs(8)..=Duration::from_secs(16)).contains(d)));
     }
+
+    /// The reconnect loop sleeps the jittered delays: clients failing together finish their
+    /// attempts at different times, each between the sum of the half delays and the delays.
+    #[test]
+    fn failed_reconnects_back_off_with_jitter() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into(); // nothing listens now
+        let backoff = Backoff { initial: Duration::from_millis(100), max: Duration::from_secs(1) };
+        let took: Vec<Duration> = crate::rt::block_on(async {
+            let tries = (0..8).map(|_| async {
+                let mut c =
+                    ReconnectingClient::new(ClientConfig::new(addr, &b"0123456789abcdef"[..]), backoff);
+                let t0 = std::time::Instant::now();
+                assert!(c.client(4).await.is_err(), "nothing listens");
+                t0.elapsed()
+            });
+            futures_util::future::join_all(tries).await
+        });
+        // Three sleeps of 100, 200 and 400 ms, each jittered into [half, all].
+        let (least, most) = (Duration::from_millis(350), Duration::from_millis(700));
+        assert!(took.iter().all(|t| *t >= least), "{took:?}");
+        assert!(took.iter().any(|t| *t < most - Duration::from_millis(100)), "no jitter: {took:?}");
+    }
 }
