@@ -12,6 +12,10 @@ use crate::proto::{DeviceId, SessionId, Transport};
 
 const STRIPES: usize = 16;
 
+/// Device ids come from devices (any id, with a wildcard key): hashed with a per-process
+/// random seed, and much faster than the standard SipHash on these 6-byte keys.
+type DeviceMap = HashMap<[u8; 6], Entry, foldhash::fast::RandomState>;
+
 /// A live session as seen by the control plane.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionInfo {
@@ -74,17 +78,17 @@ impl Entry {
 
 /// device_id → the newest session of that device.
 pub struct Directory {
-    stripes: Vec<Mutex<HashMap<[u8; 6], Entry>>>,
+    stripes: Vec<Mutex<DeviceMap>>,
 }
 
 impl Default for Directory {
     fn default() -> Self {
-        Directory { stripes: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect() }
+        Directory { stripes: (0..STRIPES).map(|_| Mutex::new(DeviceMap::default())).collect() }
     }
 }
 
 impl Directory {
-    fn stripe(&self, id: &[u8; 6]) -> &Mutex<HashMap<[u8; 6], Entry>> {
+    fn stripe(&self, id: &[u8; 6]) -> &Mutex<DeviceMap> {
         &self.stripes[crc32c::crc32c(id) as usize % STRIPES]
     }
 

@@ -2,7 +2,7 @@
 //! bridge's tasks, the downlink router and the key watcher all use it, and it uses none of
 //! them.
 
-use std::collections::HashMap;
+use super::FastMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 
@@ -47,14 +47,14 @@ pub(super) struct Ctx {
     pub(super) stats: Arc<NatsStats>,
     pub(super) shards: Vec<ToShard>,
     pub(super) gateway: OnceLock<GatewayHandle>,
-    pub(super) deliveries: Mutex<HashMap<u64, Waiter>>,
+    pub(super) deliveries: Mutex<FastMap<u64, Waiter>>,
     pub(super) next_delivery: AtomicU64,
-    pub(super) local: Mutex<HashMap<[u8; 6], LocalSession>>,
+    pub(super) local: Mutex<FastMap<[u8; 6], LocalSession>>,
     /// Steps of the start done (streams provisioned, downlink requests served): see
     /// [`super::NatsBridge::wait_ready`].
     pub(super) ready: tokio::sync::watch::Sender<u8>,
     /// Devices whose queue is being drained; true if a nudge asked for another look.
-    pub(super) draining: Mutex<HashMap<[u8; 6], bool>>,
+    pub(super) draining: Mutex<FastMap<[u8; 6], bool>>,
     pub(super) presence: tokio::sync::OnceCell<kv::Store>,
     pub(super) down_stream: tokio::sync::OnceCell<stream::Stream>,
 }

@@ -23,6 +23,10 @@
 //! bridge.shutdown(std::time::Duration::from_secs(5));
 //! ```
 
+/// The bridge's per-message maps (keys are its own tokens, session ids it drew and device
+/// ids): foldhash with a per-process random seed, a fraction of SipHash's cost on these keys.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 mod bridge;
 pub mod config;
 mod ctx;

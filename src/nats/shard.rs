@@ -4,7 +4,9 @@
 //! and reports sessions up and down. Inline on the shard's thread; never blocks on NATS.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use super::FastMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -51,9 +53,9 @@ pub(super) struct NatsShard {
     /// run anyway, or once the shard stopped (then messages go straight out).
     flusher: Cell<Option<Waker>>,
     stopped: Cell<bool>,
-    sessions: RefCell<HashMap<[u8; 16], Tracked>>,
+    sessions: RefCell<FastMap<[u8; 16], Tracked>>,
     /// Each device's newest session here (downlinks find it without a scan).
-    by_device: RefCell<HashMap<[u8; 6], [u8; 16]>>,
+    by_device: RefCell<FastMap<[u8; 6], [u8; 16]>>,
     /// Publishes of this shard not yet stored (all sessions, closed ones included).
     in_flight: Cell<usize>,
     /// How long the flusher waits for more of the outbox after its first message.

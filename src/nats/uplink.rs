@@ -10,7 +10,9 @@
 //! `Nats-Msg-Id`, so JetStream drops a copy it already holds) until it is acknowledged; only
 //! then does the shard hear [`Down::Stored`].
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+
+use super::FastMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant};
 use async_nats::message::OutboundMessage;
 use async_nats::{HeaderMap, HeaderName, Subject};
 use bytes::Bytes;
-use futures_util::{Sink, StreamExt};
+use futures_util::{FutureExt, Sink, StreamExt};
 
 use super::bridge::{closed, opened};
 use super::ctx::{Ctx, Waiter};
@@ -101,12 +103,12 @@ struct Uplinks {
     /// `<inbox>.`: reply subjects are this and a number.
     inbox: String,
     next_token: u64,
-    in_flight: HashMap<u64, InFlight>,
+    in_flight: FastMap<u64, InFlight>,
     /// Hand-over order of the tokens above, for timeouts (acknowledged ones are skipped
     /// lazily).
     order: VecDeque<(Instant, u64)>,
     /// Sessions with a publish in flight (or due for retry), and their uplinks behind it.
-    waiting: HashMap<[u8; 16], VecDeque<Publish>>,
+    waiting: FastMap<[u8; 16], VecDeque<Publish>>,
     /// Refused publishes by due time (and token, to keep equal times apart).
     retries: BTreeMap<(Instant, u64), Publish>,
     /// Made, not yet taken by the client (its command channel was full), with their tokens.
@@ -295,9 +297,9 @@ pub(super) async fn dispatch(ctx: Arc<Ctx>, up: flume::Receiver<Vec<Up>>) {
         ctx: ctx.clone(),
         inbox,
         next_token: 1,
-        in_flight: HashMap::new(),
+        in_flight: FastMap::default(),
         order: VecDeque::new(),
-        waiting: HashMap::new(),
+        waiting: FastMap::default(),
         retries: BTreeMap::new(),
         outbox: VecDeque::new(),
     };
@@ -308,11 +310,23 @@ pub(super) async fn dispatch(ctx: Arc<Ctx>, up: flume::Receiver<Vec<Up>>) {
     // Once the shards are gone, finish what they handed over.
     while !shards_gone || u.busy() {
         tokio::select! {
+            // Work comes in bursts (a shard's batch, an acknowledgement per stored uplink):
+            // take what is already here before another turn of this loop polls every branch.
             batch = up.recv_async(), if !shards_gone => match batch {
-                Ok(batch) => batch.into_iter().for_each(|m| u.take(m)),
+                Ok(batch) => {
+                    batch.into_iter().for_each(|m| u.take(m));
+                    while let Ok(batch) = up.try_recv() {
+                        batch.into_iter().for_each(|m| u.take(m));
+                    }
+                }
                 Err(_) => shards_gone = true,
             },
-            Some(ack) = acks.next() => u.on_ack(ack),
+            Some(ack) = acks.next() => {
+                u.on_ack(ack);
+                while let Some(Some(ack)) = acks.next().now_or_never() {
+                    u.on_ack(ack);
+                }
+            }
             handed = std::future::poll_fn(|cx| u.poll_hand_over(&mut sink, cx)), if !u.outbox.is_empty() => {
                 if handed.is_err() {
                     tracing::warn!("nats: the client is closed; uplinks not stored stay unacknowledged");
