@@ -190,6 +190,23 @@ fn rekey_from_both_sides_under_loss_loses_nothing() {
     }
 }
 
+/// A device that reboots (same address, fresh handshake) replaces its session: the endpoint
+/// hands the old session back for the glue to close, and traffic goes on over the new one.
+#[test]
+fn a_new_handshake_from_the_same_address_replaces_the_session() {
+    let mut p = Pair::new(21, Network::lossy(0.1));
+    assert!(p.run_until(10 * S, |p| p.is_established()));
+    exchange(&mut p, 20, None);
+    let old = *p.gateway.session(p.device_addr).unwrap();
+    let old_keys = p.gateway_session().unwrap().keys();
+    p.restart_device(p.device_addr, PAIR_DEVICE);
+    assert!(p.run_until(10 * S, |p| p.is_established()), "{:?}", p.device_error);
+    assert_eq!(p.replaced, vec![old], "the old session is handed back once");
+    assert_ne!(p.gateway_session().unwrap().keys(), old_keys, "a new session, new keys");
+    assert_eq!(p.gateway.peer_count(), 1, "one peer: the address");
+    exchange(&mut p, 20, None);
+}
+
 /// A HELLO from `device` with public key `pub_c`, with `cookie` appended if given.
 fn hello(device: [u8; 6], pub_c: [u8; 32], cookie: Option<&[u8]>) -> Vec<u8> {
     let mut p = [&device[..], &pub_c[..]].concat();

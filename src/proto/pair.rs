@@ -125,6 +125,9 @@ pub struct Pair {
     pub device_error: Option<super::Error>,
     /// Every datagram the device sent, in order (for replays).
     pub device_sent: Vec<Vec<u8>>,
+    /// Gateway sessions a new handshake from the same address replaced (their handles: the
+    /// glue closes them).
+    pub replaced: Vec<usize>,
     /// The network model (may be changed between steps).
     pub network: Network,
     wire: Vec<InFlight>,
@@ -168,6 +171,7 @@ impl Pair {
             handled: Vec::new(),
             device_error: None,
             device_sent: Vec::new(),
+            replaced: Vec::new(),
             network,
             wire: Vec::new(),
             rng,
@@ -285,7 +289,9 @@ impl Pair {
                     }
                     Event::Established { from, est } => {
                         self.sessions.push(UdpPeer::new(&est));
-                        self.gateway.attach(from, self.sessions.len() - 1);
+                        if let Some(old) = self.gateway.attach(from, self.sessions.len() - 1) {
+                            self.replaced.push(old);
+                        }
                     }
                     Event::Failed { reason, .. } => self.failures.push(reason),
                     Event::SessionOkUnacked(h) => {
