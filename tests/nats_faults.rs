@@ -84,6 +84,38 @@ fn kill_9_loses_nothing_a_udp_device_was_acknowledged() {
     assert!(total >= 30, "too few acknowledged messages to mean anything: {total}");
 }
 
+/// SIGTERM mid-traffic: the gateway stores what it read and exits at once, not after its
+/// whole shutdown grace (it used to wait for a count only the stopped shards could lower).
+#[test]
+fn sigterm_stores_what_was_read_and_exits_promptly() {
+    let natsd = Natsd::start();
+    let mut gw = nats_gateway(&natsd.url(), &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _in_runtime = rt.enter();
+    let js = async_nats::jetstream::new(rt.block_on(wait_jetstream(&natsd.url())));
+    let devices: Vec<[u8; 6]> = (1..=3).map(|n| dev(8, n)).collect();
+    let mut senders: Vec<_> =
+        devices.iter().map(|d| reference_sender(gw.addr, Transport::Udp, *d, 100_000, "s")).collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let t0 = Instant::now();
+    assert_eq!(gw.terminate(), Some(0));
+    let took = t0.elapsed();
+    let mut acked = 0;
+    let stored = stored_by_subject(&rt, &js);
+    for (d, s) in devices.iter().zip(senders.iter_mut()) {
+        let lines = lines_of(s);
+        let _ = s.wait();
+        let have: HashSet<&String> =
+            stored.get(&format!("usmp.up.{}", token(d))).map(|v| v.iter().collect()).unwrap_or_default();
+        for i in lines.iter().filter_map(|l| l["acked"].as_u64()) {
+            assert!(have.contains(&format!("s-{i}")), "s-{i} was acknowledged but is not stored");
+            acked += 1;
+        }
+    }
+    assert!(acked >= 30, "too few acknowledged messages to mean anything: {acked}");
+    assert!(took < Duration::from_secs(3), "the gateway took {took:?} to stop");
+}
+
 #[test]
 fn nats_down_for_10_s_keeps_sessions_bounded_and_resumes() {
     let mut natsd = Natsd::start();

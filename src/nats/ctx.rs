@@ -49,6 +49,9 @@ pub(super) struct Ctx {
     pub(super) gateway: OnceLock<GatewayHandle>,
     pub(super) deliveries: Mutex<FastMap<u64, Waiter>>,
     pub(super) next_delivery: AtomicU64,
+    /// Uplinks the dispatcher took and JetStream has not yet acknowledged (what a clean
+    /// shutdown waits for: the shards may be gone by then, so it cannot be their count).
+    pub(super) unsettled: AtomicU64,
     pub(super) local: Mutex<FastMap<[u8; 6], LocalSession>>,
     /// Steps of the start done (streams provisioned, downlink requests served): see
     /// [`super::NatsBridge::wait_ready`].

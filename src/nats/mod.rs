@@ -145,6 +145,7 @@ impl NatsBridge {
                         gateway: OnceLock::new(),
                         deliveries: Mutex::default(),
                         next_delivery: AtomicU64::new(1),
+                        unsettled: AtomicU64::new(0),
                         local: Mutex::default(),
                         draining: Mutex::default(),
                         ready: tokio::sync::watch::channel(0).0,
@@ -282,7 +283,13 @@ impl NatsBridge {
     /// the last events to leave, then stop the bridge thread.
     pub fn shutdown(&self, grace: Duration) {
         let end = Instant::now() + grace;
-        while self.ctx.stats.in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < end {
+        // The shards have handed over all they read (they flush as they stop): wait until the
+        // dispatcher took it all and JetStream acknowledged every publish. Settled twice in a
+        // row, 10 ms apart: a batch being taken is off the channel a moment before it counts.
+        let settled = || self.up.is_empty() && self.ctx.unsettled.load(Ordering::Acquire) == 0;
+        let mut calm = 0;
+        while calm < 2 && Instant::now() < end {
+            calm = if settled() { calm + 1 } else { 0 };
             std::thread::sleep(Duration::from_millis(10));
         }
         let ctx = self.ctx.clone();

@@ -123,6 +123,7 @@ impl Uplinks {
     fn take(&mut self, up: Up) {
         match up {
             Up::Publish { shard, tag, number, payload } => {
+                self.ctx.unsettled.fetch_add(1, Ordering::AcqRel);
                 let p = Publish { shard, tag, number, payload, retry_in: RETRY_FIRST };
                 match self.waiting.get_mut(&p.tag.session) {
                     Some(q) => q.push_back(p),
@@ -205,6 +206,7 @@ impl Uplinks {
 
     /// Tell the shard, and send the session's next uplink.
     fn stored(&mut self, p: Publish) {
+        self.ctx.unsettled.fetch_sub(1, Ordering::AcqRel);
         if let Some(tx) = self.ctx.shards.get(p.shard) {
             let _ = tx.send(Down::Stored { session: p.tag.session });
         }
