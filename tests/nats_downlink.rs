@@ -196,3 +196,56 @@ fn without_a_queue_offline_devices_are_offline() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A device connecting with downlinks queued gets them first: downlinks requested while its
+/// queue goes out (here, at once on its `connected` event) join the queue behind them
+/// instead of overtaking them.
+#[test]
+fn new_downlinks_never_overtake_a_draining_queue() {
+    let natsd = Natsd::start();
+    let gw = GatewayProc::start(
+        BIN,
+        &["--mode", "nats", "--nats", &natsd.url(), "--psk-hex", &psk_hex(), "--shards", "1"],
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _in_runtime = rt.enter();
+    let nc = rt.block_on(wait_jetstream(&natsd.url()));
+    let d = dev(4, 1);
+    let mut events = rt.block_on(nc.subscribe(format!("usmp.evt.{}.connected", token(&d)))).unwrap();
+    rt.block_on(nc.flush()).unwrap();
+    // The gateway answers once it is set up: wait for the first `queued`.
+    let end = Instant::now() + Duration::from_secs(10);
+    while rt.block_on(request_status(&nc, down(&d), b"q0")) != "queued" {
+        assert!(Instant::now() < end, "the gateway never answered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let queued = 40;
+    for i in 1..queued {
+        assert_eq!(rt.block_on(request_status(&nc, down(&d), format!("q{i}").as_bytes())), "queued");
+    }
+    let addr = gw.addr;
+    let total = queued + 10;
+    let device = std::thread::spawn(move || {
+        usmp::block_on(async move {
+            let c = Client::connect(&config(addr, Transport::Tcp, d)).await.unwrap();
+            let mut got = Vec::new();
+            while got.len() < total {
+                match c.recv_timeout(Duration::from_secs(15)).await {
+                    Ok(m) => got.push(String::from_utf8(m).unwrap()),
+                    Err(_) => break,
+                }
+            }
+            c.disconnect().await;
+            got
+        })
+    });
+    rt.block_on(tokio::time::timeout(Duration::from_secs(10), events.next())).expect("connected event");
+    let statuses: Vec<String> =
+        (0..10).map(|i| rt.block_on(request_status(&nc, down(&d), format!("n{i}").as_bytes()))).collect();
+    assert!(statuses.iter().all(|s| s == "queued" || s == "delivered"), "{statuses:?}");
+    let got = device.join().unwrap();
+    let want: Vec<String> =
+        (0..queued).map(|i| format!("q{i}")).chain((0..10).map(|i| format!("n{i}"))).collect();
+    assert_eq!(got, want, "statuses of the new ones: {statuses:?}");
+    drop(gw);
+}

@@ -235,6 +235,9 @@ fn facts_json(ctx: &Ctx, f: &SessionFacts) -> serde_json::Value {
 /// downlinks here, announce it (other gateways close theirs), record presence, then send
 /// what was queued for it while it was away.
 pub(super) fn opened(ctx: &Arc<Ctx>, f: SessionFacts) {
+    // Queued downlinks go out before any new one: claim the drain before the device becomes
+    // routable here, so that a request arriving meanwhile joins the queue behind them.
+    let drain = !ctx.cfg.downlink_ttl.is_zero() && super::downlink::claim_drain(ctx, f.device);
     let (routable, route_ready) = tokio::sync::oneshot::channel();
     let route = tokio::spawn(super::downlink::serve_route(ctx.clone(), f.device, routable));
     let old = ctx.local.lock().insert(f.device, LocalSession { session: f.session, shard: f.shard, route });
@@ -250,8 +253,11 @@ pub(super) fn opened(ctx: &Arc<Ctx>, f: SessionFacts) {
     tokio::spawn(async move {
         // Announce the session only once downlinks can find it here: whoever reads the event
         // or the presence entry and sends at once must not find the device unroutable (and
-        // get `queued` for an online device). If the subscription failed, announce anyway.
+        // get `queued` for an online device with nothing queued). If the subscription
+        // failed, announce anyway. With downlinks queued, new ones queue behind them until
+        // they have gone out.
         let _ = route_ready.await;
+        let drain = drain && super::downlink::keep_drain_claim(&ctx, f.device).await;
         let event = facts_json(&ctx, &f);
         let presence = serde_json::json!({
             "gateway": ctx.cfg.gateway_id,
@@ -269,7 +275,9 @@ pub(super) fn opened(ctx: &Arc<Ctx>, f: SessionFacts) {
         if ctx.client.publish(subject, event.to_string().into()).await.is_err() {
             ctx.stats.side_errors.fetch_add(1, Ordering::Relaxed);
         }
-        super::downlink::drain_queue(ctx.clone(), f.device).await;
+        if drain {
+            super::downlink::drain_queue(ctx.clone(), f.device).await;
+        }
     });
 }
 

@@ -7,7 +7,9 @@
 //!    answer `offline`, then nudge the route subject in case the device just connected.
 //!
 //! Queued downlinks go out in order when the device next connects to any gateway, each
-//! removed from the stream only once delivered; expired ones are discarded unsent.
+//! removed from the stream only once delivered; expired ones are discarded unsent. While they
+//! go out, new downlinks for the device join the back of its queue (`queued`) instead of
+//! overtaking them.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -121,6 +123,9 @@ pub(super) async fn route(ctx: &Arc<Ctx>, device: [u8; 6], payload: Bytes) -> Re
     if payload.len() > MAX_DOWNLINK {
         return Reply::of("too_large");
     }
+    if draining(ctx, device) {
+        return queue_behind(ctx, device, payload).await;
+    }
     if let Some(d) = deliver_local(ctx, device, payload.clone()).await {
         let r = local_reply(d);
         if r.status != "gone" {
@@ -161,21 +166,82 @@ async fn offline(ctx: &Arc<Ctx>, device: [u8; 6], payload: Bytes) -> Reply {
     if ctx.cfg.downlink_ttl.is_zero() {
         return Reply::of("offline");
     }
+    let r = enqueue(ctx, device, payload).await;
+    if r.status == "queued" {
+        // The device may have connected since we looked: its gateway drains on a nudge.
+        let mut h = HeaderMap::new();
+        h.insert(NUDGE, "1");
+        let _ = ctx.client.publish_with_headers(ctx.cfg.route_subject(&device), h, Bytes::new()).await;
+    }
+    r
+}
+
+/// Store a downlink at the back of the device's queue.
+async fn enqueue(ctx: &Arc<Ctx>, device: [u8; 6], payload: Bytes) -> Reply {
     let subject = ctx.cfg.queue_subject(&device);
     let res = match ctx.js.publish(subject, payload).await {
         Ok(ack) => ack.await,
         Err(e) => return Reply::rejected(format!("queue unavailable: {e}")),
     };
     match res {
-        Ok(_) => {
-            // The device may have connected since we looked: its gateway drains on a nudge.
-            let mut h = HeaderMap::new();
-            h.insert(NUDGE, "1");
-            let _ = ctx.client.publish_with_headers(ctx.cfg.route_subject(&device), h, Bytes::new()).await;
-            Reply::of("queued")
-        }
+        Ok(_) => Reply::of("queued"),
         Err(e) if queue_is_full(&e) => Reply::of("queue_full"),
         Err(e) => Reply::rejected(format!("queue unavailable: {e}")),
+    }
+}
+
+/// The device's queue is going out here (or is about to, its session having just opened):
+/// a new downlink delivered now would overtake older ones.
+pub(super) fn draining(ctx: &Ctx, device: [u8; 6]) -> bool {
+    ctx.draining.lock().contains_key(&device)
+}
+
+/// The device is here but its queue is still going out: put this downlink behind it, and
+/// make the drain look again (or start one, if it finished meanwhile).
+async fn queue_behind(ctx: &Arc<Ctx>, device: [u8; 6], payload: Bytes) -> Reply {
+    let r = enqueue(ctx, device, payload).await;
+    if r.status == "queued" && claim_drain(ctx, device) {
+        tokio::spawn(drain_queue(ctx.clone(), device));
+    }
+    r
+}
+
+/// A session just opened here with the drain of its queue claimed: keep the claim (true) if
+/// the queue holds anything or a downlink joined it meanwhile, else give it up, so that new
+/// downlinks go straight to the device.
+pub(super) async fn keep_drain_claim(ctx: &Arc<Ctx>, device: [u8; 6]) -> bool {
+    let queued = match ctx.down_stream.get() {
+        Some(stream) => stream
+            .raw_message_builder()
+            .sequence(0)
+            .next_by_subject(ctx.cfg.queue_subject(&device))
+            .send()
+            .await
+            .is_ok(),
+        None => false,
+    };
+    let mut d = ctx.draining.lock();
+    let joined = d.get(&device) == Some(&true);
+    if queued || joined {
+        return true;
+    }
+    d.remove(&device);
+    false
+}
+
+/// Become the one drain of `device`'s queue: true if none runs; else ask the running one to
+/// look again before it ends, and false.
+pub(super) fn claim_drain(ctx: &Ctx, device: [u8; 6]) -> bool {
+    let mut d = ctx.draining.lock();
+    match d.get_mut(&device) {
+        Some(again) => {
+            *again = true;
+            false
+        }
+        None => {
+            d.insert(device, false);
+            true
+        }
     }
 }
 
@@ -206,7 +272,10 @@ pub(super) async fn serve_requests(ctx: Arc<Ctx>) {
     }
     while let Some(msg) = sub.next().await {
         if let Some(device) = msg.subject.rsplit('.').next().and_then(parse_device_token) {
-            if msg.payload.len() <= MAX_DOWNLINK && hand_to_holder(&ctx, device, &msg) {
+            if msg.payload.len() <= MAX_DOWNLINK
+                && !draining(&ctx, device)
+                && hand_to_holder(&ctx, device, &msg)
+            {
                 continue;
             }
         }
@@ -321,14 +390,20 @@ pub(super) async fn serve_route(ctx: Arc<Ctx>, device: [u8; 6], routable: onesho
     let _ = routable.send(());
     while let Some(msg) = sub.next().await {
         if msg.headers.as_ref().is_some_and(|h| h.get(NUDGE).is_some()) {
-            tokio::spawn(drain_queue(ctx.clone(), device));
+            if claim_drain(&ctx, device) {
+                tokio::spawn(drain_queue(ctx.clone(), device));
+            }
             continue;
         }
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            let r = match deliver_local(&ctx, device, msg.payload).await {
-                Some(d) => local_reply(d),
-                None => Reply::of("gone"),
+            let r = if draining(&ctx, device) {
+                queue_behind(&ctx, device, msg.payload).await
+            } else {
+                match deliver_local(&ctx, device, msg.payload).await {
+                    Some(d) => local_reply(d),
+                    None => Reply::of("gone"),
+                }
             };
             if let Some(to) = msg.reply {
                 let _ = ctx.client.publish(to, r.to_json()).await;
@@ -338,18 +413,14 @@ pub(super) async fn serve_route(ctx: Arc<Ctx>, device: [u8; 6], routable: onesho
 }
 
 /// Send the device's queued downlinks in order, each deleted once delivered; stop at the
-/// first that cannot be delivered (it stays queued for the next connection).
+/// first that cannot be delivered (it stays queued for the next connection). One drain per
+/// device at a time: the caller claimed it ([`claim_drain`]); a nudge during a drain makes it
+/// look again. While it runs, new downlinks for the device join the queue behind.
 pub(super) async fn drain_queue(ctx: Arc<Ctx>, device: [u8; 6]) {
-    let Some(stream) = ctx.down_stream.get() else { return };
-    // One drain per device at a time: a nudge during a drain makes it look again.
-    {
-        let mut d = ctx.draining.lock();
-        if let Some(again) = d.get_mut(&device) {
-            *again = true;
-            return;
-        }
-        d.insert(device, false);
-    }
+    let Some(stream) = ctx.down_stream.get() else {
+        ctx.draining.lock().remove(&device);
+        return;
+    };
     let subject = ctx.cfg.queue_subject(&device);
     loop {
         let mut next = 0u64;
