@@ -137,6 +137,11 @@ impl Model {
                 let udp = self.udp;
                 let Some((key, hi, seen)) = self.prev.as_mut() else { return Err(e) };
                 let pt = open_oracle(key, &self.sid, f).ok_or(e)?;
+                if f[3] == 0x0B {
+                    // Crossed our own REKEY: the session is over, nothing recorded.
+                    self.closed = true;
+                    return Err(Exp::Err(ErrorKind::Sequence));
+                }
                 if !udp {
                     *hi = seq.wrapping_add(1);
                     return Ok((pt, true));
@@ -238,8 +243,9 @@ impl Model {
             }
             0x0B => {
                 self.control()?;
-                if under_prev {
-                    return err(Sequence); // crossed our own REKEY
+                if !self.rx_flood.hit(now) {
+                    self.closed = true;
+                    return err(ConnectionClosed);
                 }
                 let salt: [u8; 32] = pt.try_into().map_err(|_| Exp::Err(Payload))?;
                 let (init_tx, init_rx) = derive_rekey_keys(&self.rx, &self.tx, &self.sid, &salt);

@@ -439,6 +439,7 @@ impl Session {
     /// retransmission for [`Session::verify_duplicate`] to recognise).
     fn open_prev(
         &mut self,
+        ptype: PacketType,
         seq: u32,
         header: &[u8],
         payload: &mut [u8],
@@ -455,6 +456,13 @@ impl Session {
         let nonce = gcm_nonce(seq, &self.session_id);
         let range =
             RecordKey::new(&prev.key).open_record(nonce, &header[..AAD_LEN], payload).map_err(|_| current)?;
+        if ptype == PacketType::Rekey {
+            // Sealed before the peer saw our own REKEY (both started one): the keys cannot
+            // follow both, so the session is over. Nothing of this frame is recorded, so no
+            // retransmission of it is ever acknowledged as a duplicate.
+            self.closed = true;
+            return Err(Error::left(ErrorKind::Sequence, "REKEY crossed ours"));
+        }
         match self.transport {
             Transport::Tcp => prev.next = seq.wrapping_add(1),
             Transport::Udp => prev.window.mark(seq),
@@ -548,7 +556,7 @@ impl Session {
                 }
                 Err(e) => {
                     payload[..n].copy_from_slice(&copy[..n]);
-                    let range = self.open_prev(seq, header, payload, e)?;
+                    let range = self.open_prev(ptype, seq, header, payload, e)?;
                     self.set_opened_prev(true);
                     range
                 }
@@ -582,10 +590,14 @@ impl Session {
             }
             PacketType::Rekey => {
                 self.reasm.check_control()?;
-                if self.opened_prev() {
-                    // Sealed before the peer saw our own REKEY (both started one): the keys
-                    // cannot follow both. Dropped; the peer's retransmissions go unanswered.
-                    return Err(Error::misbehaved(ErrorKind::Sequence, "REKEY crossed ours"));
+                // REKEYs count against the control-frame budget too: each one costs us a key
+                // derivation and re-sealing what we have queued.
+                if !self.rx_control.hit(now) {
+                    self.closed = true;
+                    return Err(Error::left(
+                        ErrorKind::ConnectionClosed,
+                        "more than 8 control frames in one second",
+                    ));
                 }
                 let salt: &[u8; REKEY_SALT_LEN] = plaintext
                     .try_into()

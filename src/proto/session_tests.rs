@@ -430,3 +430,38 @@ fn nothing_is_resealed_without_a_rekey_from_the_peer() {
     assert_eq!(&out[..n], &before[..]);
     assert_eq!(deliver(&mut c, &mut [before]).unwrap(), vec![b"x".to_vec()]);
 }
+
+/// Two REKEYs in flight at once cannot both win: the session ends at the crossing, and no
+/// copy of the peer's REKEY is taken for an authentic duplicate (a UTACK for it would tell the
+/// peer its keys were adopted).
+#[test]
+fn crossed_rekeys_end_the_session_without_acknowledging_either() {
+    for t in [Transport::Tcp, Transport::Udp] {
+        let (mut c, mut s) = pair(t);
+        let (mut ours, mut theirs) = ([0u8; 128], [0u8; 128]);
+        s.seal_rekey(&[1; 32], &mut ours).unwrap();
+        let n = c.seal_rekey(&[2; 32], &mut theirs).unwrap();
+        let mut copy = theirs;
+        let e = s.open(&mut theirs[..n], T0).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Sequence, "{t:?}");
+        assert_eq!(e.reaction(t), crate::proto::Reaction::Close, "{t:?}");
+        assert!(s.is_closed());
+        assert!(!s.verify_duplicate(&mut copy[..n]), "{t:?}: a retransmission is not a duplicate");
+    }
+}
+
+/// REKEYs count against the control-frame budget: each one costs a key derivation and a
+/// re-seal of whatever is queued.
+#[test]
+fn a_rekey_flood_ends_the_session() {
+    let (mut c, mut s) = pair(Transport::Udp);
+    let mut out = [0u8; 128];
+    for i in 0..8u8 {
+        let n = c.seal_rekey(&[i; 32], &mut out).unwrap();
+        assert_eq!(s.open(&mut out[..n], T0).unwrap(), Received::Rekeyed, "REKEY {i}");
+    }
+    let n = c.seal_rekey(&[9; 32], &mut out).unwrap();
+    let e = s.open(&mut out[..n], T0).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ConnectionClosed);
+    assert_eq!(e.reaction(Transport::Udp), crate::proto::Reaction::Close);
+}

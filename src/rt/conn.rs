@@ -459,10 +459,12 @@ impl Conn {
         let transport = self.transport();
         let from = unsent_from(transport, &out, usize::from(self.head_rest.get()), link.is_busy());
         let mut session = self.session.borrow_mut();
-        if session.reseal_unsent(&mut out[from..]).is_err() {
-            // Only our own frames are here: a failure is a bug, not the peer's doing. The
-            // frames stay as they were (a peer keeping the old key still opens them).
-            debug_assert!(false, "re-sealing queued frames failed");
+        if let Err(e) = session.reseal_unsent(&mut out[from..]) {
+            // Only our own frames are here, so this is a bug, not the peer's doing; with some
+            // frames re-sealed and the old key gone the queue cannot be trusted: end cleanly.
+            tracing::error!(error = %e, "re-sealing queued frames after a REKEY failed; closing");
+            drop((session, link, out));
+            self.close(CloseReason::Protocol(e.kind()), false);
             return;
         }
         if transport == Transport::Udp {
@@ -567,7 +569,10 @@ impl Conn {
             Response::Reseal => {
                 drop(session);
                 self.reseal_unsent();
-                FrameOutcome::Accepted
+                match self.close_reason() {
+                    Some(_) => FrameOutcome::Closed,
+                    None => FrameOutcome::Accepted,
+                }
             }
             Response::PeerBye => {
                 drop(session);
