@@ -92,7 +92,10 @@ fn sigterm_stores_what_was_read_and_exits_promptly() {
     let mut gw = nats_gateway(&natsd.url(), &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _in_runtime = rt.enter();
-    let js = async_nats::jetstream::new(rt.block_on(wait_jetstream(&natsd.url())));
+    let nc = rt.block_on(wait_jetstream(&natsd.url()));
+    let js = async_nats::jetstream::new(nc.clone());
+    let mut goodbyes = rt.block_on(nc.subscribe("usmp.evt.*.disconnected")).unwrap();
+    rt.block_on(nc.flush()).unwrap();
     let devices: Vec<[u8; 6]> = (1..=3).map(|n| dev(8, n)).collect();
     let mut senders: Vec<_> =
         devices.iter().map(|d| reference_sender(gw.addr, Transport::Udp, *d, 100_000, "s")).collect();
@@ -100,6 +103,23 @@ fn sigterm_stores_what_was_read_and_exits_promptly() {
     let t0 = Instant::now();
     assert_eq!(gw.terminate(), Some(0));
     let took = t0.elapsed();
+    // Every session's farewell went out before the process ended: its disconnect event
+    // (reason `shutdown`) and the removal of its presence entry.
+    for _ in &devices {
+        let m = rt
+            .block_on(tokio::time::timeout(
+                Duration::from_secs(2),
+                futures_util::StreamExt::next(&mut goodbyes),
+            ))
+            .expect("a disconnect event per session")
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(v["reason"], "shutdown", "{v}");
+    }
+    let kv = rt.block_on(js.get_key_value("USMP_PRESENCE")).unwrap();
+    for d in &devices {
+        assert!(rt.block_on(kv.get(token(d))).unwrap().is_none(), "presence of {} left behind", token(d));
+    }
     let mut acked = 0;
     let stored = stored_by_subject(&rt, &js);
     for (d, s) in devices.iter().zip(senders.iter_mut()) {

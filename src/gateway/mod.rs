@@ -696,10 +696,21 @@ impl GatewayHandle {
         let reg = crate::psk::Registry::load(path)?;
         let report = ReloadReport { devices: reg.len(), wildcard: reg.has_wildcard() };
         let before = std::mem::replace(&mut *current.write(), Arc::new(reg));
-        for i in 0..self.shared.inboxes.len() {
-            self.shared.post(i, Command::Revalidate(Some(before.clone())));
-        }
+        self.revalidate_all(&before);
         Ok(report)
+    }
+
+    /// Ask every shard to close the sessions the new keys no longer accept. Only a completely
+    /// full inbox refuses this (downlinks and lockout events leave it room): said loudly.
+    fn revalidate_all(&self, before: &Arc<crate::psk::Registry>) {
+        for i in 0..self.shared.inboxes.len() {
+            if !self.shared.post(i, Command::Revalidate(Some(before.clone()))) {
+                tracing::error!(
+                    shard = i,
+                    "key revalidation not delivered (inbox full): sessions of changed keys on this shard stay until the next reload"
+                );
+            }
+        }
     }
 
     /// The shard holding `device_id`'s session, if any (control plane; not per frame).
@@ -715,9 +726,7 @@ impl GatewayHandle {
             return;
         };
         let before = std::mem::replace(&mut *current.write(), Arc::new(reg));
-        for i in 0..self.shared.inboxes.len() {
-            self.shared.post(i, Command::Revalidate(Some(before.clone())));
-        }
+        self.revalidate_all(&before);
     }
 
     /// Add a source of Prometheus text to `/metrics` (an application's own counters).

@@ -291,8 +291,18 @@ pub(super) fn closed(ctx: &Arc<Ctx>, f: SessionFacts, reason: CloseReason) {
             }
         }
     }
+    /// Counts the farewell while it runs, whichever way it ends.
+    struct Farewell(Arc<Ctx>);
+    impl Drop for Farewell {
+        fn drop(&mut self) {
+            self.0.farewells.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    ctx.farewells.fetch_add(1, Ordering::AcqRel);
+    let farewell = Farewell(ctx.clone());
     let ctx = ctx.clone();
     tokio::spawn(async move {
+        let _farewell = farewell;
         let mut event = facts_json(&ctx, &f);
         event["reason"] = close_reason_label(reason).into();
         let subject = ctx.cfg.event_subject(&f.device, "disconnected");

@@ -52,6 +52,8 @@ pub(super) struct Ctx {
     /// Uplinks the dispatcher took and JetStream has not yet acknowledged (what a clean
     /// shutdown waits for: the shards may be gone by then, so it cannot be their count).
     pub(super) unsettled: AtomicU64,
+    /// Disconnect events and presence clean-ups under way (a clean shutdown waits for them).
+    pub(super) farewells: AtomicU64,
     pub(super) local: Mutex<FastMap<[u8; 6], LocalSession>>,
     /// Steps of the start done (streams provisioned, downlink requests served): see
     /// [`super::NatsBridge::wait_ready`].

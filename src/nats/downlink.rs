@@ -28,6 +28,8 @@ use super::link::{Delivery, Down};
 const HOLDER_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a cluster may take to spread a new route subscription (see [`route`]).
 const ROUTE_SETTLE: Duration = Duration::from_millis(50);
+/// How long a drain waits before trying again a downlink its device did not take.
+const DRAIN_RETRY: Duration = Duration::from_secs(1);
 /// Header marking a route message as "your device has queued downlinks".
 const NUDGE: &str = "Usmp-Nudge";
 
@@ -99,7 +101,10 @@ async fn deliver_local(ctx: &Arc<Ctx>, device: [u8; 6], payload: Bytes) -> Optio
 /// Register `waiter` for the outcome and hand the downlink to the shard holding `device`; its
 /// delivery id, or `None` (the waiter dropped) if the device has no session here.
 fn hand_to_shard(ctx: &Arc<Ctx>, device: [u8; 6], payload: Bytes, waiter: Waiter) -> Option<u64> {
-    let shard = ctx.gateway.get()?.device_shard(device.into())?;
+    // Held here once the bridge has heard the session open (and claimed its queue's drain),
+    // not as soon as the gateway's directory has it: a downlink handed over in between would
+    // overtake the queue.
+    let shard = ctx.local.lock().get(&device)?.shard;
     let tx = ctx.shards.get(shard)?;
     let id = ctx.next_delivery.fetch_add(1, Ordering::Relaxed);
     ctx.deliveries.lock().insert(id, waiter);
@@ -169,11 +174,16 @@ async fn offline(ctx: &Arc<Ctx>, device: [u8; 6], payload: Bytes) -> Reply {
     let r = enqueue(ctx, device, payload).await;
     if r.status == "queued" {
         // The device may have connected since we looked: its gateway drains on a nudge.
-        let mut h = HeaderMap::new();
-        h.insert(NUDGE, "1");
-        let _ = ctx.client.publish_with_headers(ctx.cfg.route_subject(&device), h, Bytes::new()).await;
+        nudge(ctx, device).await;
     }
     r
+}
+
+/// Tell whichever gateway holds `device` that its queue has something new.
+async fn nudge(ctx: &Arc<Ctx>, device: [u8; 6]) {
+    let mut h = HeaderMap::new();
+    h.insert(NUDGE, "1");
+    let _ = ctx.client.publish_with_headers(ctx.cfg.route_subject(&device), h, Bytes::new()).await;
 }
 
 /// Store a downlink at the back of the device's queue.
@@ -200,8 +210,12 @@ pub(super) fn draining(ctx: &Ctx, device: [u8; 6]) -> bool {
 /// make the drain look again (or start one, if it finished meanwhile).
 async fn queue_behind(ctx: &Arc<Ctx>, device: [u8; 6], payload: Bytes) -> Reply {
     let r = enqueue(ctx, device, payload).await;
-    if r.status == "queued" && claim_drain(ctx, device) {
-        tokio::spawn(drain_queue(ctx.clone(), device));
+    if r.status == "queued" {
+        if claim_drain(ctx, device) {
+            tokio::spawn(drain_queue(ctx.clone(), device));
+        }
+        // The device may have moved to another gateway meanwhile: its drain there looks again.
+        nudge(ctx, device).await;
     }
     r
 }
@@ -211,13 +225,11 @@ async fn queue_behind(ctx: &Arc<Ctx>, device: [u8; 6], payload: Bytes) -> Reply 
 /// downlinks go straight to the device.
 pub(super) async fn keep_drain_claim(ctx: &Arc<Ctx>, device: [u8; 6]) -> bool {
     let queued = match ctx.down_stream.get() {
-        Some(stream) => stream
-            .raw_message_builder()
-            .sequence(0)
-            .next_by_subject(ctx.cfg.queue_subject(&device))
-            .send()
-            .await
-            .is_ok(),
+        // Unreadable for now counts as queued: the drain retries while the device is here.
+        Some(stream) => !matches!(
+            stream.raw_message_builder().sequence(0).next_by_subject(ctx.cfg.queue_subject(&device)).send().await,
+            Err(e) if e.kind() == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound
+        ),
         None => false,
     };
     let mut d = ctx.draining.lock();
@@ -412,16 +424,19 @@ pub(super) async fn serve_route(ctx: Arc<Ctx>, device: [u8; 6], routable: onesho
     }
 }
 
-/// Send the device's queued downlinks in order, each deleted once delivered; stop at the
-/// first that cannot be delivered (it stays queued for the next connection). One drain per
+/// Send the device's queued downlinks in order, each deleted once delivered. One drain per
 /// device at a time: the caller claimed it ([`claim_drain`]); a nudge during a drain makes it
-/// look again. While it runs, new downlinks for the device join the queue behind.
+/// look again. While it runs, new downlinks for the device join the queue behind. It goes
+/// on while the device's session is here, retrying a downlink the device is not taking (or
+/// a queue NATS cannot read for now) rather than letting newer ones overtake it; it ends
+/// with the session, the rest waiting for the next connection.
 pub(super) async fn drain_queue(ctx: Arc<Ctx>, device: [u8; 6]) {
     let Some(stream) = ctx.down_stream.get() else {
         ctx.draining.lock().remove(&device);
         return;
     };
     let subject = ctx.cfg.queue_subject(&device);
+    let held_here = || ctx.local.lock().contains_key(&device);
     loop {
         let mut next = 0u64;
         loop {
@@ -433,7 +448,18 @@ pub(super) async fn drain_queue(ctx: Arc<Ctx>, device: [u8; 6]) {
                 .await
             {
                 Ok(m) => m,
-                Err(_) => break, // none left (or unreachable: the next connection tries again)
+                Err(e) if e.kind() == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound => {
+                    break
+                }
+                Err(_) if held_here() => {
+                    ctx.stats.side_errors.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(DRAIN_RETRY).await;
+                    continue;
+                }
+                Err(_) => {
+                    ctx.draining.lock().remove(&device);
+                    return;
+                }
             };
             next = msg.sequence + 1;
             let age = SystemTime::now().duration_since(SystemTime::from(msg.time)).unwrap_or_default();
@@ -447,6 +473,11 @@ pub(super) async fn drain_queue(ctx: Arc<Ctx>, device: [u8; 6]) {
                     if stream.delete_message(msg.sequence).await.is_err() {
                         ctx.stats.side_errors.fetch_add(1, Ordering::Relaxed);
                     }
+                }
+                Some(Delivery::Busy) if held_here() => {
+                    // Its send queue is full or it is slow to acknowledge: the same one again.
+                    tokio::time::sleep(DRAIN_RETRY).await;
+                    next = msg.sequence;
                 }
                 _ => {
                     ctx.draining.lock().remove(&device);

@@ -146,6 +146,7 @@ impl NatsBridge {
                         deliveries: Mutex::default(),
                         next_delivery: AtomicU64::new(1),
                         unsettled: AtomicU64::new(0),
+                        farewells: AtomicU64::new(0),
                         local: Mutex::default(),
                         draining: Mutex::default(),
                         ready: tokio::sync::watch::channel(0).0,
@@ -284,9 +285,14 @@ impl NatsBridge {
     pub fn shutdown(&self, grace: Duration) {
         let end = Instant::now() + grace;
         // The shards have handed over all they read (they flush as they stop): wait until the
-        // dispatcher took it all and JetStream acknowledged every publish. Settled twice in a
-        // row, 10 ms apart: a batch being taken is off the channel a moment before it counts.
-        let settled = || self.up.is_empty() && self.ctx.unsettled.load(Ordering::Acquire) == 0;
+        // dispatcher took it all, JetStream acknowledged every publish, and every session's
+        // disconnect event and presence clean-up is done. Settled twice in a row, 10 ms apart:
+        // a batch being taken is off the channel a moment before it counts.
+        let settled = || {
+            self.up.is_empty()
+                && self.ctx.unsettled.load(Ordering::Acquire) == 0
+                && self.ctx.farewells.load(Ordering::Acquire) == 0
+        };
         let mut calm = 0;
         while calm < 2 && Instant::now() < end {
             calm = if settled() { calm + 1 } else { 0 };
