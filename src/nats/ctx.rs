@@ -15,6 +15,17 @@ use super::link::{Delivery, NatsStats, ToShard};
 use crate::gateway::GatewayHandle;
 
 /// A session of this gateway as the bridge tracks it.
+/// A device's queue being drained here.
+#[derive(Default)]
+pub(super) struct Drain {
+    /// A nudge asked for another look before the drain ends.
+    pub(super) again: bool,
+    /// Downlink requests that came meanwhile, in order: handed to the device once the queue
+    /// is out (kept here, not in JetStream: a device's ordinary traffic must not take the
+    /// queue's much longer way just because it has just connected).
+    pub(super) held: std::collections::VecDeque<(Option<async_nats::Subject>, bytes::Bytes)>,
+}
+
 pub(super) struct LocalSession {
     pub(super) session: [u8; 16],
     pub(super) shard: usize,
@@ -59,7 +70,7 @@ pub(super) struct Ctx {
     /// [`super::NatsBridge::wait_ready`].
     pub(super) ready: tokio::sync::watch::Sender<u8>,
     /// Devices whose queue is being drained; true if a nudge asked for another look.
-    pub(super) draining: Mutex<FastMap<[u8; 6], bool>>,
+    pub(super) draining: Mutex<FastMap<[u8; 6], Drain>>,
     pub(super) presence: tokio::sync::OnceCell<kv::Store>,
     pub(super) down_stream: tokio::sync::OnceCell<stream::Stream>,
 }

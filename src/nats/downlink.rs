@@ -21,8 +21,9 @@ use futures_util::StreamExt;
 use tokio::sync::oneshot;
 
 use super::config::{parse_device_token, MAX_DOWNLINK};
-use super::ctx::{Ctx, Waiter};
+use super::ctx::{Ctx, Drain, Waiter};
 use super::link::{Delivery, Down};
+use super::FastMap;
 
 /// How long a holder may take to get a downlink out (UDP: five attempts with backoff).
 const HOLDER_TIMEOUT: Duration = Duration::from_secs(20);
@@ -232,13 +233,62 @@ pub(super) async fn keep_drain_claim(ctx: &Arc<Ctx>, device: [u8; 6]) -> bool {
         ),
         None => false,
     };
+    queued || !finish_drain_unless_nudged(ctx, device)
+}
+
+/// End the drain of `device`'s queue unless a nudge asked for another look meanwhile (then
+/// false, the nudge consumed): one lock for both, so no nudge falls in between.
+fn finish_drain_unless_nudged(ctx: &Arc<Ctx>, device: [u8; 6]) -> bool {
     let mut d = ctx.draining.lock();
-    let joined = d.get(&device) == Some(&true);
-    if queued || joined {
-        return true;
+    if let Some(drain) = d.get_mut(&device).filter(|d| d.again) {
+        drain.again = false;
+        return false;
     }
-    d.remove(&device);
-    false
+    release(ctx, &mut d, device);
+    true
+}
+
+/// The drain of `device`'s queue is over: release it, and hand the device the requests held
+/// meanwhile, in order (under the lock, so that no new request overtakes them).
+fn finish_drain(ctx: &Arc<Ctx>, device: [u8; 6]) {
+    release(ctx, &mut ctx.draining.lock(), device);
+}
+
+fn release(ctx: &Arc<Ctx>, d: &mut FastMap<[u8; 6], Drain>, device: [u8; 6]) {
+    let Some(drain) = d.remove(&device) else { return };
+    for (reply, payload) in drain.held {
+        let waiter = Waiter::Request {
+            reply: reply.clone(),
+            device,
+            payload: payload.clone(),
+            since: std::time::Instant::now(),
+        };
+        if hand_to_shard(ctx, device, payload.clone(), waiter).is_none() {
+            // The session ended meanwhile: the request goes on elsewhere, answered there.
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                let r = route_elsewhere(&ctx, device, payload).await;
+                ctx.stats.downlink(r.status);
+                if let Some(to) = reply {
+                    let _ = ctx.client.publish(to, r.to_json()).await;
+                }
+            });
+        }
+    }
+}
+
+/// A downlink request for a device held here while its queue goes out: keep it for when the
+/// queue is out. False if there is no drain, or the held ones reach the queue's cap (the
+/// request then takes the queue's way, which answers `queue_full` at the cap).
+fn hold_while_draining(ctx: &Ctx, device: [u8; 6], msg: &async_nats::Message) -> bool {
+    let mut d = ctx.draining.lock();
+    match d.get_mut(&device) {
+        Some(drain) if drain.held.len() < ctx.cfg.downlink_queue as usize => {
+            drain.held.push_back((msg.reply.clone(), msg.payload.clone()));
+            true
+        }
+        _ => false,
+    }
 }
 
 /// Become the one drain of `device`'s queue: true if none runs; else ask the running one to
@@ -246,12 +296,12 @@ pub(super) async fn keep_drain_claim(ctx: &Arc<Ctx>, device: [u8; 6]) -> bool {
 pub(super) fn claim_drain(ctx: &Ctx, device: [u8; 6]) -> bool {
     let mut d = ctx.draining.lock();
     match d.get_mut(&device) {
-        Some(again) => {
-            *again = true;
+        Some(drain) => {
+            drain.again = true;
             false
         }
         None => {
-            d.insert(device, false);
+            d.insert(device, Default::default());
             true
         }
     }
@@ -285,8 +335,8 @@ pub(super) async fn serve_requests(ctx: Arc<Ctx>) {
     while let Some(msg) = sub.next().await {
         if let Some(device) = msg.subject.rsplit('.').next().and_then(parse_device_token) {
             if msg.payload.len() <= MAX_DOWNLINK
-                && !draining(&ctx, device)
-                && hand_to_holder(&ctx, device, &msg)
+                && (hold_while_draining(&ctx, device, &msg)
+                    || (!draining(&ctx, device) && hand_to_holder(&ctx, device, &msg)))
             {
                 continue;
             }
@@ -432,7 +482,7 @@ pub(super) async fn serve_route(ctx: Arc<Ctx>, device: [u8; 6], routable: onesho
 /// with the session, the rest waiting for the next connection.
 pub(super) async fn drain_queue(ctx: Arc<Ctx>, device: [u8; 6]) {
     let Some(stream) = ctx.down_stream.get() else {
-        ctx.draining.lock().remove(&device);
+        finish_drain(&ctx, device);
         return;
     };
     let subject = ctx.cfg.queue_subject(&device);
@@ -457,7 +507,7 @@ pub(super) async fn drain_queue(ctx: Arc<Ctx>, device: [u8; 6]) {
                     continue;
                 }
                 Err(_) => {
-                    ctx.draining.lock().remove(&device);
+                    finish_drain(&ctx, device);
                     return;
                 }
             };
@@ -480,18 +530,14 @@ pub(super) async fn drain_queue(ctx: Arc<Ctx>, device: [u8; 6]) {
                     next = msg.sequence;
                 }
                 _ => {
-                    ctx.draining.lock().remove(&device);
+                    finish_drain(&ctx, device);
                     return;
                 }
             }
         }
-        let mut d = ctx.draining.lock();
-        if d.get(&device) == Some(&true) {
-            d.insert(device, false);
-            continue;
+        if finish_drain_unless_nudged(&ctx, device) {
+            return;
         }
-        d.remove(&device);
-        return;
     }
 }
 
