@@ -257,22 +257,9 @@ fn finish_drain(ctx: &Arc<Ctx>, device: [u8; 6]) {
 fn release(ctx: &Arc<Ctx>, d: &mut FastMap<[u8; 6], Drain>, device: [u8; 6]) {
     let Some(drain) = d.remove(&device) else { return };
     for (reply, payload) in drain.held {
-        let waiter = Waiter::Request {
-            reply: reply.clone(),
-            device,
-            payload: payload.clone(),
-            since: std::time::Instant::now(),
-        };
-        if hand_to_shard(ctx, device, payload.clone(), waiter).is_none() {
-            // The session ended meanwhile: the request goes on elsewhere, answered there.
-            let ctx = ctx.clone();
-            tokio::spawn(async move {
-                let r = route_elsewhere(&ctx, device, payload).await;
-                ctx.stats.downlink(r.status);
-                if let Some(to) = reply {
-                    let _ = ctx.client.publish(to, r.to_json()).await;
-                }
-            });
+        if !hand_request(ctx, device, payload.clone(), reply.clone()) {
+            // The session ended meanwhile: the request goes on elsewhere.
+            answer_elsewhere(ctx, device, payload, reply);
         }
     }
 }
@@ -365,13 +352,14 @@ pub(super) async fn serve_requests(ctx: Arc<Ctx>) {
 /// answer to the uplink dispatcher, which hears the outcome ([`answered_by_holder`]); false if
 /// the device has no session here.
 fn hand_to_holder(ctx: &Arc<Ctx>, device: [u8; 6], msg: &async_nats::Message) -> bool {
-    let waiter = Waiter::Request {
-        reply: msg.reply.clone(),
-        device,
-        payload: msg.payload.clone(),
-        since: std::time::Instant::now(),
-    };
-    hand_to_shard(ctx, device, msg.payload.clone(), waiter).is_some()
+    hand_request(ctx, device, msg.payload.clone(), msg.reply.clone())
+}
+
+/// [`hand_to_holder`] for a request's parts.
+fn hand_request(ctx: &Arc<Ctx>, device: [u8; 6], payload: Bytes, reply: Option<async_nats::Subject>) -> bool {
+    let waiter =
+        Waiter::Request { reply, device, payload: payload.clone(), since: std::time::Instant::now() };
+    hand_to_shard(ctx, device, payload, waiter).is_some()
 }
 
 /// The outcome of a downlink request handed to a shard by [`hand_to_holder`]: where to send
@@ -389,6 +377,13 @@ pub(super) fn answered_by_holder(
         ctx.stats.downlink(r.status);
         return reply.map(|to| (to, r));
     }
+    answer_elsewhere(ctx, device, payload, reply);
+    None
+}
+
+/// A request whose device has no session here (any more): route it on in a task that
+/// answers it.
+fn answer_elsewhere(ctx: &Arc<Ctx>, device: [u8; 6], payload: Bytes, reply: Option<async_nats::Subject>) {
     let ctx = ctx.clone();
     tokio::spawn(async move {
         let r = route_elsewhere(&ctx, device, payload).await;
@@ -397,7 +392,6 @@ pub(super) fn answered_by_holder(
             let _ = ctx.client.publish(to, r.to_json()).await;
         }
     });
-    None
 }
 
 /// Answer requests handed to a shard that has not reported within [`HOLDER_TIMEOUT`] (as
