@@ -14,7 +14,6 @@ use super::config::NatsConfig;
 use super::link::{Delivery, NatsStats, ToShard};
 use crate::gateway::GatewayHandle;
 
-/// A session of this gateway as the bridge tracks it.
 /// A device's queue being drained here.
 #[derive(Default)]
 pub(super) struct Drain {
@@ -26,6 +25,7 @@ pub(super) struct Drain {
     pub(super) held: std::collections::VecDeque<(Option<async_nats::Subject>, bytes::Bytes)>,
 }
 
+/// A session of this gateway as the bridge tracks it.
 pub(super) struct LocalSession {
     pub(super) session: [u8; 16],
     pub(super) shard: usize,
@@ -69,7 +69,7 @@ pub(super) struct Ctx {
     /// Steps of the start done (streams provisioned, downlink requests served): see
     /// [`super::NatsBridge::wait_ready`].
     pub(super) ready: tokio::sync::watch::Sender<u8>,
-    /// Devices whose queue is being drained; true if a nudge asked for another look.
+    /// Devices whose queue is being drained here, with the requests held until it is out.
     pub(super) draining: Mutex<FastMap<[u8; 6], Drain>>,
     pub(super) presence: tokio::sync::OnceCell<kv::Store>,
     pub(super) down_stream: tokio::sync::OnceCell<stream::Stream>,
