@@ -99,13 +99,31 @@ fn sigterm_stores_what_was_read_and_exits_promptly() {
     let devices: Vec<[u8; 6]> = (1..=3).map(|n| dev(8, n)).collect();
     let mut senders: Vec<_> =
         devices.iter().map(|d| reference_sender(gw.addr, Transport::Udp, *d, 100_000, "s")).collect();
+    // And 200 quiet TCP sessions, so that the farewells at shutdown take a while.
+    let idle: Vec<[u8; 6]> = (1..=200).map(|n| dev(9, n)).collect();
+    let (up_tx, up) = std::sync::mpsc::channel();
+    let (addr, ids) = (gw.addr, idle.clone());
+    let holder = std::thread::spawn(move || {
+        usmp::block_on(async move {
+            let mut clients = Vec::new();
+            for d in ids {
+                clients.push(Client::connect(&config(addr, Transport::Tcp, d)).await.unwrap());
+            }
+            up_tx.send(()).unwrap();
+            for c in &clients {
+                let _ = c.recv_timeout(Duration::from_secs(20)).await; // until the gateway's BYE
+            }
+        })
+    });
+    up.recv_timeout(Duration::from_secs(30)).expect("200 TCP sessions up");
     std::thread::sleep(Duration::from_millis(1500));
     let t0 = Instant::now();
     assert_eq!(gw.terminate(), Some(0));
     let took = t0.elapsed();
+    holder.join().unwrap();
     // Every session's farewell went out before the process ended: its disconnect event
     // (reason `shutdown`) and the removal of its presence entry.
-    for _ in &devices {
+    for _ in devices.iter().chain(&idle) {
         let m = rt
             .block_on(tokio::time::timeout(
                 Duration::from_secs(2),
@@ -117,7 +135,7 @@ fn sigterm_stores_what_was_read_and_exits_promptly() {
         assert_eq!(v["reason"], "shutdown", "{v}");
     }
     let kv = rt.block_on(js.get_key_value("USMP_PRESENCE")).unwrap();
-    for d in &devices {
+    for d in devices.iter().chain(&idle) {
         assert!(rt.block_on(kv.get(token(d))).unwrap().is_none(), "presence of {} left behind", token(d));
     }
     let mut acked = 0;
