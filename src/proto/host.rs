@@ -10,7 +10,8 @@
 use super::crypto::RECORD_OVERHEAD;
 use super::error::{ErrorKind, Reaction, Result, Transport};
 use super::frame::HEADER_LEN;
-use super::session::Received;
+use super::link::Link;
+use super::session::{Received, Session};
 
 /// Queued output above which new messages wait (or are refused) and PINGs go unanswered: a
 /// peer that does not take our frames cannot grow the queue.
@@ -80,6 +81,24 @@ pub fn unsent_from(transport: Transport, queued: &[u8], partly_written: usize, i
         _ => partly_written,
     };
     from.min(queued.len())
+}
+
+/// On the peer's REKEY ([`Response::Reseal`]): re-seal the frames of `queued` that have not
+/// begun to leave ([`unsent_from`]) under the new key and, on UDP, have `link` expect their
+/// new UTACKs. The runtime's connection and the in-memory peer both call this.
+pub fn reseal_unsent(
+    session: &mut Session,
+    link: &mut Link,
+    queued: &mut [u8],
+    partly_written: usize,
+) -> Result<()> {
+    let transport = session.transport();
+    let from = unsent_from(transport, queued, partly_written, link.is_busy());
+    session.reseal_unsent(&mut queued[from..])?;
+    if transport == Transport::Udp {
+        link.requeue_after(usize::from(from > 0), &queued[from..], session.tx_key_bytes());
+    }
+    Ok(())
 }
 
 /// After a write took `written` bytes off the front of a queue whose first `partly_written`

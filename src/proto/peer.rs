@@ -11,7 +11,7 @@ use super::crypto::{KEY_LEN, REKEY_SALT_LEN};
 use super::error::{ErrorKind, Result};
 use super::frame::HEADER_LEN;
 use super::handshake::Established;
-use super::host::{head_len, respond, unsent_from, Response, CONTROL_FRAME_LEN, INBOX_CAP, OUT_HIGH_WATER};
+use super::host::{head_len, respond, Response, CONTROL_FRAME_LEN, INBOX_CAP, OUT_HIGH_WATER};
 use super::link::{self, FrameOutcome, Inbound, Link, LinkHost, SendAction};
 use super::session::{sealed_len, Session};
 use super::Transport;
@@ -70,13 +70,8 @@ impl UdpPeer {
     /// The peer rekeyed: frames queued under the old key and not yet sent are sealed again
     /// under the new one (the rule is `host::unsent_from`'s, the same the runtime follows).
     fn reseal_unsent(&self) {
-        let mut out = self.out.borrow_mut();
-        let mut link = self.link.borrow_mut();
-        let from = unsent_from(Transport::Udp, &out, 0, link.is_busy());
-        let mut s = self.session.borrow_mut();
-        if s.reseal_unsent(&mut out[from..]).is_ok() {
-            link.requeue_after(usize::from(from > 0), &out[from..], s.tx_key_bytes());
-        }
+        let (mut out, mut link) = (self.out.borrow_mut(), self.link.borrow_mut());
+        let _ = super::host::reseal_unsent(&mut self.session.borrow_mut(), &mut link, &mut out, 0);
     }
 
     /// Queue one message (fragmented as needed).

@@ -19,7 +19,7 @@ use super::{now, Error};
 use crate::proto::crypto::REKEY_SALT_LEN;
 use crate::proto::frame::HEADER_LEN;
 pub(crate) use crate::proto::host::{head_len, INBOX_CAP, OUT_HIGH_WATER};
-use crate::proto::host::{respond, unsent_from, Response, CONTROL_FRAME_LEN};
+use crate::proto::host::{respond, Response, CONTROL_FRAME_LEN};
 use crate::proto::link::{frame_count, Link};
 use crate::proto::session::{sealed_len, Session};
 use crate::proto::{ErrorKind, Transport};
@@ -456,20 +456,14 @@ impl Conn {
     fn reseal_unsent(&self) {
         let mut out = self.out.borrow_mut();
         let mut link = self.link.borrow_mut();
-        let transport = self.transport();
-        let from = unsent_from(transport, &out, usize::from(self.head_rest.get()), link.is_busy());
         let mut session = self.session.borrow_mut();
-        if let Err(e) = session.reseal_unsent(&mut out[from..]) {
+        let partly_written = usize::from(self.head_rest.get());
+        if let Err(e) = crate::proto::host::reseal_unsent(&mut session, &mut link, &mut out, partly_written) {
             // Only our own frames are here, so this is a bug, not the peer's doing; with some
             // frames re-sealed and the old key gone the queue cannot be trusted: end cleanly.
             tracing::error!(error = %e, "re-sealing queued frames after a REKEY failed; closing");
             drop((session, link, out));
             self.close(CloseReason::Protocol(e.kind()), false);
-            return;
-        }
-        if transport == Transport::Udp {
-            let key = *session.tx_key_bytes();
-            link.requeue_after(usize::from(from > 0), &out[from..], &key);
         }
     }
 
