@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 const ALLOWED: &[(&str, &[&str])] = &[
     ("proto", &[]),
     ("psk", &["proto"]),
-    ("fuzzing", &["proto"]),
+    ("fuzzing", &["proto", "rt"]),
     ("rt", &["proto", "psk"]),
     ("gateway", &["proto", "psk", "rt"]),
     ("client", &["proto", "psk", "rt"]),

@@ -79,7 +79,9 @@ pub(super) fn deliver(router: &Router, out: &UdpOut, d: &mut [u8], from: SocketA
             }
         }
         Some(conn) => {
-            if let Inbound::Handshake(PacketType::SessionOk) = on_session_datagram(&conn, out, d, server) {
+            if let Inbound::Handshake(PacketType::SessionOk) =
+                on_session_datagram(&conn, out, d, server, now())
+            {
                 // Our UTACK of SESSION_OK was lost and the gateway retransmits it.
                 let (a, l) = encode_utack(PacketType::SessionOk as u8, 0, None);
                 out.send(&a[..l], server);

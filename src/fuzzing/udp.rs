@@ -1,5 +1,6 @@
-//! `udp_path`: the real UDP endpoint of a shard (`proto::endpoint::Endpoint`, with its
-//! sessions' links in `proto::peer::UdpPeer`) fed arbitrary datagrams from arbitrary
+//! `udp_path`: the real UDP endpoint of a shard (`proto::endpoint::Endpoint`) and its shipping
+//! sessions (`rt::conn::Conn` driven through `rt::udp`, as the gateway's port drives them; the
+//! devices' ends are `proto::peer::UdpPeer`) fed arbitrary datagrams from arbitrary
 //! addresses, real devices' flights (`proto::device::Device`), forged UTACKs and sealed frames,
 //! on a simulated clock. The glue around the endpoint is as thin as the gateway's: admission
 //! from a lockout table and a handshake cap, key lookup, an echoing application.
@@ -27,9 +28,11 @@
 //! table and the sessions' queues within bounds, cookies remembered ≤ valid cookies redeemed
 //! in the last two buckets.
 
+use core::cell::{Cell, RefCell};
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use core::time::Duration;
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 use super::{hmac_oracle, open_oracle, psk_of, seal_oracle, utack_oracle};
 use super::{Input, Report, CLIENT_SEEDS, DEVICES};
@@ -38,10 +41,14 @@ use crate::proto::device::{Device, DeviceEvent};
 use crate::proto::endpoint::{DatagramEvent, Endpoint, EndpointConfig, Event, HandshakeFailure, KeyDecision};
 use crate::proto::frame::{Frame, PacketType};
 use crate::proto::handshake::{decode_hello, Hello};
-use crate::proto::host::OUT_HIGH_WATER;
 use crate::proto::lockout::{LockoutKey, LockoutPolicy, LockoutTable};
 use crate::proto::peer::UdpPeer;
+use crate::proto::session::Session;
 use crate::proto::udp::{is_utack, CookieJar};
+use crate::proto::Transport;
+use crate::rt::conn::{Ack, CloseReason, Conn, Links, MessageHook, Port, OUT_HARD_LIMIT};
+use crate::rt::datagram::UdpOut;
+use crate::rt::udp::{on_session_datagram, step};
 
 const MAX_OPS: usize = 64;
 /// Handshakes started per input (each costs four X25519 operations); the input ends there.
@@ -79,20 +86,81 @@ type RxKey = ([u8; 32], [u8; 16]);
 /// A PSK and the proof input `nonce ‖ device_id ‖ pub_C ‖ pub_S` of a CHALLENGE sent.
 type Transcript = (&'static [u8], Vec<u8>);
 
-/// One shard's UDP side: the endpoint and a glue as thin as `gateway::udp`'s.
+/// The gateway's UDP port (`gateway::port::UdpPort`) without its timer task, on the simulated
+/// clock: the shipping connections send through it, and the harness moves their senders when
+/// time passes (early is harmless: the link sends only what is due).
+struct SimPort {
+    out: UdpOut,
+    now: Cell<Duration>,
+    finished: RefCell<Vec<Rc<Conn>>>,
+}
+
+impl Port for SimPort {
+    fn out(&self) -> &UdpOut {
+        &self.out
+    }
+    fn step(&self, conn: &Conn, t: Duration) -> bool {
+        step(conn, &self.out, t)
+    }
+    fn arm(&self, _: &Conn, _: Duration) {}
+    fn finished(&self, conn: Rc<Conn>) {
+        self.finished.borrow_mut().push(conn);
+    }
+    fn now(&self) -> Duration {
+        self.now.get()
+    }
+}
+
+/// The echoing application, delivered inline as the gateway's `--mode echo` is: each message
+/// goes back with `try_send`, which refuses past the connection's hard limit.
+struct Echo(Rc<Cell<usize>>);
+
+impl MessageHook for Echo {
+    fn on_message(&self, conn: &Rc<Conn>, msg: &[u8]) -> Ack {
+        self.0.set(self.0.get() + 1);
+        let _ = conn.try_send(msg);
+        Ack::Now
+    }
+}
+
+/// One shard's UDP side: the endpoint, the shipping connections (`rt::Conn` and its UDP
+/// link host, `rt::udp`) and a glue as thin as `gateway::udp`'s.
 struct Shard {
     now: Duration,
-    ep: Endpoint<usize>,
-    sessions: Vec<Option<UdpPeer>>,
+    ep: Endpoint<Rc<Conn>>,
+    port: Rc<SimPort>,
+    links: Rc<Links>,
     lockout: LockoutTable,
     pending: usize,
     out: Vec<(SocketAddr, Vec<u8>)>,
     rng: u64,
-    delivered: usize,
+    delivered: Rc<Cell<usize>>,
     established: usize,
 }
 
 impl Shard {
+    fn new(now: Duration, ep: Endpoint<Rc<Conn>>, lockout: LockoutTable) -> Self {
+        let port =
+            Rc::new(SimPort { out: UdpOut::default(), now: Cell::new(now), finished: RefCell::default() });
+        let delivered = Rc::new(Cell::new(0));
+        let links = Rc::new(Links {
+            hook: Some(Box::new(Echo(delivered.clone()))),
+            port: Some(port.clone() as Rc<dyn Port>),
+        });
+        Shard {
+            now,
+            ep,
+            port,
+            links,
+            lockout,
+            pending: 0,
+            out: Vec::new(),
+            rng: 0,
+            delivered,
+            established: 0,
+        }
+    }
+
     fn random<const N: usize>(&mut self) -> [u8; N] {
         self.rng += 1;
         let mac = hmac_oracle(&SECRET, &[&self.rng.to_le_bytes()]);
@@ -101,8 +169,8 @@ impl Shard {
         b
     }
 
-    fn session(&self, from: SocketAddr) -> Option<&UdpPeer> {
-        self.ep.session(from).and_then(|h| self.sessions.get(*h)?.as_ref())
+    fn session(&self, from: SocketAddr) -> Option<&Rc<Conn>> {
+        self.ep.session(from)
     }
 
     /// One datagram (the shard's receive loop); returns whether a valid cookie was redeemed.
@@ -110,10 +178,8 @@ impl Shard {
         let mut redeemed = false;
         match self.ep.handle_datagram(self.now, from, d) {
             DatagramEvent::Done(_) => {}
-            DatagramEvent::Session(h) => {
-                if let Some(s) = self.sessions.get(h).and_then(|s| s.as_ref()) {
-                    s.handle_datagram(self.now, &mut d.to_vec());
-                }
+            DatagramEvent::Session(conn) => {
+                on_session_datagram(&conn, &self.port.out, &mut d.to_vec(), from, self.now);
             }
             DatagramEvent::Incoming(inc) => {
                 redeemed = true;
@@ -130,7 +196,8 @@ impl Shard {
         redeemed
     }
 
-    /// Send what the endpoint and the sessions queued, act on events, run the application.
+    /// Send what the endpoint and the sessions queued, act on events, unregister the sessions
+    /// that finished (as `gateway::udp::drive` and `unregister_finished` do).
     fn drive(&mut self) {
         loop {
             while let Some(t) = self.ep.poll_transmit() {
@@ -154,9 +221,10 @@ impl Shard {
                     self.pending -= 1;
                     self.established += 1;
                     self.lockout.record_success(&LockoutKey::Device(from.ip(), est.device_id));
-                    self.sessions.push(Some(UdpPeer::new(&est)));
-                    if let Some(old) = self.ep.attach(from, self.sessions.len() - 1) {
-                        self.sessions[old] = None; // replaced
+                    let conn =
+                        Conn::with_links(Session::new(&est, Transport::Udp), from, Some(self.links.clone()));
+                    if let Some(old) = self.ep.attach(from, conn) {
+                        old.close(CloseReason::Replaced, false);
                     }
                 }
                 Event::Failed { from, device_id, reason } => {
@@ -165,43 +233,35 @@ impl Shard {
                         self.lockout.record_failure(LockoutKey::Device(from.ip(), device_id), self.now);
                     }
                 }
-                Event::SessionOkUnacked(_) => {}
+                Event::SessionOkUnacked(conn) => {
+                    if conn.stats().frames_in == 0 {
+                        conn.close(CloseReason::PeerGone, false);
+                    }
+                }
             }
         }
-        let now = self.now;
-        for i in 0..self.sessions.len() {
-            let Some(s) = &self.sessions[i] else { continue };
-            // The echoing application, bounded like `try_send`.
-            while let Some(m) = s.recv() {
-                self.delivered += 1;
-                if s.queued_len() < OUT_HIGH_WATER {
-                    let _ = s.send_message(now, &m);
-                }
-            }
-            let to = self.peer_of(i);
-            while let Some(d) = s.poll_transmit() {
-                if let Some(to) = to {
-                    self.out.push((to, d));
-                }
-            }
-            if s.is_gone() || (s.is_closed() && s.is_drained()) {
-                if let Some(to) = to {
-                    self.ep.detach(to, |h| *h == i);
-                }
-                self.sessions[i] = None;
-            }
+        while let Some((d, to, _)) = self.port.out.pop() {
+            self.out.push((to, d));
+        }
+        let finished = core::mem::take(&mut *self.port.finished.borrow_mut());
+        for conn in finished {
+            self.ep.detach(conn.peer(), |c| Rc::ptr_eq(c, &conn));
         }
     }
 
-    fn peer_of(&self, handle: usize) -> Option<SocketAddr> {
-        (0..4).map(slot_addr).find(|a| self.ep.session(*a) == Some(&handle))
+    fn sessions(&self) -> Vec<Rc<Conn>> {
+        (0..4).filter_map(|i| self.ep.session(slot_addr(i)).cloned()).collect()
     }
 
     fn advance(&mut self, dt: Duration) {
         self.now += dt;
+        self.port.now.set(self.now);
         self.ep.handle_timeout(self.now);
-        for s in self.sessions.iter().flatten() {
-            s.handle_timeout(self.now);
+        // The port's timers: every session whose sender has something due.
+        for conn in self.sessions() {
+            if conn.link.borrow().poll_timeout().is_some_and(|at| at <= self.now) {
+                conn.kick();
+            }
         }
         self.drive();
     }
@@ -211,8 +271,9 @@ impl Shard {
         assert!(self.pending <= MAX_PENDING, "too many handshakes");
         assert_eq!(self.pending, self.ep.handshake_count(), "handshake count drifted");
         assert!(self.lockout.len() <= LOCKOUT_ENTRIES, "lockout table over its bound");
-        for s in self.sessions.iter().flatten() {
-            assert!(s.queued_len() <= OUT_HIGH_WATER + 2048, "send queue over its bound");
+        for conn in self.sessions() {
+            let queued = conn.bytes_queued() - conn.bytes_gone();
+            assert!(queued <= (OUT_HARD_LIMIT + 2048) as u64, "send queue over its bound");
         }
     }
 }
@@ -244,9 +305,9 @@ pub(crate) fn parse_hello(d: &[u8]) -> Option<Hello> {
 
 impl Harness {
     fn keys_of(&self, from: SocketAddr) -> Option<RxKey> {
-        self.shard.session(from).map(|s| {
-            let (_, rx, sid) = s.keys();
-            (rx, sid)
+        self.shard.session(from).map(|c| {
+            let s = c.session();
+            (*s.rx_key_bytes(), *s.session_id())
         })
     }
 
@@ -262,7 +323,7 @@ impl Harness {
     /// Deliver `d` from `from` to the shard and check what it did about it.
     fn deliver(&mut self, from: SocketAddr, d: &[u8]) {
         let keys = self.keys_of(from);
-        let in_flight = self.shard.session(from).and_then(|s| s.in_flight());
+        let in_flight = self.shard.session(from).and_then(|c| c.link.borrow().in_flight());
         let bucket = CookieJar::bucket(self.shard.now.as_secs());
         let hello = parse_hello(d);
         let cookie_ok = hello.as_ref().and_then(|h| Some((h.cookie?, h))).is_some_and(|(c, h)| {
@@ -321,7 +382,7 @@ impl Harness {
         }
         self.note_keys(from);
         if let Some(e) = in_flight {
-            if is_utack(d) && self.shard.session(from).and_then(|s| s.in_flight()) != Some(e) {
+            if is_utack(d) && self.shard.session(from).and_then(|c| c.link.borrow().in_flight()) != Some(e) {
                 assert!(e.matches(d), "ARQ completed by a wrong UTACK");
             }
         }
@@ -433,17 +494,11 @@ pub fn udp_path(data: &[u8]) -> Report {
         ..EndpointConfig::default()
     };
     let mut h = Harness {
-        shard: Shard {
+        shard: Shard::new(
             now,
-            ep: Endpoint::new(cfg, &SECRET),
-            sessions: Vec::new(),
-            lockout: LockoutTable::new(LockoutPolicy { max_entries: LOCKOUT_ENTRIES, ..Default::default() }),
-            pending: 0,
-            out: Vec::new(),
-            rng: 0,
-            delivered: 0,
-            established: 0,
-        },
+            Endpoint::new(cfg, &SECRET),
+            LockoutTable::new(LockoutPolicy { max_entries: LOCKOUT_ENTRIES, ..Default::default() }),
+        ),
         devs: (0..4).map(|_| Dev::default()).collect(),
         transcripts: BTreeMap::new(),
         rx_keys: BTreeMap::new(),
@@ -509,7 +564,7 @@ pub fn udp_path(data: &[u8]) -> Report {
                 let (mode, t, seq) = (r.u8() % 4, r.u8(), r.u32());
                 let (_, key, _) =
                     h.devs[slot].session.as_ref().map_or(([0; 32], [0; 32], [0; 16]), |s| s.keys());
-                let exact = h.shard.session(slot_addr(slot)).and_then(|s| s.in_flight());
+                let exact = h.shard.session(slot_addr(slot)).and_then(|c| c.link.borrow().in_flight());
                 let u = match (mode, exact) {
                     (0, _) => utack_oracle(t, seq, Some(&key)),
                     (1, _) => utack_oracle(t, seq, None),
@@ -531,10 +586,8 @@ pub fn udp_path(data: &[u8]) -> Report {
             }
             8 => {
                 let len = usize::from(r.u16()) % 1900;
-                if let Some(s) = h.shard.session(slot_addr(slot)) {
-                    if s.queued_len() < OUT_HIGH_WATER {
-                        let _ = s.send_message(now, &vec![0x3C; len]);
-                    }
+                if let Some(c) = h.shard.session(slot_addr(slot)) {
+                    let _ = c.try_send(&vec![0x3C; len]);
                 }
                 h.shard.drive();
                 let out = core::mem::take(&mut h.shard.out);
@@ -548,5 +601,5 @@ pub fn udp_path(data: &[u8]) -> Report {
         }
         h.check();
     }
-    Report { established: h.shard.established, messages: h.shard.delivered, ..Report::default() }
+    Report { established: h.shard.established, messages: h.shard.delivered.get(), ..Report::default() }
 }

@@ -236,10 +236,11 @@ fn dropped_as(shard: &Shard, reason: impl FnOnce(&ShardStats) -> &std::sync::ato
 }
 
 fn on_datagram(shard: &Rc<Shard>, udp: &Rc<UdpShard>, d: &mut [u8], from: SocketAddr) {
-    let ev = udp.ep.borrow_mut().handle_datagram(now(), from, d);
+    let t = now();
+    let ev = udp.ep.borrow_mut().handle_datagram(t, from, d);
     let s = shard.stats();
     match ev {
-        DatagramEvent::Session(conn) => match on_session_datagram(&conn, udp.port.out(), d, from) {
+        DatagramEvent::Session(conn) => match on_session_datagram(&conn, udp.port.out(), d, from, t) {
             Inbound::Handled | Inbound::Closed => {}
             Inbound::Dropped(kind) => dropped_for(shard, kind),
             Inbound::Busy => dropped_as(shard, |s| &s.dropped_busy),

@@ -26,7 +26,7 @@ use crate::proto::{ErrorKind, Transport};
 
 /// Outgoing bytes above which `try_send` refuses: a message hook sending far more than it
 /// receives cannot grow the queue without bound.
-const OUT_HARD_LIMIT: usize = 4 * OUT_HIGH_WATER;
+pub(crate) const OUT_HARD_LIMIT: usize = 4 * OUT_HIGH_WATER;
 /// [`Conn`] flag: the socket is gone and every loop has ended.
 const DONE: u8 = 1;
 /// [`Conn`] flag: closed without BYE, so nothing queued is sent or retransmitted.
@@ -92,6 +92,11 @@ pub trait Port {
     fn arm(&self, conn: &Conn, at: Duration);
     /// `conn` is closed with nothing left to deliver: its owner unregisters it.
     fn finished(&self, conn: Rc<Conn>);
+    /// The time its connections' senders run on: the process's monotonic clock, or a
+    /// simulated one (the fuzzer drives the shipping connection on its own clock).
+    fn now(&self) -> Duration {
+        now()
+    }
 }
 
 /// Shared state of one connection; lives in an `Rc` on its shard's thread.
@@ -321,7 +326,7 @@ impl Conn {
             self.ev.notify();
             return;
         };
-        let t = now();
+        let t = port.now();
         if port.step(self, t) {
             // `step` may close the connection, which kicks again: hand it over once.
             if self.finish() {
@@ -507,10 +512,9 @@ impl Conn {
         }
     }
 
-    /// Handle one authenticated-or-not frame (TCP reader or UDP datagram): what it asks of
-    /// the connection is [`respond`]'s to say.
-    pub(crate) fn on_frame(&self, frame: &mut [u8]) -> FrameOutcome {
-        let t = now();
+    /// Handle one authenticated-or-not frame (TCP reader or UDP datagram) that arrived at
+    /// `t`: what it asks of the connection is [`respond`]'s to say.
+    pub(crate) fn on_frame(&self, frame: &mut [u8], t: Duration) -> FrameOutcome {
         let len = frame.len() as u64;
         let frame_at = frame.as_ptr() as usize;
         let queued = self.out.borrow().len();

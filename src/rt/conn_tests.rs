@@ -35,14 +35,14 @@ fn a_ping_is_answered_only_while_output_is_under_the_high_water() {
     for t in [Transport::Tcp, Transport::Udp] {
         let (c, mut device) = conn(t);
         let mut ping = sealed(|o| device.seal_ping(now(), o).unwrap());
-        assert_eq!(c.on_frame(&mut ping), FrameOutcome::Accepted);
+        assert_eq!(c.on_frame(&mut ping, now()), FrameOutcome::Accepted);
         assert_eq!(c.out.borrow().len(), CONTROL_FRAME_LEN, "{t:?}: the PONG is queued");
         while c.out.borrow().len() < OUT_HIGH_WATER {
             c.try_send(&[0; 1808]).unwrap();
         }
         let before = c.out.borrow().len();
         let mut ping = sealed(|o| device.seal_ping(now(), o).unwrap());
-        assert_eq!(c.on_frame(&mut ping), FrameOutcome::Accepted);
+        assert_eq!(c.on_frame(&mut ping, now()), FrameOutcome::Accepted);
         assert_eq!(c.out.borrow().len(), before, "{t:?}: no PONG above the high water");
         assert!(c.close_reason().is_none());
     }
@@ -62,7 +62,7 @@ fn a_peers_rekey_reseals_tcp_output_behind_the_partly_written_frame() {
     c.head_rest.set(rest as u16);
     c.out.borrow_mut().drain(..10);
     let mut rekey = sealed(|o| device.seal_rekey(&[3; 32], o).unwrap());
-    assert_eq!(c.on_frame(&mut rekey), FrameOutcome::Accepted);
+    assert_eq!(c.on_frame(&mut rekey, now()), FrameOutcome::Accepted);
     let out = c.out.borrow().clone();
     assert_eq!(&out[..rest], &original[0][10..], "the partly written frame is untouched");
     // The device reads the first frame whole (old key, kept until a new-key frame), then
@@ -123,7 +123,7 @@ fn a_peers_rekey_reseals_udp_output_behind_the_frame_in_flight() {
     assert!(matches!(poll_sender(&AckOnly(&c), now()), SendAction::Send { .. }));
     let old_rx = *device.rx_key_bytes();
     let mut rekey = sealed(|o| device.seal_rekey(&[4; 32], o).unwrap());
-    assert_eq!(c.on_frame(&mut rekey), FrameOutcome::Accepted);
+    assert_eq!(c.on_frame(&mut rekey, now()), FrameOutcome::Accepted);
     let out = frames(&c.out.borrow());
     assert_eq!(out[0], original[0], "the frame in flight is unchanged");
     assert_ne!(out[1], original[1]);

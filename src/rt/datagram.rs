@@ -84,7 +84,7 @@ impl UdpOut {
     }
 
     /// The next datagram to send, if any.
-    fn pop(&self) -> Option<Outgoing> {
+    pub(crate) fn pop(&self) -> Option<Outgoing> {
         self.queue.borrow_mut().pop_front()
     }
 

@@ -276,6 +276,8 @@ fn flush(conn: &Conn, stream: &mut TcpStreamPoll, cx: &mut Context<'_>) -> std::
 }
 
 fn drain_frames(conn: &Conn, deframer: &mut Deframer) -> bool {
+    // The frames of one read arrived together.
+    let t = super::now();
     loop {
         // An application holding acknowledgements bounds what it has taken in per frame, not
         // per read: the frames left buffered wait for `resume_input`.
@@ -283,7 +285,7 @@ fn drain_frames(conn: &Conn, deframer: &mut Deframer) -> bool {
             return true;
         }
         match deframer.next_frame() {
-            Ok(Some(frame)) => match conn.on_frame(frame) {
+            Ok(Some(frame)) => match conn.on_frame(frame, t) {
                 FrameOutcome::Accepted | FrameOutcome::AcceptedHeld | FrameOutcome::Rejected(_) => {}
                 FrameOutcome::AcceptedAndClosed | FrameOutcome::Closed => return false,
             },

@@ -75,8 +75,8 @@ impl LinkHost for ConnLink<'_> {
     fn ack_key(&self) -> [u8; 32] {
         *self.conn.session().ack_key_bytes()
     }
-    fn open(&self, _now: Duration, frame: &mut [u8]) -> FrameOutcome {
-        self.conn.on_frame(frame)
+    fn open(&self, now: Duration, frame: &mut [u8]) -> FrameOutcome {
+        self.conn.on_frame(frame, now)
     }
     fn verify_duplicate(&self, frame: &mut [u8]) -> bool {
         self.conn.session().verify_duplicate(frame)
@@ -107,8 +107,15 @@ impl LinkHost for ConnLink<'_> {
     }
 }
 
-/// Handle one datagram from the peer of an established UDP session (`proto::link` decides:
-/// UTACKs complete the frame in flight, frames are acknowledged only once authentic).
-pub fn on_session_datagram(conn: &Conn, out: &UdpOut, d: &mut [u8], peer: SocketAddr) -> Inbound {
-    link::handle_datagram(&ConnLink { conn, out, peer }, now(), d)
+/// Handle one datagram that arrived at `t` from the peer of an established UDP session
+/// (`proto::link` decides: UTACKs complete the frame in flight, frames are acknowledged only
+/// once authentic).
+pub fn on_session_datagram(
+    conn: &Conn,
+    out: &UdpOut,
+    d: &mut [u8],
+    peer: SocketAddr,
+    t: Duration,
+) -> Inbound {
+    link::handle_datagram(&ConnLink { conn, out, peer }, t, d)
 }
