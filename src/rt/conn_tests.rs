@@ -138,3 +138,29 @@ fn a_peers_rekey_reseals_udp_output_behind_the_frame_in_flight() {
     assert_eq!(device.open(&mut f, now()).unwrap(), Received::Message(b"two"));
     assert!(device.rekey_settled(), "the re-sealed frame opened with the new key");
 }
+
+/// UDP: the UTACK of the device's REKEY was lost, so the device sends the same REKEY again.
+/// The copy is an authentic duplicate: acknowledged again with the same UTACK, the keys do not
+/// move a second time, and the session goes on under the new keys.
+#[test]
+fn a_rekey_sent_again_after_its_utack_was_lost_is_acknowledged_again() {
+    use crate::rt::datagram::UdpOut;
+    use crate::rt::udp::{on_session_datagram, Inbound};
+    let (c, mut device) = conn(Transport::Udp);
+    let out = UdpOut::new();
+    let rekey = sealed(|o| device.seal_rekey(&[5; 32], o).unwrap());
+    assert_eq!(on_session_datagram(&c, &out, &mut rekey.clone(), c.peer(), now()), Inbound::Handled);
+    let utack = out.pop().expect("the REKEY is acknowledged").0;
+    assert!(out.pop().is_none());
+    let rx = *c.session().rx_key_bytes();
+    // That UTACK is lost: the device retransmits.
+    assert_eq!(on_session_datagram(&c, &out, &mut rekey.clone(), c.peer(), now()), Inbound::Handled);
+    let again: Vec<_> = std::iter::from_fn(|| out.pop()).map(|d| d.0).collect();
+    assert!(!again.is_empty(), "the retransmitted REKEY is acknowledged again");
+    assert!(again.iter().all(|u| *u == utack), "with the same UTACK");
+    assert_eq!(*c.session().rx_key_bytes(), rx, "the keys switched once");
+    assert!(c.close_reason().is_none());
+    let mut m = sealed(|o| device.seal_message(b"after", o).unwrap());
+    assert_eq!(on_session_datagram(&c, &out, &mut m, c.peer(), now()), Inbound::Handled);
+    assert_eq!(c.inbox_len(), 1, "a message under the new keys is delivered");
+}
