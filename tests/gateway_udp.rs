@@ -625,3 +625,66 @@ fn devices_that_authenticated_before_get_cookies_when_their_source_is_spent() {
     drop(socks);
     gw.shutdown();
 }
+
+/// An off-path attacker who knows a device's address forges a HELLO_ACK for it while its
+/// handshake waits (here: a relay that sends one from the device's address just before each
+/// CHALLENGE reaches the device). The forgery is dropped unacknowledged and counted as
+/// unauthenticated, nothing counts against the device, and its own HELLO_ACK completes the
+/// handshake.
+#[test]
+fn a_forged_hello_ack_does_not_end_the_devices_handshake() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    use usmp::proto::frame::Frame;
+    use usmp::proto::udp::is_utack;
+    let gw = gateway(1);
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+    let back = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+    back.connect(gw.local_addr()).unwrap();
+    let (stop, forged) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    let device: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
+    let relay: Vec<_> = (0..2)
+        .map(|dir| {
+            let (front, back, stop, forged, device) =
+                (front.clone(), back.clone(), stop.clone(), forged.clone(), device.clone());
+            std::thread::spawn(move || {
+                let from = if dir == 0 { &front } else { &back };
+                from.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+                let mut b = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((n, src)) = from.recv_from(&mut b) else { continue };
+                    let d = &b[..n];
+                    if dir == 0 {
+                        *device.lock().unwrap() = Some(src);
+                        let _ = back.send(d);
+                        continue;
+                    }
+                    let challenge = !is_utack(d)
+                        && Frame::decode_exact(d).is_ok_and(|f| f.packet_type() == PacketType::Challenge);
+                    if challenge {
+                        let mut f = [0u8; 64];
+                        let n = encode_frame(PacketType::HelloAck, 0, &[0x66; 32], &mut f).unwrap();
+                        let _ = back.send(&f[..n]);
+                        forged.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if let Some(to) = *device.lock().unwrap() {
+                        let _ = front.send_to(d, to);
+                    }
+                }
+            })
+        })
+        .collect();
+    usmp::block_on(async {
+        let c = Client::connect(&udp(front.local_addr().unwrap())).await.expect("the handshake survives");
+        c.send(b"after a forgery").await.unwrap();
+        assert_eq!(c.recv().await.unwrap(), b"after a forgery");
+        c.disconnect().await;
+    });
+    stop.store(true, Ordering::Relaxed);
+    relay.into_iter().for_each(|t| t.join().unwrap());
+    let s = gw.handle().stats();
+    assert!(forged.load(Ordering::Relaxed) >= 1);
+    assert_eq!((s.handshakes_ok, s.handshakes_bad_key), (1, 0), "{s:?}");
+    assert!(s.dropped_unauthenticated >= 1, "the forgery is counted: {s:?}");
+    gw.shutdown();
+}
