@@ -55,11 +55,14 @@ fn write_until_blocked(dev: &mut RawDevice, for_at_most: Duration) {
 /// Downlinks to `device` until its queue has answered "busy" for 300 ms straight: the
 /// socket buffers (megabytes on loopback) are full and our queue with them.
 fn fill_until_stalled(h: &GatewayHandle, device: DeviceId) -> usize {
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
     let (mut queued, mut busy_since) = (0, None::<Instant>);
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(10) {
-        match rt.block_on(h.deliver(device, &BIG)) {
+        // A shard that awaited a stalled session would never answer: fail, do not hang.
+        let answer = rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(5), h.deliver(device, &BIG)).await });
+        match answer.expect("the shard answers while one of its sessions is stalled") {
             Ok(()) => {
                 queued += 1;
                 busy_since = None;
@@ -175,7 +178,7 @@ fn a_stalled_device_never_holds_up_its_shard() {
     let _hog = RawDevice::connect_small(addr, PSK, [5; 6], 2048);
     let mut other = RawDevice::connect(addr, PSK, [6; 6]);
     wait_for("both sessions are up", Duration::from_secs(5), || h.session_count() == 2);
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
     let hog = DeviceId::new([5; 6]);
     // Until it stays busy: a first refusal can come while the kernel is still taking what
     // the gateway writes, and the queue then has room again a moment later.
@@ -184,7 +187,12 @@ fn a_stalled_device_never_holds_up_its_shard() {
     assert!(h.stats().downlinks_busy >= 1, "busy is counted");
     // A broadcast reaches the other device and is counted busy for the hog.
     let t0 = Instant::now();
-    rt.block_on(h.deliver(DeviceId::new([6; 6]), b"for the other one")).unwrap();
+    let other_id = DeviceId::new([6; 6]);
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(2), h.deliver(other_id, b"for the other one")).await
+    })
+    .expect("the shard answers at once")
+    .unwrap();
     other.stream.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let f = other.next_frame().expect("the downlink arrives");
     let mut f = f.clone();
