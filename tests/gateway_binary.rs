@@ -189,6 +189,60 @@ fn ack_and_log_modes() {
     assert!(ts.len() == 27 && ts.ends_with('Z') && ts.as_bytes()[10] == b'T', "{ts}");
 }
 
+/// `--mode log` with its stdout closed (the reader of the pipe went away): the first lines
+/// fail to write, which is logged once, and the gateway goes on serving devices.
+#[test]
+fn log_mode_survives_a_closed_stdout() {
+    let mut child = ChildGuard(
+        Command::new(BIN)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--shards",
+                "1",
+                "--psk",
+                "binary-test-key-0123",
+                "--mode",
+                "log",
+            ])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    drop(child.stdout.take()); // the pipe's only reader is gone
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = listening_addr(&mut lines);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || lines.for_each(|l| drop(tx.send(l.unwrap_or_default()))));
+    let cfg = ClientConfig::new(addr, &b"binary-test-key-0123"[..]);
+    let session = |n: usize| {
+        let cfg = cfg.clone();
+        usmp::block_on(async move {
+            let c = Client::connect(&cfg).await.expect("the gateway still serves");
+            for i in 0..n {
+                c.send(format!("reading {i}").as_bytes()).await.unwrap();
+            }
+            monoio::time::sleep(Duration::from_millis(100)).await;
+            c.disconnect().await;
+        })
+    };
+    session(3);
+    let t0 = std::time::Instant::now();
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l.contains("message log: cannot write to stdout")) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no log line about stdout: {seen:?}");
+        seen.extend(rx.recv_timeout(Duration::from_millis(100)).ok());
+    }
+    session(100);
+    assert!(child.try_wait().unwrap().is_none(), "the gateway is still running");
+    let more: Vec<String> = rx.try_iter().collect();
+    let again = more.iter().filter(|l| l.contains("cannot write to stdout")).count();
+    assert_eq!(again, 0, "logged once: {more:?}");
+}
+
 #[test]
 fn handshake_rates_that_would_overflow_are_refused_with_a_clear_error() {
     for rate in ["1e-300", "1e300", "-1", "NaN", "inf"] {
