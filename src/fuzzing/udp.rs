@@ -1,8 +1,7 @@
 //! `udp_path`: the real UDP endpoint of a shard (`proto::endpoint::Endpoint`) and its shipping
-//! sessions (`rt::conn::Conn` driven through `rt::udp`, as the gateway's port drives them; the
-//! devices' ends are `proto::peer::UdpPeer`) fed arbitrary datagrams from arbitrary
-//! addresses, real devices' flights (`proto::device::Device`), forged UTACKs and sealed frames,
-//! on a simulated clock. The glue around the endpoint is as thin as the gateway's: admission
+//! sessions (`rt::conn::Conn` driven through `rt::udp`, as the gateway's port drives them) fed
+//! arbitrary datagrams from arbitrary addresses, real devices' flights (`proto::device::Device`,
+//! then the client's `rt::conn::Conn`), forged UTACKs and sealed frames, on a simulated clock. The glue around the endpoint is as thin as the gateway's: admission
 //! from a lockout table and a handshake cap, key lookup, an echoing application.
 //!
 //! Input: `skew(2) ‖ ops…` (the clock starts `skew` seconds in, so cookie buckets fall
@@ -42,7 +41,6 @@ use crate::proto::endpoint::{DatagramEvent, Endpoint, EndpointConfig, Event, Han
 use crate::proto::frame::{Frame, PacketType};
 use crate::proto::handshake::{decode_hello, Hello};
 use crate::proto::lockout::{LockoutKey, LockoutPolicy, LockoutTable};
-use crate::proto::peer::UdpPeer;
 use crate::proto::session::Session;
 use crate::proto::udp::{is_utack, CookieJar};
 use crate::proto::Transport;
@@ -71,13 +69,21 @@ pub(crate) fn slot_addr(i: usize) -> SocketAddr {
 
 const GATEWAY: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 9, 9, 9)), 9000);
 
-/// A device slot: the real device role, then its session.
+/// A device slot: the real device role, then its session as the client runs it (the shipping
+/// `rt::conn::Conn` with its own socket queue, its sender moved as `rt::udp::pump` moves it).
 #[derive(Default)]
 struct Dev {
     device: Option<Device>,
-    session: Option<UdpPeer>,
+    session: Option<Rc<Conn>>,
+    out: UdpOut,
     sent: Vec<Vec<u8>>,
     inbox: Vec<Vec<u8>>,
+}
+
+/// A session's keys (tx, rx) and id.
+fn keys(c: &Conn) -> ([u8; 32], [u8; 32], [u8; 16]) {
+    let s = c.session();
+    (*s.tx_key_bytes(), *s.rx_key_bytes(), *s.session_id())
 }
 
 /// A session's receive key and id.
@@ -443,16 +449,21 @@ impl Harness {
         self.deliver(slot_addr(slot), d);
     }
 
-    /// Everything the slot's device and session queued, sent.
+    /// Everything the slot's device and session queued, sent (the session's sender moved first,
+    /// as the client's pump task does when woken: retransmissions that are due go out too).
     fn flush(&mut self, slot: usize) {
         let mut out = Vec::new();
+        let now = self.shard.now;
         let dev = &mut self.devs[slot];
         if let Some(d) = &mut dev.device {
             out.extend(core::iter::from_fn(|| d.poll_transmit()).map(|t| t.bytes().to_vec()));
         }
         if let Some(s) = &dev.session {
-            out.extend(core::iter::from_fn(|| s.poll_transmit()));
+            if step(s, &dev.out, now) {
+                dev.session = None; // five unacknowledged attempts, or closed and delivered
+            }
         }
+        out.extend(core::iter::from_fn(|| dev.out.pop()).map(|d| d.0));
         for d in out {
             self.send(slot, &d);
         }
@@ -466,11 +477,13 @@ impl Harness {
             let Some(device) = &mut dev.device else { continue };
             match device.handle_datagram(now, GATEWAY, &d) {
                 DeviceEvent::Handled | DeviceEvent::Failed(_) => {}
-                DeviceEvent::Established(est) => dev.session = Some(UdpPeer::new(&est)),
+                DeviceEvent::Established(est) => {
+                    dev.session = Some(Conn::new(Session::new(&est, Transport::Udp), GATEWAY));
+                }
                 DeviceEvent::Session => {
                     if let Some(s) = &dev.session {
-                        s.handle_datagram(now, &mut d.clone());
-                        while s.recv().is_some() {}
+                        on_session_datagram(s, &dev.out, &mut d.clone(), GATEWAY, now);
+                        while s.try_recv().is_some() {}
                     }
                 }
             }
@@ -541,7 +554,7 @@ pub fn udp_path(data: &[u8]) -> Report {
             3 => {
                 let len = usize::from(r.u16()) % 1900;
                 if let Some(s) = &h.devs[slot].session {
-                    let _ = s.send_message(now, &vec![0xA5; len]);
+                    let _ = s.try_send(&vec![0xA5; len]);
                 }
                 h.flush(slot);
             }
@@ -556,14 +569,14 @@ pub fn udp_path(data: &[u8]) -> Report {
             5 => {
                 let (t, seq, len, flags) = (r.u8(), r.u32(), usize::from(r.u16()) % 453, r.u8());
                 let (key, _, sid) =
-                    h.devs[slot].session.as_ref().map_or(([0; 32], [0; 32], [0; 16]), |s| s.keys());
+                    h.devs[slot].session.as_ref().map_or(([0; 32], [0; 32], [0; 16]), |c| keys(c));
                 let f = seal_oracle(&key, &sid, t, seq, &r.vec(len), flags & 1 != 0, flags & 2 != 0);
                 h.send(slot, &f);
             }
             6 => {
                 let (mode, t, seq) = (r.u8() % 4, r.u8(), r.u32());
                 let (_, key, _) =
-                    h.devs[slot].session.as_ref().map_or(([0; 32], [0; 32], [0; 16]), |s| s.keys());
+                    h.devs[slot].session.as_ref().map_or(([0; 32], [0; 32], [0; 16]), |c| keys(c));
                 let exact = h.shard.session(slot_addr(slot)).and_then(|c| c.link.borrow().in_flight());
                 let u = match (mode, exact) {
                     (0, _) => utack_oracle(t, seq, Some(&key)),

@@ -390,11 +390,7 @@ impl Conn {
     pub async fn recv(&self) -> Result<Vec<u8>, Error> {
         loop {
             let wait = self.ev.wait();
-            let mut q = self.inbox.take();
-            let next = q.as_mut().and_then(|q| q.pop_front());
-            self.inbox.set(q);
-            if let Some(m) = next {
-                self.ev.notify(); // room for a paused reader
+            if let Some(m) = self.try_recv() {
                 return Ok(m);
             }
             if self.closing.get().is_some() {
@@ -402,6 +398,17 @@ impl Conn {
             }
             wait.await;
         }
+    }
+
+    /// The next message received, if one is waiting (without waiting).
+    pub fn try_recv(&self) -> Option<Vec<u8>> {
+        let mut q = self.inbox.take();
+        let next = q.as_mut().and_then(|q| q.pop_front());
+        self.inbox.set(q);
+        if next.is_some() {
+            self.ev.notify(); // room for a paused reader
+        }
+        next
     }
 
     /// [`Conn::recv`] with a deadline (`TimeoutError` when it passes; the session goes on).
