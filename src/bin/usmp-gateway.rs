@@ -22,6 +22,19 @@ fn transports_arg() -> impl clap::builder::TypedValueParser<Value = Transports> 
         .map(|s| s.parse::<Transports>().expect("one of the listed values"))
 }
 
+/// A flag taking one of the listed names (each with its line of help), parsed by the library's
+/// `FromStr` for `T`: the same spelling as the config file's.
+fn one_of<T, const N: usize>(
+    values: [(&'static str, &'static str); N],
+) -> impl clap::builder::TypedValueParser<Value = T>
+where
+    T: std::str::FromStr + Clone + Send + Sync + 'static,
+{
+    use clap::builder::{PossibleValue, TypedValueParser as _};
+    clap::builder::PossibleValuesParser::new(values.map(|(name, help)| PossibleValue::new(name).help(help)))
+        .map(|s| s.parse::<T>().unwrap_or_else(|_| unreachable!("{s} is one of the listed values")))
+}
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -57,10 +70,18 @@ struct Args {
     #[arg(long, value_name = "PATH", group = "key")]
     psk_file: Option<PathBuf>,
     /// What to do with each message [default: echo].
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = one_of::<ReplyMode, 4>([
+        ("echo", "Reply with the same bytes"),
+        ("ack", "Reply with a short acknowledgement (`ACK`)"),
+        ("log", "Print one JSON line per message on stdout; reply nothing"),
+        ("nats", "Store every message in NATS JetStream; downlinks come from NATS (see `--nats`)"),
+    ]))]
     mode: Option<ReplyMode>,
     /// The shards' I/O driver [default: uring; epoll if the kernel has no io_uring].
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = one_of::<IoDriver, 2>([
+        ("uring", "io_uring (epoll when the kernel refuses it)"),
+        ("epoll", "epoll (both drivers wait for TCP readiness through one epoll; README's benchmarks compare them)"),
+    ]))]
     io_driver: Option<IoDriver>,
     /// Bound on the whole handshake, seconds [default: 10].
     #[arg(long, value_name = "SECS")]
@@ -92,7 +113,10 @@ struct Args {
     #[arg(long, value_name = "NAME")]
     admin_host: Vec<String>,
     /// Log line format [default: text].
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = one_of::<LogFormat, 2>([
+        ("text", "Human-readable lines"),
+        ("json", "One JSON object per line"),
+    ]))]
     log_format: Option<LogFormat>,
     /// UDP: HELLOs answered per second per source IP (fleets behind NAT) [default: 1000].
     #[arg(long, value_name = "N")]
@@ -188,11 +212,19 @@ impl Args {
 
     fn resolve(&self) -> Result<Resolved, ConfigError> {
         let file = match &self.config {
-            Some(p) => Settings::load(p)?,
+            Some(p) => load(p)?,
             None => Settings::default(),
         };
         file.overlay(self.settings()).resolve()
     }
+}
+
+/// Read and parse a TOML config file; errors name the file, and the key where one is wrong.
+fn load(path: &std::path::Path) -> Result<Settings, ConfigError> {
+    let origin = path.display().to_string();
+    let text =
+        std::fs::read_to_string(path).map_err(|e| ConfigError::new(&origin, format!("cannot read: {e}")))?;
+    toml::from_str(&text).map_err(|e| ConfigError::new(&origin, e.to_string().trim_end()))
 }
 
 /// RFC 3339 UTC timestamp with exactly six fractional digits: fixed-width lines sort and align

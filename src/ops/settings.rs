@@ -1,8 +1,8 @@
 //! `usmp-gateway` settings: every command-line flag has a config-file key of the same name
 //! (`--session-timeout` ⇔ `session-timeout = 60`). The file is TOML; unknown keys and values of
 //! the wrong type are errors naming the key; flags given on the command line override the file.
-//! Reading the file and deriving the flags' value parsers need the `cli` feature (TOML, clap);
-//! without it the settings are still built, merged and resolved in code.
+//! The binary reads the file (TOML) and the flags (clap); here the settings are merged and
+//! resolved, and the enumerated values parse from the names the flags and the file spell.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,7 +16,6 @@ use crate::psk::{parse_hex, to_hex, validate_key, ConfigError, PskSource, Regist
 
 /// What the gateway binary does with each message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum ReplyMode {
     /// Reply with the same bytes.
@@ -31,7 +30,6 @@ pub enum ReplyMode {
 
 /// The shards' I/O driver (`--io-driver`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum IoDriver {
     /// io_uring (epoll when the kernel refuses it).
@@ -51,7 +49,6 @@ impl<'de> Deserialize<'de> for Transports {
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -59,6 +56,24 @@ pub enum LogFormat {
     /// One JSON object per line.
     Json,
 }
+
+/// The names `--mode`, `--io-driver` and `--log-format` (and the config file) spell.
+macro_rules! spelled {
+    ($t:ty { $($name:literal => $v:expr),+ $(,)? }) => {
+        impl std::str::FromStr for $t {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($name => Ok($v),)+
+                    _ => Err(format!("{s:?} is not one of {}", [$($name),+].join(", "))),
+                }
+            }
+        }
+    };
+}
+spelled!(ReplyMode { "echo" => ReplyMode::Echo, "ack" => ReplyMode::Ack, "log" => ReplyMode::Log, "nats" => ReplyMode::Nats });
+spelled!(IoDriver { "uring" => IoDriver::Uring, "epoll" => IoDriver::Epoll });
+spelled!(LogFormat { "text" => LogFormat::Text, "json" => LogFormat::Json });
 
 /// Every setting, each optional so that layers (file, flags) can be merged. Its `Debug`
 /// shows whether a key or token is set, never the secret.
@@ -243,20 +258,6 @@ pub fn parse_cpus(s: &str) -> Result<Vec<usize>, ConfigError> {
 }
 
 impl Settings {
-    /// Parse a TOML config file's text; `origin` names it in errors.
-    #[cfg(feature = "cli")]
-    pub fn from_toml(text: &str, origin: &str) -> Result<Settings, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::new(origin, e.to_string().trim_end()))
-    }
-
-    /// Read and parse a config file.
-    #[cfg(feature = "cli")]
-    pub fn load(path: &std::path::Path) -> Result<Settings, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new(path.display().to_string(), format!("cannot read: {e}")))?;
-        Self::from_toml(&text, &path.display().to_string())
-    }
-
     /// `top` over `self`: each setting given in `top` wins. The key settings (`psk`,
     /// `psk-hex`, `psk-file`) move as one: a key on the command line replaces the file's.
     pub fn overlay(self, top: Settings) -> Settings {
@@ -474,26 +475,29 @@ mod tests {
     use super::*;
     use crate::proto::Transport;
 
+    /// A config file's text read as the binary reads it (`usmp-gateway --config`).
+    fn from_toml(text: &str, origin: &str) -> Result<Settings, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::new(origin, e.to_string().trim_end()))
+    }
+
     #[test]
-    #[cfg(feature = "cli")]
     fn unknown_keys_and_bad_values_name_the_key() {
-        let e = Settings::from_toml("shards = 2\nsesion-timeout = 5\n", "gw.toml").unwrap_err();
+        let e = from_toml("shards = 2\nsesion-timeout = 5\n", "gw.toml").unwrap_err();
         assert!(e.message.contains("sesion-timeout"), "{e}");
         assert_eq!(e.field, "gw.toml");
-        let e = Settings::from_toml("shards = \"two\"\n", "gw.toml").unwrap_err();
+        let e = from_toml("shards = \"two\"\n", "gw.toml").unwrap_err();
         assert!(e.message.contains("shards"), "{e}");
-        let e = Settings::from_toml("listen = \"nowhere\"\n", "gw.toml").unwrap_err();
+        let e = from_toml("listen = \"nowhere\"\n", "gw.toml").unwrap_err();
         assert!(e.message.contains("listen"), "{e}");
-        let s = Settings::from_toml("psk = \"k-0123456789abcdef\"\nshards = 0\n", "gw.toml").unwrap();
+        let s = from_toml("psk = \"k-0123456789abcdef\"\nshards = 0\n", "gw.toml").unwrap();
         assert!(s.resolve().err().unwrap().to_string().contains("--shards"));
-        let s = Settings::from_toml("psk = \"short\"\n", "gw.toml").unwrap();
+        let s = from_toml("psk = \"short\"\n", "gw.toml").unwrap();
         assert!(s.resolve().err().unwrap().to_string().contains("--psk"));
     }
 
     #[test]
-    #[cfg(feature = "cli")]
     fn flags_override_the_file_and_keys_move_together() {
-        let file = Settings::from_toml(
+        let file = from_toml(
             "listen = \"127.0.0.1:7000\"\nshards = 4\npsk-file = \"/nonexistent\"\nsession-timeout = 30\n",
             "f",
         )
@@ -513,25 +517,41 @@ mod tests {
     #[test]
     fn io_driver_is_a_config_key_and_names_itself_when_wrong() {
         let k = "psk = \"k-0123456789abcdef\"\n";
-        let epoll = Settings::from_toml(&format!("{k}io-driver = \"epoll\"\n"), "f").unwrap();
+        let epoll = from_toml(&format!("{k}io-driver = \"epoll\"\n"), "f").unwrap();
         assert_eq!(epoll.resolve().unwrap().config.io_driver, crate::rt::Driver::Legacy);
-        let uring = Settings::from_toml(&format!("{k}io-driver = \"uring\"\n"), "f").unwrap();
+        let uring = from_toml(&format!("{k}io-driver = \"uring\"\n"), "f").unwrap();
         assert_eq!(uring.resolve().unwrap().config.io_driver, crate::rt::Driver::IoUring);
-        let e = Settings::from_toml(&format!("{k}io-driver = \"kqueue\"\n"), "f").unwrap_err();
+        let e = from_toml(&format!("{k}io-driver = \"kqueue\"\n"), "f").unwrap_err();
         assert!(e.to_string().contains("io-driver"), "{e}");
     }
 
     #[test]
-    #[cfg(feature = "cli")]
     fn transports_are_spelled_as_the_flag_spells_them() {
-        let s = Settings::from_toml("psk = \"k-0123456789abcdef\"\ntransport = \"udp\"\n", "f").unwrap();
+        let s = from_toml("psk = \"k-0123456789abcdef\"\ntransport = \"udp\"\n", "f").unwrap();
         let t = s.resolve().unwrap().config.transports;
         assert!(t.contains(Transport::Udp) && !t.contains(Transport::Tcp));
         assert_eq!(t.to_string(), "udp");
-        let both = Settings::from_toml("psk = \"k-0123456789abcdef\"\n", "f").unwrap();
+        let both = from_toml("psk = \"k-0123456789abcdef\"\n", "f").unwrap();
         assert_eq!(both.resolve().unwrap().config.transports, Transports::BOTH);
-        let e = Settings::from_toml("transport = \"sctp\"\n", "f").unwrap_err();
+        let e = from_toml("transport = \"sctp\"\n", "f").unwrap_err();
         assert!(e.message.contains("sctp") && e.message.contains("both"), "{e}");
+    }
+
+    #[test]
+    fn enumerated_values_parse_from_the_names_the_file_spells() {
+        for (name, mode) in [
+            ("echo", ReplyMode::Echo),
+            ("ack", ReplyMode::Ack),
+            ("log", ReplyMode::Log),
+            ("nats", ReplyMode::Nats),
+        ] {
+            assert_eq!(name.parse::<ReplyMode>(), Ok(mode));
+            let file = from_toml(&format!("mode = \"{name}\"\n"), "f").unwrap();
+            assert_eq!(file.mode, Some(mode), "the file and the flag agree");
+        }
+        assert_eq!("epoll".parse::<IoDriver>(), Ok(IoDriver::Epoll));
+        assert_eq!("json".parse::<LogFormat>(), Ok(LogFormat::Json));
+        assert!("Echo".parse::<ReplyMode>().unwrap_err().contains("echo, ack, log, nats"));
     }
 
     #[test]
@@ -542,10 +562,9 @@ mod tests {
     }
 
     #[test]
-    #[cfg(feature = "cli")]
     fn the_example_config_is_valid() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tuning/usmp-gateway.toml");
-        let mut s = Settings::load(&path).unwrap();
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tuning/usmp-gateway.toml");
+        let mut s = from_toml(&std::fs::read_to_string(&path).unwrap(), "usmp-gateway.toml").unwrap();
         // The example points at /etc; check everything but the registry file itself.
         assert!(s.psk_file.is_some(), "the example shows a registry");
         s.psk_file = None;
