@@ -243,6 +243,72 @@ fn log_mode_survives_a_closed_stdout() {
     assert_eq!(again, 0, "logged once: {more:?}");
 }
 
+/// `--mode log` whose stdout reader stalls: the gateway stops taking messages while the line
+/// queue is full (over UDP the messages it leaves unacknowledged are counted busy and sent
+/// again by the device) and loses none of them: once the reader is back, every message is a
+/// line, exactly once.
+#[test]
+fn log_mode_holds_devices_back_while_stdout_is_slow_and_loses_nothing() {
+    use common::gwproc::GatewayProc;
+    use std::collections::BTreeSet;
+    const N: usize = 6_000; // per device; the line queue holds 4,096 (`ops::msglog::HIGH_WATER`)
+    let args =
+        ["--shards", "1", "--psk", "binary-test-key-0123", "--mode", "log", "--metrics", "127.0.0.1:0"];
+    let (gw, stdout) = GatewayProc::start_piped(BIN, &args);
+    let addr = gw.addr;
+    let devices: Vec<_> = [(usmp::Transport::Tcp, 0xa1u8), (usmp::Transport::Udp, 0xa2)]
+        .into_iter()
+        .map(|(transport, id)| {
+            std::thread::spawn(move || {
+                usmp::block_on(async move {
+                    let cfg = ClientConfig {
+                        transport,
+                        device_id: Some([id; 6]),
+                        ..ClientConfig::new(addr, &b"binary-test-key-0123"[..])
+                    };
+                    let c = Client::connect(&cfg).await.unwrap();
+                    for i in 0..N {
+                        c.send(format!("{transport:?} {i}").as_bytes()).await.unwrap();
+                    }
+                    c.disconnect().await;
+                })
+            })
+        })
+        .collect();
+    // Nobody reads stdout yet: the pipe and then the queue fill, and the devices are held back.
+    let t0 = std::time::Instant::now();
+    let busy = || {
+        let m = gw.http_get("/metrics");
+        m.lines()
+            .find_map(|l| l.strip_prefix("usmp_dropped_total{reason=\"busy\"} "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    while busy() == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "the UDP device was never held back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The reader is back (on a thread of its own: a lost line must fail the test, not hang it).
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        BufReader::new(stdout).lines().for_each(|l| drop(tx.send(l.unwrap_or_default())))
+    });
+    let mut seen = BTreeSet::new();
+    let mut lines = 0;
+    while lines < 2 * N {
+        let Ok(line) = rx.recv_timeout(Duration::from_secs(10)) else { break };
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        use base64::Engine;
+        let p = base64::engine::general_purpose::STANDARD.decode(v["payload"].as_str().unwrap()).unwrap();
+        seen.insert(String::from_utf8(p).unwrap());
+        lines += 1;
+    }
+    for d in devices {
+        d.join().expect("every send was taken, in the end");
+    }
+    assert_eq!((lines, seen.len()), (2 * N, 2 * N), "every message once");
+}
+
 #[test]
 fn handshake_rates_that_would_overflow_are_refused_with_a_clear_error() {
     for rate in ["1e-300", "1e300", "-1", "NaN", "inf"] {

@@ -3,14 +3,12 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::time::SystemTime;
 
-use base64::Engine;
 use clap::Parser;
 use std::path::PathBuf;
 
 use usmp::nats::{NatsBridge, NatsConfig};
-use usmp::ops::msglog::MessageLog;
+use usmp::ops::msglog::{LogApp, MessageLog};
 use usmp::ops::settings::{IoDriver, LogFormat, ReplyMode, Resolved, Settings};
 use usmp::ops::{self, OpsOptions};
 use usmp::{ConfigError, Gateway, PskSource, Session, Transports};
@@ -227,34 +225,14 @@ fn load(path: &std::path::Path) -> Result<Settings, ConfigError> {
     toml::from_str(&text).map_err(|e| ConfigError::new(&origin, e.to_string().trim_end()))
 }
 
-/// RFC 3339 UTC timestamp with exactly six fractional digits: fixed-width lines sort and align
-/// in a log, which the well-known format (trailing zeros trimmed) would not give.
-fn rfc3339(t: SystemTime) -> String {
-    const MICROS_UTC: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
-    );
-    // Only a year beyond 9999 fails to format; no clock on a running gateway gets there.
-    time::OffsetDateTime::from(t).format(MICROS_UTC).unwrap_or_default()
-}
-
 /// The built-in modes answer inline, on the shard that received the message: no task per
 /// session (see `GatewayBuilder::serve_messages`).
-fn on_message(session: &Session, msg: &[u8], mode: ReplyMode, log: &MessageLog) {
+fn on_message(session: &Session, msg: &[u8], mode: ReplyMode) {
     let sent = match mode {
         ReplyMode::Echo => session.try_send(msg),
         ReplyMode::Ack => session.try_send(b"ACK"),
-        ReplyMode::Log => {
-            let line = serde_json::json!({
-                "device_id": session.device_id().to_string(),
-                "session_id": session.session_id().to_string(),
-                "timestamp": rfc3339(SystemTime::now()),
-                "payload": base64::engine::general_purpose::STANDARD.encode(msg),
-            });
-            log.log(line.to_string());
-            Ok(())
-        }
-        // Served by the NATS bridge, never by this hook.
-        ReplyMode::Nats => Ok(()),
+        // Served by their applications (`LogApp`, the NATS bridge), never by this hook.
+        ReplyMode::Log | ReplyMode::Nats => Ok(()),
     };
     // Only a device that stopped taking replies for far too long gets here.
     if sent.is_err() {
@@ -310,12 +288,15 @@ fn main() -> ExitCode {
     for w in &r.warnings {
         tracing::warn!("{w}");
     }
-    let log = match MessageLog::to_stdout() {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("usmp-gateway: error: cannot start the message log: {e}");
-            return ExitCode::from(1);
-        }
+    let log = match r.mode {
+        ReplyMode::Log => match MessageLog::to_stdout() {
+            Ok(l) => Some(std::sync::Arc::new(l)),
+            Err(e) => {
+                eprintln!("usmp-gateway: error: cannot start the message log: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        _ => None,
     };
     if let Some(key) = &r.generated_key {
         tracing::warn!("no key configured: generated a one-off PSK for this run (echo mode)");
@@ -334,9 +315,10 @@ fn main() -> ExitCode {
         None => None,
     };
     let builder = Gateway::builder().config(r.config.clone());
-    let started = match &bridge {
-        Some(b) => builder.serve_app(b.app()),
-        None => builder.serve_messages(move |s, m| on_message(s, m, mode, &log)),
+    let started = match (&bridge, &log) {
+        (Some(b), _) => builder.serve_app(b.app()),
+        (None, Some(log)) => builder.serve_app(LogApp::new(log.clone())),
+        (None, None) => builder.serve_messages(move |s, m| on_message(s, m, mode)),
     };
     let gw = match started {
         Ok(g) => g,
@@ -415,24 +397,15 @@ fn main() -> ExitCode {
         // Uplinks already read are stored before the process ends.
         b.shutdown(std::time::Duration::from_secs(5));
     }
+    if let Some(lost) = log.as_ref().map(|l| l.lost()).filter(|&n| n > 0) {
+        tracing::warn!(lines = lost, "message log: lines not written because stdout was closed");
+    }
     tracing::info!("usmp-gateway stopped");
     ExitCode::SUCCESS
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use std::time::{Duration, UNIX_EPOCH};
-
-    #[test]
-    fn timestamps_are_rfc3339() {
-        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000000Z");
-        let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000) + Duration::from_micros(5);
-        assert_eq!(rfc3339(t), "2023-11-14T22:13:20.000005Z");
-        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
-        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000000Z");
-    }
-
     #[test]
     fn cpu_lists() {
         use usmp::ops::settings::parse_cpus;

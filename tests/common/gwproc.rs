@@ -22,13 +22,25 @@ pub struct GatewayProc {
 impl GatewayProc {
     /// Start `usmp-gateway` with `args` plus `--listen 127.0.0.1:0 --log-format json`.
     pub fn start(bin: &str, args: &[&str]) -> GatewayProc {
+        Self::start_with(bin, args, Stdio::null())
+    }
+
+    /// [`GatewayProc::start`] with its stdout a pipe, returned for the caller to read (or not).
+    #[allow(dead_code)] // not every test binary that includes `common` reads stdout
+    pub fn start_piped(bin: &str, args: &[&str]) -> (GatewayProc, std::process::ChildStdout) {
+        let mut g = Self::start_with(bin, args, Stdio::piped());
+        let out = g.child.stdout.take().expect("piped stdout");
+        (g, out)
+    }
+
+    fn start_with(bin: &str, args: &[&str], stdout: Stdio) -> GatewayProc {
         let mut child = ChildGuard(
             Command::new(bin)
                 .args(args)
                 .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
                 .env("RUST_LOG", "info")
                 .stdin(Stdio::null())
-                .stdout(Stdio::null())
+                .stdout(stdout)
                 .stderr(Stdio::piped())
                 .spawn()
                 .unwrap(),
