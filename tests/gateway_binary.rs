@@ -309,6 +309,40 @@ fn log_mode_holds_devices_back_while_stdout_is_slow_and_loses_nothing() {
     assert_eq!((lines, seen.len()), (2 * N, 2 * N), "every message once");
 }
 
+/// Nobody reads the gateway's stderr any more (a stuck journal, a paused terminal): the log
+/// lines of 600 sessions coming and going fill the pipe many times over, and the gateway goes
+/// on serving, because its shards never write to stderr themselves.
+#[test]
+fn a_stderr_nobody_reads_never_holds_up_the_shards() {
+    let mut child = ChildGuard(
+        Command::new(BIN)
+            .args(["--listen", "127.0.0.1:0", "--shards", "1", "--psk", "binary-test-key-0123"])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = listening_addr(&mut lines);
+    // From here on the pipe (64 KiB) is never read; `lines` keeps it open.
+    let cfg = ClientConfig::new(addr, &b"binary-test-key-0123"[..]);
+    let t0 = std::time::Instant::now();
+    usmp::block_on(async move {
+        for i in 0..600u32 {
+            let c = monoio::time::timeout(Duration::from_secs(5), Client::connect(&cfg))
+                .await
+                .unwrap_or_else(|_| panic!("session {i} was not served: the gateway is stuck"))
+                .unwrap();
+            c.disconnect().await;
+        }
+    });
+    eprintln!("600 sessions in {:?} with stderr unread", t0.elapsed());
+    assert!(child.try_wait().unwrap().is_none(), "the gateway is still running");
+    drop(lines);
+}
+
 #[test]
 fn handshake_rates_that_would_overflow_are_refused_with_a_clear_error() {
     for rate in ["1e-300", "1e300", "-1", "NaN", "inf"] {

@@ -262,17 +262,44 @@ fn start_bridge(cfg: &NatsConfig, r: &Resolved) -> Result<NatsBridge, ConfigErro
     Ok(bridge)
 }
 
-fn init_logs(format: LogFormat) {
+/// Log lines waiting for stderr before new ones are dropped (and counted).
+const LOG_BACKLOG: usize = 64 * 1024;
+
+/// Logs go to stderr from a thread of their own, so a shard never waits for a slow journal,
+/// pipe or terminal. Past [`LOG_BACKLOG`] waiting lines new ones are dropped rather than
+/// stalling the shards; a watcher reports how many, straight to stderr. Keep the guard until
+/// exit: dropping it flushes what is left.
+fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour codes only for a terminal: a journal or a log file gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_BACKLOG)
+        .thread_name("usmp-log")
+        .finish(std::io::stderr());
+    let dropped = writer.error_counter();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    let _ = std::thread::Builder::new().name("usmp-log-watch".into()).spawn(move || {
+        let mut reported = 0;
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(10));
+            let n = dropped.dropped_lines();
+            if n > reported {
+                eprintln!(
+                    "usmp-gateway: {} log lines dropped: stderr is not keeping up ({n} in all)",
+                    n - reported
+                );
+                reported = n;
+            }
+        }
+    });
+    guard
 }
 
 fn main() -> ExitCode {
@@ -284,7 +311,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logs(r.log_format);
+    let _log_flush = init_logs(r.log_format);
     for w in &r.warnings {
         tracing::warn!("{w}");
     }
