@@ -113,9 +113,12 @@ fn io_driver_flag_picks_the_shards_driver() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--io-driver"));
 }
 
-/// Start the binary on a free port (`--listen 127.0.0.1:0`) and read the bound address from
-/// its startup log line.
-fn start(args: &[&str]) -> (ChildGuard, std::net::SocketAddr) {
+/// The binary on a free port (`--listen 127.0.0.1:0`, one shard, the tests' key) with `args`,
+/// its stdout piped and its stderr read up to the startup line: its address, and the rest of
+/// stderr for the caller to read or leave unread.
+fn spawn(
+    args: &[&str],
+) -> (ChildGuard, std::net::SocketAddr, std::io::Lines<BufReader<std::process::ChildStderr>>) {
     let mut child = ChildGuard(
         Command::new(BIN)
             .args(["--listen", "127.0.0.1:0", "--shards", "1", "--psk", "binary-test-key-0123"])
@@ -129,6 +132,12 @@ fn start(args: &[&str]) -> (ChildGuard, std::net::SocketAddr) {
     );
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let addr = listening_addr(&mut lines);
+    (child, addr, lines)
+}
+
+/// [`spawn`], with the rest of stderr drained.
+fn start(args: &[&str]) -> (ChildGuard, std::net::SocketAddr) {
+    let (child, addr, lines) = spawn(args);
     std::thread::spawn(move || for _ in lines {});
     (child, addr)
 }
@@ -193,28 +202,8 @@ fn ack_and_log_modes() {
 /// fail to write, which is logged once, and the gateway goes on serving devices.
 #[test]
 fn log_mode_survives_a_closed_stdout() {
-    let mut child = ChildGuard(
-        Command::new(BIN)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--shards",
-                "1",
-                "--psk",
-                "binary-test-key-0123",
-                "--mode",
-                "log",
-            ])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let (mut child, addr, lines) = spawn(&["--mode", "log"]);
     drop(child.stdout.take()); // the pipe's only reader is gone
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = listening_addr(&mut lines);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || lines.for_each(|l| drop(tx.send(l.unwrap_or_default()))));
     let cfg = ClientConfig::new(addr, &b"binary-test-key-0123"[..]);
@@ -314,18 +303,7 @@ fn log_mode_holds_devices_back_while_stdout_is_slow_and_loses_nothing() {
 /// on serving, because its shards never write to stderr themselves.
 #[test]
 fn a_stderr_nobody_reads_never_holds_up_the_shards() {
-    let mut child = ChildGuard(
-        Command::new(BIN)
-            .args(["--listen", "127.0.0.1:0", "--shards", "1", "--psk", "binary-test-key-0123"])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = listening_addr(&mut lines);
+    let (mut child, addr, lines) = spawn(&[]);
     // From here on the pipe (64 KiB) is never read; `lines` keeps it open.
     let cfg = ClientConfig::new(addr, &b"binary-test-key-0123"[..]);
     let t0 = std::time::Instant::now();
