@@ -14,7 +14,7 @@ use std::future::Future;
 use std::io::Write;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -37,6 +37,9 @@ const RECHECK: Duration = Duration::from_millis(5);
 /// The queue of lines for stdout (Send + Sync, cheap to share).
 pub struct MessageLog {
     tx: flume::Sender<String>,
+    /// Lines queued and not yet taken by the writer: read on every message decision, so an
+    /// atomic rather than the channel's own count, which takes its lock.
+    queued: Arc<AtomicUsize>,
     lost: Arc<AtomicU64>,
 }
 
@@ -51,10 +54,12 @@ impl MessageLog {
         // Unbounded on purpose: its bound is the shards' backpressure at HIGH_WATER.
         let (tx, rx) = flume::unbounded::<String>();
         let lost = Arc::new(AtomicU64::new(0));
-        let lost_by_writer = lost.clone();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (lost_by_writer, taken) = (lost.clone(), queued.clone());
         std::thread::Builder::new().name("usmp-msglog".into()).spawn(move || {
             let mut out = std::io::BufWriter::new(out);
             for line in rx.iter() {
+                taken.fetch_sub(1, Ordering::Relaxed);
                 let r = out.write_all(line.as_bytes()).and_then(|()| out.write_all(b"\n"));
                 // Flush once the queue is drained: lines go out in batches under load.
                 let r = r.and_then(|()| if rx.is_empty() { out.flush() } else { Ok(()) });
@@ -64,26 +69,30 @@ impl MessageLog {
                     // draining (and counting) so the shards are never held up by a dead pipe.
                     lost_by_writer.fetch_add(1, Ordering::Relaxed);
                     for _ in rx.iter() {
+                        taken.fetch_sub(1, Ordering::Relaxed);
                         lost_by_writer.fetch_add(1, Ordering::Relaxed);
                     }
                     return;
                 }
             }
         })?;
-        Ok(MessageLog { tx, lost })
+        Ok(MessageLog { tx, queued, lost })
     }
 
     /// Queue one line (without its newline).
     pub fn log(&self, line: String) {
+        // Counted before it is sent, so the writer's decrement never comes first.
+        self.queued.fetch_add(1, Ordering::Relaxed);
         // Fails only once the writer is gone, which it never is while `self` lives.
         if self.tx.send(line).is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
             self.lost.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// Lines queued and not yet written.
+    /// Lines queued and not yet taken by the writer.
     pub fn pending(&self) -> usize {
-        self.tx.len()
+        self.queued.load(Ordering::Relaxed)
     }
 
     /// Lines that could not be written because stdout was closed.
